@@ -86,3 +86,22 @@ def noise_image(h: int, w: int, seed: int = 0, mode: str = "RGB"):
     arr = np.clip(base + rng.integers(-40, 40, (h, w, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr)
     return img.convert(mode) if mode != "RGB" else img
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_bundle(tiny_embedding: Path, bundle_dir: Path) -> Path:
+    from q3vl.export.exporter import export_bundle
+
+    return export_bundle(tiny_embedding, bundle_dir / "tiny-embedding", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_bundle(tiny_reranker: Path, bundle_dir: Path) -> Path:
+    from q3vl.export.exporter import export_bundle
+
+    return export_bundle(tiny_reranker, bundle_dir / "tiny-reranker", progress=False)

@@ -1,0 +1,89 @@
+"""Reading a Hugging Face checkpoint's tensors by name, shard by shard, without transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from q3vl.errors import CheckpointError
+
+REQUIRED_FILES = ("config.json", "tokenizer.json")
+
+
+def check_checkpoint(path: Path) -> None:
+    """Fail early, naming what is missing, before any heavy import or export work."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        missing.append("model.safetensors or model.safetensors.index.json")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {missing}")
+
+
+def weight_map(path: Path) -> dict[str, str]:
+    """Tensor name -> shard file name."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"corrupt {index}: {e}") from e
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+class Weights:
+    """Lazy access to a checkpoint's tensors as float32 torch tensors, by name."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.map = weight_map(self.path)
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.map if n.startswith(prefix)]
+
+    def get(self, name: str) -> Any:
+        """One tensor, upcast to float32 (bf16 -> fp32 is exact)."""
+        return self.many([name])[name]
+
+    def many(self, names: Iterable[str]) -> dict[str, Any]:
+        """Several tensors, reading each shard once."""
+        import torch
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.map:
+                raise CheckpointError(f"checkpoint {self.path} has no tensor {n!r}")
+            by_file.setdefault(self.map[n], []).append(n)
+        out = {}
+        for fname, group in by_file.items():
+            with safe_open(str(self.path / fname), framework="pt") as f:
+                for n in group:
+                    out[n] = f.get_tensor(n).to(torch.float32)
+        return out
+
+
+def checkpoint_identity(path: Path) -> dict[str, str]:
+    """Where a bundle came from: the path/name and a hash of the config and the weight index.
+
+    The hash covers config.json and, per shard, its name and size plus its safetensors header
+    (tensor names, dtypes, shapes, offsets), so it changes with any re-export of different weights
+    without reading gigabytes.
+    """
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for fname in sorted(set(weight_map(path).values())):
+        f = path / fname
+        h.update(fname.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100_000_000)))
+    name = json.loads((path / "config.json").read_text()).get("_name_or_path") or path.name
+    return {"path": str(path.resolve()), "name": str(name), "sha256": h.hexdigest()}

@@ -1,0 +1,171 @@
+"""The user's input dicts, validated and normalised the way the published wrappers read them.
+
+`text` and `image` are a scalar or a list; `video` is one video (a path/URL, or a list of frames
+whose first element is a PIL image, an image-file path or an image data URI) or a list of videos.
+Unknown keys are rejected (a typo like "images" would otherwise embed the item as "NULL").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from PIL import Image
+
+from q3vl.errors import InputError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".svg"}
+CONTENT_KEYS = ("text", "image", "video")
+EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames")
+RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames")
+
+
+@dataclass(frozen=True)
+class Content:
+    """One side's content: texts, images, videos (each a path/URL or a frame list), in input order."""
+
+    texts: tuple[str, ...]
+    images: tuple[Any, ...]
+    videos: tuple[Any, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.texts or self.images or self.videos)
+
+
+def _check_keys(obj: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise InputError(f"{what} must be a dict, not {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise InputError(f"{what} has unknown keys {unknown}; allowed: {list(allowed)}")
+    return obj
+
+
+def _is_image_ref(x: Any) -> bool:
+    if isinstance(x, Image.Image):
+        return True
+    if isinstance(x, Path):
+        x = str(x)
+    if not isinstance(x, str):
+        return False
+    if x.startswith("data:image"):
+        return True
+    path = urlparse(x).path if x.startswith(("http://", "https://")) else x
+    return os.path.splitext(path.lower())[1] in IMAGE_EXTENSIONS
+
+
+def _image_like(x: Any) -> bool:
+    return isinstance(x, (str, Path, Image.Image))
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    items = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        raise InputError(f"text must be a str or a list of str, not {type(value).__name__}")
+    return tuple(items)
+
+
+def _images(value: Any) -> tuple[Any, ...]:
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    bad = [type(x).__name__ for x in items if not _image_like(x)]
+    if bad:
+        raise InputError(f"image must be a path, URL, data URI or PIL.Image, not {bad[0]}")
+    return tuple(items)
+
+
+def _videos(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, Path)):
+        return (str(value),)
+    if not isinstance(value, list) or not value:
+        raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {value!r:.60}")
+    if _is_image_ref(value[0]):  # one video given as frames
+        return (_frames(value),)
+    videos = []
+    for v in value:
+        if isinstance(v, (str, Path)):
+            videos.append(str(v))
+        elif isinstance(v, list) and v:
+            videos.append(_frames(v))
+        else:
+            raise InputError(f"each video must be a path/URL or a non-empty frame list, not {type(v).__name__}")
+    return tuple(videos)
+
+
+def _frames(frames: list[Any]) -> tuple[Any, ...]:
+    bad = [type(f).__name__ for f in frames if not _image_like(f)]
+    if bad:
+        raise InputError(f"video frames must be image paths, URLs or PIL images, not {bad[0]}")
+    return tuple(frames)
+
+
+def content(obj: dict[str, Any]) -> Content:
+    """The text/image/video content of a dict, validated."""
+    return Content(_texts(obj.get("text")), _images(obj.get("image")), _videos(obj.get("video")))
+
+
+def _positive(value: Any, name: str, cast: type) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InputError(f"{name} must be a positive number, not {value!r}")
+    return cast(value)
+
+
+@dataclass(frozen=True)
+class EmbedItem:
+    """One validated embedding input."""
+
+    content: Content
+    instruction: str | None
+    fps: float | None
+    max_frames: int | None
+
+
+def embed_item(obj: Any) -> EmbedItem:
+    """Validate one element of `Embedder.process(inputs)`."""
+    obj = _check_keys(obj, EMBED_KEYS, "input")
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise InputError(f"instruction must be a str, not {type(instruction).__name__}")
+    return EmbedItem(content(obj), instruction, _positive(obj.get("fps"), "fps", float),
+                     _positive(obj.get("max_frames"), "max_frames", int))
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """A validated `Reranker.process()` request; bad documents are reported per index."""
+
+    query: Content
+    query_instruction: str | None  # from a (instruction, text) tuple
+    documents: tuple[Any, ...]  # raw dicts: each validated with `content` when encoded
+    instruction: str | None
+    fps: float | None
+    max_frames: int | None
+
+
+def rerank_request(obj: Any) -> RerankRequest:
+    """Validate the top level of a rerank request (query, documents list, options)."""
+    obj = _check_keys(obj, RERANK_KEYS, "rerank request")
+    query = obj.get("query") or {}
+    _check_keys(query, CONTENT_KEYS, "query")
+    text, query_instruction = query.get("text"), None
+    if isinstance(text, tuple):
+        if len(text) != 2:
+            raise InputError("query text tuple must be (instruction, text)")
+        query_instruction, text = text
+        query = {**query, "text": text}
+    documents = obj.get("documents") or []
+    if not isinstance(documents, (list, tuple)):
+        raise InputError(f"documents must be a list, not {type(documents).__name__}")
+    instruction = obj.get("instruction")
+    for name, val in (("instruction", instruction), ("query instruction", query_instruction)):
+        if val is not None and not isinstance(val, str):
+            raise InputError(f"{name} must be a str, not {type(val).__name__}")
+    return RerankRequest(content(query), query_instruction, tuple(documents), instruction,
+                         _positive(obj.get("fps"), "fps", float), _positive(obj.get("max_frames"), "max_frames", int))

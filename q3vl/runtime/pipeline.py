@@ -1,0 +1,80 @@
+"""One micro-batch through the two graphs: vision blocks grouped by size, then the text graph.
+
+Vision: blocks (images, video frame pairs) are grouped by patch count and stacked along the
+leading dimension, at most `max_vision_patches` patches per call, so attention is batched per block
+with no cross-block mask. Text: sequences are right-padded (causal attention never lets a valid
+token see a pad, so padding cannot change a result), visual rows are concatenated in token order,
+and a text-only batch gets one dummy visual row.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from q3vl.preprocess.encode import Encoded
+from q3vl.preprocess.vision import VisionBlock, stack_blocks
+from q3vl.runtime.backends.base import Backend
+from q3vl.spec import ModelSpec
+
+
+class GraphRunner:
+    """Feeds for, and calls of, the bundle's vision and text graphs."""
+
+    def __init__(self, backend: Backend, spec: ModelSpec, pad_id: int, max_vision_patches: int = 8192) -> None:
+        self.backend, self.spec, self.pad_id = backend, spec, pad_id
+        self.max_vision_patches = max_vision_patches
+
+    def vision(self, blocks: Sequence[VisionBlock]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(merged rows [n/4, D], deepstack [K, n/4, D]) per block, in the order given."""
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(blocks)
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for i, b in enumerate(blocks):
+            by_size[b.num_patches].append(i)
+        v = self.spec.vision
+        for n, idx in by_size.items():
+            per_call = max(1, self.max_vision_patches // n)
+            for start in range(0, len(idx), per_call):
+                chunk = idx[start:start + per_call]
+                feeds = stack_blocks([blocks[i] for i in chunk], v.spatial_merge_size, v.num_position_embeddings)
+                res = self.backend.run("vision", feeds)
+                emb, ds = res["visual_embeds"], res["deepstack_embeds"]
+                for j, i in enumerate(chunk):
+                    out[i] = (emb[j], ds[:, j])
+        return out  # type: ignore[return-value]
+
+    def text_feeds(self, seqs: Sequence[Encoded], visual: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
+                   ) -> dict[str, np.ndarray]:
+        """Right-padded ids/mask/positions and the visual rows of every sequence, in token order."""
+        length = max(len(s.ids) for s in seqs)
+        ids = np.full((len(seqs), length), self.pad_id, np.int64)
+        mask = np.zeros((len(seqs), length), np.int64)
+        pos = np.zeros((3, len(seqs), length), np.int64)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s.ids)], mask[b, :len(s.ids)], pos[:, b, :len(s.ids)] = s.ids, 1, s.positions
+        rows = [r for per_seq in visual for r in per_seq]
+        d, k = self.spec.text.hidden_size, self.spec.num_deepstack
+        if rows:
+            vis = np.concatenate([r[0] for r in rows])
+            ds = np.concatenate([r[1] for r in rows], axis=1)
+        else:
+            vis, ds = np.zeros((1, d), np.float32), np.zeros((k, 1, d), np.float32)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "visual_embeds": vis,
+                "deepstack_embeds": ds}
+
+    def text(self, seqs: Sequence[Encoded], visual: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
+             ) -> dict[str, np.ndarray]:
+        """The text graph's outputs for the micro-batch, one row per sequence."""
+        return self.backend.run("text", self.text_feeds(seqs, visual))
+
+    def run(self, seqs: Sequence[Encoded], blocks: Sequence[Sequence[VisionBlock]]) -> dict[str, np.ndarray]:
+        """Vision for every block of every sequence, then text; `blocks[b]` are sequence b's blocks."""
+        flat = [blk for per_seq in blocks for blk in per_seq]
+        results = self.vision(flat) if flat else []
+        visual, k = [], 0
+        for per_seq in blocks:
+            visual.append(results[k:k + len(per_seq)])
+            k += len(per_seq)
+        return self.text(seqs, visual)
