@@ -25,6 +25,14 @@ MANIFEST = "q3vl.json"
 TASKS = ("embedding", "reranker")
 HASH_LIMIT = 64 * 1024**2  # files up to this size are hashed at every load; larger ones on request
 
+# Graph I/O names: the contract between the exported graphs and the runtime. Output names must not
+# be names the exporter gives to intermediate values ("embedding" is the aten op's own output name).
+VISION_INPUTS = ("pixel_values", "pos_ids", "interp_idx", "interp_w")
+VISION_OUTPUTS = ("visual_embeds", "deepstack_embeds")
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "visual_embeds", "deepstack_embeds")
+EMBEDDING, POOLED, SCORE = "sentence_embedding", "pooled_state", "relevance_score"
+TEXT_OUTPUTS = {"embedding": (EMBEDDING, POOLED), "reranker": (SCORE,)}
+
 
 @dataclass
 class Manifest:

@@ -96,7 +96,7 @@ def _register_more() -> None:
     """Import the modules whose commands live beside their implementation."""
     import importlib
 
-    for module in ("q3vl.export.cli", "q3vl.runtime.cli", "q3vl.quantization.cli", "q3vl.bench"):
+    for module in ("q3vl.export.cli", "q3vl.runtime.cli", "q3vl.quantization.cli", "q3vl.bench.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

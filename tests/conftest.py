@@ -105,3 +105,30 @@ def tiny_reranker_bundle(tiny_reranker: Path, bundle_dir: Path) -> Path:
     from q3vl.export.exporter import export_bundle
 
     return export_bundle(tiny_reranker, bundle_dir / "tiny-reranker", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_plain(tiny_embedding: Path, bundle_dir: Path) -> Path:
+    from q3vl.export.exporter import export_bundle
+
+    return export_bundle(tiny_embedding, bundle_dir / "tiny-embedding-plain", graph="plain", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_plain(tiny_reranker: Path, bundle_dir: Path) -> Path:
+    from q3vl.export.exporter import export_bundle
+
+    return export_bundle(tiny_reranker, bundle_dir / "tiny-reranker-plain", graph="plain", progress=False)
+
+
+@pytest.fixture(params=["fused", "plain"])
+def embedding_bundles(request: pytest.FixtureRequest) -> Path:
+    """The tiny embedding bundle of each graph kind (parity tests run on both)."""
+    name = "tiny_embedding_bundle" if request.param == "fused" else "tiny_embedding_plain"
+    return request.getfixturevalue(name)
+
+
+@pytest.fixture(params=["fused", "plain"])
+def reranker_bundles(request: pytest.FixtureRequest) -> Path:
+    name = "tiny_reranker_bundle" if request.param == "fused" else "tiny_reranker_plain"
+    return request.getfixturevalue(name)

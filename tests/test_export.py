@@ -23,10 +23,12 @@ def cos_rows(a, b):
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def test_bundle_contents_and_manifest(tiny_embedding_bundle, tiny_embedding):
+def test_bundle_contents_and_manifest(embedding_bundles, tiny_embedding):
+    tiny_embedding_bundle = embedding_bundles
     m = Manifest.read(tiny_embedding_bundle)
     assert m.task == "embedding" and m.format_version == 1
     assert m.graphs["text"]["precision"] == m.graphs["vision"]["precision"] == "fp32"
+    assert m.graphs["text"]["kind"] in ("fused", "plain")
     assert m.source["path"] == str(tiny_embedding.resolve()) and len(m.source["sha256"]) == 64
     assert m.parity["passed"] is True and set(m.parity["cases"]) == {"images", "video", "text_only", "mixed"}
     assert m.spec.num_deepstack == 2 and m.token_ids["image_pad"] == 151655
@@ -39,20 +41,20 @@ def test_bundle_contents_and_manifest(tiny_embedding_bundle, tiny_embedding):
         assert not any("checkpoints" in t.name for t in model.graph.initializer)  # no path leaks
 
 
-def test_reranker_bundle_has_no_lm_head(tiny_reranker_bundle):
-    model = onnx.load(str(tiny_reranker_bundle / "text.onnx"), load_external_data=False)
+def test_reranker_bundle_has_no_lm_head(reranker_bundles):
+    model = onnx.load(str(reranker_bundles / "text.onnx"), load_external_data=False)
     vocab_rows = [i.name for i in model.graph.initializer if i.dims and i.dims[0] == 151936]
     assert len(vocab_rows) == 1  # the token embedding table only; the head is one [hidden] vector
     outputs = [o.name for o in model.graph.output]
-    assert outputs == ["score"]
-    m = Manifest.read(tiny_reranker_bundle)
+    assert outputs == ["relevance_score"]
+    m = Manifest.read(reranker_bundles)
     assert (m.token_ids["yes"], m.token_ids["no"]) == (9693, 2152)
 
 
 @pytest.mark.parametrize("sizes", [[(64, 96)], [(224, 160), (224, 160)], [(32, 480), (128, 128), (96, 320)]])
-def test_vision_graph_matches_transformers(tiny_embedding_bundle, ref_embedder, sizes):
+def test_vision_graph_matches_transformers(embedding_bundles, ref_embedder, sizes):
     """Shapes other than the export-time dummy (2 blocks of 16 patches), one call each."""
-    emb = Embedder(tiny_embedding_bundle)
+    emb = Embedder(embedding_bundles)
     items = [{"image": noise_image(h, w, i)} for i, (h, w) in enumerate(sizes)]
     blocks = [b for it in items for b in emb.encoder.load(emb.encoder.embedding(embed_item(it), "d").media)]
     got = emb.runner.vision(blocks)
@@ -71,8 +73,8 @@ def test_vision_graph_matches_transformers(tiny_embedding_bundle, ref_embedder, 
     [{"text": "a"}, {"text": "a much longer text than the first " * 5}, {"image": noise_image(96, 64)}],
     [{"video": [noise_image(40, 60, i) for i in range(4)], "text": "v"}, {"text": "t", "image": noise_image(64, 200)}],
 ])
-def test_embedding_graph_matches_reference(tiny_embedding_bundle, ref_embedder, items):
-    got = Embedder(tiny_embedding_bundle).process(items)
+def test_embedding_graph_matches_reference(embedding_bundles, ref_embedder, items):
+    got = Embedder(embedding_bundles).process(items)
     ref = ref_embedder.process(items).numpy()
     assert cos_rows(got, ref).min() >= 0.9999
 
@@ -82,9 +84,9 @@ def test_embedding_graph_matches_reference(tiny_embedding_bundle, ref_embedder, 
     [{"text": "short"}, {"text": "a longer document " * 8}, {"image": noise_image(64, 128)}],
     [{"video": [noise_image(40, 60, i) for i in range(4)]}, {}, {"text": "", "image": noise_image(200, 64)}],
 ])
-def test_reranker_graph_matches_reference(tiny_reranker_bundle, ref_reranker, docs):
+def test_reranker_graph_matches_reference(reranker_bundles, ref_reranker, docs):
     query = {"text": "find the gradient"}
-    got = Reranker(tiny_reranker_bundle).process({"query": query, "documents": docs})
+    got = Reranker(reranker_bundles).process({"query": query, "documents": docs})
     ref = ref_reranker.process({"query": query, "documents": docs})
     assert np.abs(np.array(got) - np.array(ref)).max() <= 1e-4
 
@@ -98,8 +100,9 @@ def test_bundle_is_relocatable(tiny_embedding_bundle, tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_fp16_bundle_within_stated_tolerance(tiny_embedding, tmp_path, ref_embedder):
-    out = export_bundle(tiny_embedding, tmp_path / "fp16", precision="fp16", progress=False)
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+def test_fp16_bundle_within_stated_tolerance(tiny_embedding, tmp_path, ref_embedder, graph):
+    out = export_bundle(tiny_embedding, tmp_path / "fp16", precision="fp16", graph=graph, progress=False)
     m = Manifest.read(out)
     assert m.parity["passed"] and m.parity["tolerance"]["embed_cos"] == 0.999
     init = onnx.load(str(out / "text.onnx"), load_external_data=False).graph.initializer
@@ -146,5 +149,9 @@ def test_task_detection_and_precision_errors(tiny_embedding, tmp_path):
         export_bundle(odd, tmp_path / "o1", progress=False)
     with pytest.raises(ValueError, match="precision must be one of"):
         export_bundle(tiny_embedding, tmp_path / "o2", precision="int3", progress=False)
-    with pytest.raises(ValueError, match="bf16 graphs need"):
+    with pytest.raises(ValueError, match="fused graphs are built in fp32 or fp16"):
         export_bundle(tiny_embedding, tmp_path / "o3", precision="bf16", progress=False)
+    with pytest.raises(ValueError, match="bf16 graphs need"):
+        export_bundle(tiny_embedding, tmp_path / "o4", precision="bf16", graph="plain", progress=False)
+    with pytest.raises(ValueError, match="graph must be one of"):
+        export_bundle(tiny_embedding, tmp_path / "o5", graph="fast", progress=False)

@@ -222,3 +222,16 @@ def test_reranker_default_truncation_cuts_document_first(tiny_reranker):
                           "Judge.", None, None)
     text = enc.tokenizer.decode(out.ids.tolist())
     assert len(out.ids) == 120 and text.count("query words") == 10 and text.endswith("<|im_start|>assistant\n")
+
+
+def test_pyav_fallback_reader_equals_decord(video_file):
+    pytest.importorskip("decord")
+    from qwen_vl_utils import vision_process as vp
+
+    from q3vl.reference._pyav_reader import read_video_pyav
+
+    ele = {"video": "file://" + str(video_file), "fps": 2, "max_frames": 64}
+    ours, meta, fps = read_video_pyav(ele)
+    theirs, ref_meta, ref_fps = vp._read_video_decord({**ele, "video": str(video_file)})
+    assert torch.equal(ours, theirs) and fps == ref_fps
+    assert meta["frames_indices"] == ref_meta["frames_indices"] and meta["fps"] == ref_meta["fps"]

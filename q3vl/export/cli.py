@@ -14,6 +14,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--task", choices=["auto", "embedding", "reranker"], default="auto")
+    p.add_argument("--graph", choices=["fused", "plain"], default="fused",
+                   help="fused: ORT contrib ops (fast); plain: standard ops, traced (parity baseline)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (stamped in the manifest)")
 
@@ -24,7 +26,7 @@ def _export(a: argparse.Namespace) -> int:
     from q3vl.export.exporter import export_bundle, summary
 
     try:
-        out = export_bundle(a.checkpoint, a.output, a.precision, a.task, overwrite=a.overwrite,
+        out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=a.graph, overwrite=a.overwrite,
                             validate=not a.no_validate)
     except FileExistsError as e:
         sys.stderr.write(f"q3vl: error: {e}\n")

@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from q3vl.bundle import MANIFEST, Manifest, describe_files
+from q3vl.bundle import MANIFEST, TEXT_OUTPUTS, Manifest, describe_files
 from q3vl.errors import CheckpointError, ParityError, missing_extra
-from q3vl.export.onnx_export import TEXT_OUTPUTS, export_graph, text_example, vision_example
+from q3vl.export.onnx_export import export_graph, text_example, vision_example
 from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity
 from q3vl.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "bf16")
+GRAPHS = ("fused", "plain")
 
 
 def detect_task(checkpoint: Path) -> str:
@@ -70,6 +71,25 @@ def _torch_dtype(precision: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def _build_fused(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision: str,
+                 yes_no: tuple[int, int] | None, steps: Any) -> dict[str, float]:
+    from q3vl.export.fused_text import TextGraph
+    from q3vl.export.fused_vision import VisionGraph
+
+    weights, seconds = Weights(ckpt), {}
+    steps.set_description("vision graph")
+    t0 = time.perf_counter()
+    VisionGraph(spec, weights, out / "vision.onnx", precision).build()
+    seconds["vision"] = time.perf_counter() - t0
+    steps.update()
+    steps.set_description("text graph")
+    t0 = time.perf_counter()
+    TextGraph(spec, weights, out / "text.onnx", task, yes_no, precision).build()
+    seconds["text"] = time.perf_counter() - t0
+    steps.update()
+    return seconds
+
+
 def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision: str,
                    yes_no: tuple[int, int] | None, steps: Any) -> dict[str, float]:
     from q3vl.export.modules import TextEncoder, VisionEncoder
@@ -104,7 +124,7 @@ def _check_graphs(out: Path) -> None:
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = "fp32", task: str = "auto", *,
-                  overwrite: bool = False, validate: bool = True, progress: bool = True) -> Path:
+                  graph: str = "fused", overwrite: bool = False, validate: bool = True, progress: bool = True) -> Path:
     """Export a Qwen3-VL-Embedding/Reranker checkpoint to a self-contained, validated bundle.
 
     Args:
@@ -113,6 +133,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         precision: "fp32", "fp16" or "bf16" for the graphs' weights and matmuls (norms, softmax,
             residual stream and heads stay float32).
         task: "embedding", "reranker" or "auto" (from the checkpoint's name).
+        graph: "fused" (ONNX Runtime contrib ops: fused attention, rotary, norms; the fast default)
+            or "plain" (traced with torch.onnx, standard ops only: the parity baseline, and what
+            runtimes without ORT's contrib ops need). Both are held to the same parity tests.
         validate: run onnx.checker, load in ONNX Runtime and check parity against transformers; the
             report goes into the manifest and a failure raises `ParityError`. When False, the
             manifest says parity was skipped.
@@ -133,6 +156,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     ckpt, out = Path(checkpoint), Path(out_dir)
     check_checkpoint(ckpt)
     spec = ModelSpec.from_checkpoint(ckpt)
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
+    if graph == "fused" and precision == "bf16":
+        raise ValueError("fused graphs are built in fp32 or fp16; export bf16 with graph='plain'")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "bf16" and validate:
@@ -155,7 +182,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     started = time.perf_counter()
     steps = tqdm(total=3 if validate else 2, disable=not progress, unit="step")
     try:
-        seconds = _export_graphs(ckpt, out, spec, task, precision, yes_no, steps)
+        seconds = (_build_fused if graph == "fused" else _export_graphs)(ckpt, out, spec, task, precision, yes_no,
+                                                                          steps)
         shutil.copyfile(ckpt / "tokenizer.json", out / "tokenizer.json")
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
         names = ["vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data", "tokenizer.json",
@@ -163,9 +191,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         outputs = TEXT_OUTPUTS[task]
         manifest = Manifest(
             task=task, spec=spec, token_ids=token_ids,
-            graphs={"vision": {"file": "vision.onnx", "precision": precision, "outputs": ["visual_embeds",
-                                                                                          "deepstack_embeds"]},
-                    "text": {"file": "text.onnx", "precision": precision, "outputs": list(outputs)}},
+            graphs={"vision": {"file": "vision.onnx", "precision": precision, "kind": graph,
+                               "outputs": ["visual_embeds", "deepstack_embeds"]},
+                    "text": {"file": "text.onnx", "precision": precision, "kind": graph, "outputs": list(outputs)}},
             preprocess={"patch_size": spec.vision.patch_size, "temporal_patch_size": spec.vision.temporal_patch_size,
                         "merge_size": spec.vision.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
             source=checkpoint_identity(ckpt), parity={"passed": None, "summary": "not validated (validate=False)"},

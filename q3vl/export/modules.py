@@ -157,7 +157,7 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, pos_ids: torch.Tensor, interp_idx: torch.Tensor,
                 interp_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.patch(pixel_values)
-        x = x + (self.pos_table[interp_idx] * interp_w.unsqueeze(-1)).sum(-2)
+        x = x + (F.embedding(interp_idx, self.pos_table) * interp_w.unsqueeze(-1)).sum(-2)
         freqs = (pos_ids.unsqueeze(-1).to(F32) * self.inv_freq).flatten(-2)  # [S, n, hd/2]: h freqs, w freqs
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [S, 1, n, hd]
         cos, sin = emb.cos(), emb.sin()
@@ -247,7 +247,7 @@ class TextEncoder(nn.Module):
         is_vis = (input_ids == self.vision_ids[0]) | (input_ids == self.vision_ids[1])
         row = (torch.cumsum(is_vis.reshape(-1).to(torch.int64), 0) - 1).clamp(min=0).reshape(is_vis.shape)
         m = is_vis.unsqueeze(-1)
-        x = torch.where(m, visual_embeds[row], self.embed[input_ids].to(F32))
+        x = torch.where(m, F.embedding(row, visual_embeds), F.embedding(input_ids, self.embed).to(F32))
         cos, sin = self.rotary(position_ids)
         seq = input_ids.shape[1]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
@@ -256,7 +256,7 @@ class TextEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, bias)
             if i < self.num_deepstack:
-                x = x + torch.where(m, deepstack_embeds[i][row], 0.0)
+                x = x + torch.where(m, F.embedding(row, deepstack_embeds[i]), 0.0)
         x = self.norm(x)
         last = seq - 1 - torch.argmax(attention_mask.flip(-1).to(torch.int64), dim=-1)
         h = x[torch.arange(x.shape[0], device=x.device), last]

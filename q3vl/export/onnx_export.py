@@ -14,13 +14,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from q3vl.bundle import TEXT_INPUTS, VISION_INPUTS
+
 log = logging.getLogger(__name__)
 
 OPSET = 20
-VISION_INPUTS = ("pixel_values", "pos_ids", "interp_idx", "interp_w")
-VISION_OUTPUTS = ("visual_embeds", "deepstack_embeds")
-TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "visual_embeds", "deepstack_embeds")
-TEXT_OUTPUTS = {"embedding": ("embedding", "pooled"), "reranker": ("score",)}
 
 
 def vision_example(patch_dim: int, side: int) -> tuple[Any, ...]:

@@ -10,32 +10,18 @@ logit difference through a sigmoid).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from q3vl.bundle import EMBEDDING, SCORE
 from q3vl.preprocess.encode import Encoded, ImagePlan
 from q3vl.preprocess.items import Content, EmbedItem
+from q3vl.tolerances import TOLERANCES
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """The parity bar each graph precision is held to (against the float32 transformers model)."""
-
-    vision_cos: float  # min cosine over every merged row and DeepStack row
-    embed_cos: float  # min cosine per pooled embedding
-    score_abs: float  # max |score difference| for the reranker
-
-
-TOLERANCES = {
-    "fp32": Tolerance(vision_cos=0.99999, embed_cos=0.9999, score_abs=1e-4),
-    "fp16": Tolerance(vision_cos=0.999, embed_cos=0.999, score_abs=5e-3),
-    "bf16": Tolerance(vision_cos=0.99, embed_cos=0.99, score_abs=3e-2),
-}
 
 
 def _image(h: int, w: int, seed: int) -> Any:
@@ -141,18 +127,18 @@ def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: st
             h = hidden[torch.arange(len(seqs)), last]
             if task == "embedding":
                 ref = torch.nn.functional.normalize(h, dim=-1).numpy()
-                row["embed_min_cos"] = float(_cos(out["embedding"], ref).min())
+                row["embed_min_cos"] = float(_cos(out[EMBEDDING], ref).min())
                 worst_head = min(worst_head, row["embed_min_cos"])
             else:
                 w = model.lm_head.weight
                 yes, no = rt.manifest.token_ids["yes"], rt.manifest.token_ids["no"]
                 ref = torch.sigmoid(h @ (w[yes] - w[no])).numpy()
-                row["score_max_abs_diff"] = float(np.abs(out["score"] - ref).max())
-                row["scores"] = [round(float(x), 6) for x in out["score"]]
+                row["score_max_abs_diff"] = float(np.abs(out[SCORE] - ref).max())
+                row["scores"] = [round(float(x), 6) for x in out[SCORE]]
                 worst_head = max(worst_head, row["score_max_abs_diff"])
             row["finite"] = bool(all(np.isfinite(v).all() for v in out.values()))
             report["cases"][name] = row
-            log.info("parity %s: %s", name, {k: v for k, v in row.items() if k != "scores"})
+            log.debug("parity %s: %s", name, {k: v for k, v in row.items() if k != "scores"})
     head_ok = worst_head <= tol.score_abs if task == "reranker" else worst_head >= tol.embed_cos
     finite = all(r["finite"] for r in report["cases"].values())
     report.update(vision_min_cos=worst_vision, passed=bool(worst_vision >= tol.vision_cos and head_ok and finite))

@@ -3,7 +3,7 @@
 Embedding bundles: cosine of each item's vector to ReferenceEmbedder's. Reranker bundles: each
 item is scored as a document against a text query (and a second query carrying an image), and
 |score difference| to ReferenceReranker is reported. Both run fp32 on the CPU; the tolerance is the
-bundle's precision's (q3vl.export.parity.TOLERANCES).
+bundle's precision's (q3vl.tolerances).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from q3vl.bundle import Manifest
+from q3vl.tolerances import tolerance
 
 
 @dataclass
@@ -46,10 +47,8 @@ def load_inputs(path: Path | None, workdir: Path) -> list[tuple[str, dict[str, A
 def compare(checkpoint: Path, bundle: Path, inputs: list[tuple[str, dict[str, Any]]],
             batch_size: int = 8) -> list[ParityRow]:
     """Run both sides; one row per item (and per query for reranker bundles)."""
-    from q3vl.export.parity import TOLERANCES
-
     manifest = Manifest.read(bundle)
-    tol = TOLERANCES[manifest.graphs["text"]["precision"]]
+    tol = tolerance(manifest.graphs["text"]["precision"])
     items = [item for _, item in inputs]
     if manifest.task == "embedding":
         from q3vl.reference import ReferenceEmbedder

@@ -32,7 +32,8 @@ class BundleModel:
     task = ""
 
     def __init__(self, bundle: str | Path, config: PreprocessConfig, *, backend: str, batch_size: int,
-                 max_vision_patches: int, verify: str, allow_unverified: bool, backend_options: dict[str, Any]) -> None:
+                 max_batch_tokens: int, max_vision_patches: int, verify: str, allow_unverified: bool,
+                 backend_options: dict[str, Any]) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if verify not in ("size", "full"):
@@ -54,10 +55,27 @@ class BundleModel:
                               **backend_options)
         self.runner = GraphRunner(self.backend, self.manifest.spec, tokenizer.special.endoftext, max_vision_patches)
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
 
     def _batches(self, encoded: dict[int, Encoded]) -> list[list[int]]:
+        """Length-sorted micro-batches of at most `batch_size` items and `max_batch_tokens` padded tokens,
+        closed early when padding would exceed 25% of the real tokens (a 900-token video must not pad
+        eight 40-token texts to its length).
+        """
         order = sorted(encoded, key=lambda i: len(encoded[i].ids))
-        return [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        batches: list[list[int]] = []
+        current: list[int] = []
+        real = 0
+        for i in order:
+            n = len(encoded[i].ids)  # the longest so far: the list is sorted
+            padded = n * (len(current) + 1)
+            if current and (len(current) == self.batch_size or padded > self.max_batch_tokens
+                            or padded > 1.25 * (real + n)):
+                batches.append(current)
+                current, real = [], 0
+            current.append(i)
+            real += n
+        return batches + ([current] if current else [])
 
     def run_items(self, n: int, plan: Callable[[int], Encoded], on_error: str, progress: bool | None,
                   desc: str) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, InputError]]:

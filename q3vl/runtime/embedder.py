@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.bundle import EMBEDDING, POOLED
 from q3vl.errors import InputError
 from q3vl.preprocess.encode import PreprocessConfig
 from q3vl.preprocess.items import embed_item
@@ -35,13 +36,14 @@ class Embedder(BundleModel):
     def __init__(self, bundle: str | Path, max_length: int = 8192, min_pixels: int = 4096,
                  max_pixels: int = 1_843_200, total_pixels: int = 7_864_320, fps: float = 1.0, max_frames: int = 64,
                  default_instruction: str = DEFAULT_INSTRUCTION, *, backend: str = "cpu", batch_size: int = 8,
-                 truncation: str = "text", max_vision_patches: int = 8192, timeout: float = 10.0,
+                 max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
+                 timeout: float = 10.0,
                  verify: str = "size", allow_unverified: bool = False,
                  backend_options: dict[str, Any] | None = None) -> None:
         config = PreprocessConfig(max_length=max_length, min_pixels=min_pixels, max_pixels=max_pixels,
                                   total_pixels=total_pixels, fps=fps, max_frames=max_frames, truncation=truncation,
                                   timeout=timeout)
-        super().__init__(bundle, config, backend=backend, batch_size=batch_size,
+        super().__init__(bundle, config, backend=backend, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                          max_vision_patches=max_vision_patches, verify=verify, allow_unverified=allow_unverified,
                          backend_options=backend_options or {})
         self.default_instruction = default_instruction
@@ -67,7 +69,7 @@ class Embedder(BundleModel):
             return self.encoder.embedding(embed_item(inputs[i]), self.default_instruction)
 
         outputs, _ = self.run_items(len(inputs), plan, on_error, progress, "embedding")
-        key = "embedding" if normalize else "pooled"
+        key = EMBEDDING if normalize else POOLED
         out = np.full((len(inputs), self.dim), np.nan, np.float32)
         for i, o in outputs.items():
             out[i] = o[key]

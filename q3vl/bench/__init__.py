@@ -1,0 +1,1 @@
+"""The benchmark harness: the reference and every runtime variant on identical workloads."""

@@ -1,0 +1,129 @@
+"""One system (the PyTorch reference or a runtime bundle) over the workloads, in its own process.
+
+A process per system keeps peak RSS and load time honest and stops one system's caches or thread
+pools from slowing another. Usage (normally spawned by `q3vl bench`):
+`python -m q3vl.bench.worker SPEC.json OUT.json` where SPEC holds the system and the workloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from q3vl.bench.workloads import Workload
+
+
+class Timer:
+    """Accumulates the wall time of every call of a wrapped function (graph-only time)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t
+        return timed
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited from the spawning parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_system(spec: dict[str, Any], timer: Timer) -> tuple[Any, Callable[[Any], int]]:
+    """(object with .process, token counter) for a system spec, with the graph timer installed."""
+    threads = int(spec.get("threads") or len(os.sched_getaffinity(0)))
+    if spec["kind"] == "reference":
+        import torch
+
+        torch.set_num_threads(threads)
+        from q3vl.reference import ReferenceEmbedder, ReferenceReranker
+
+        cls = ReferenceEmbedder if spec["task"] == "embedding" else ReferenceReranker
+        kw = {"batch_size": 1} if spec["task"] == "reranker" else {}
+        model = cls(spec["checkpoint"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"), **kw)
+        model.model.forward = timer.wrap(model.model.forward)
+        return model, lambda items: _reference_tokens(model, items)
+    from q3vl.runtime import Embedder, Reranker
+
+    cls = Embedder if spec["task"] == "embedding" else Reranker
+    model = cls(spec["bundle"], backend=spec.get("backend", "cpu"), batch_size=int(spec.get("batch_size", 8)),
+                backend_options={"threads": threads})
+    model.backend.run = timer.wrap(model.backend.run)
+    return model, lambda items: _runtime_tokens(model, items)
+
+
+def _reference_tokens(model: Any, items: Any) -> int:
+    if isinstance(items, dict):
+        convs = [model.format_pair(items["query"], d, None, None, None) for d in items["documents"]]
+        return sum(len(model.tokenize_pair(c)["input_ids"]) for c in convs)
+    return int(model.preprocess(items)["attention_mask"].sum())
+
+
+def _runtime_tokens(model: Any, items: Any) -> int:
+    from q3vl.preprocess.items import content, embed_item
+
+    enc = model.encoder
+    if isinstance(items, dict):
+        q = content(items["query"])
+        return sum(len(enc.rerank_pair(q, content(d), model.default_instruction, None, None).ids)
+                   for d in items["documents"])
+    return sum(len(enc.embedding(embed_item(it), model.default_instruction).ids) for it in items)
+
+
+def run_workload(model: Any, timer: Timer, w: Workload, items: Any, tokens: int, repeats: int) -> dict[str, Any]:
+    """Warm-up once, then `repeats` timed end-to-end calls."""
+    model.process(items)
+    latencies, graph = [], []
+    for _ in range(repeats):
+        timer.seconds = 0.0
+        t = time.perf_counter()
+        model.process(items)
+        latencies.append(time.perf_counter() - t)
+        graph.append(timer.seconds)
+    n = len(items["documents"]) if isinstance(items, dict) else len(items)
+    med = statistics.median(latencies)
+    return {"workload": w.name, "batch": w.batch, "items": n, "tokens": tokens, "runs_s": latencies,
+            "median_ms": med * 1e3, "p95_ms": _p95(latencies) * 1e3, "graph_median_ms": statistics.median(graph) * 1e3,
+            "items_per_s": n / med, "tokens_per_s": tokens / med}
+
+
+def _p95(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(0.95 * (len(s) - 1)))]
+
+
+def main(spec_path: str, out_path: str) -> None:
+    """Run the system described in SPEC and write its results to OUT."""
+    spec = json.loads(Path(spec_path).read_text())
+    timer = Timer()
+    t = time.perf_counter()
+    model, count = load_system(spec["system"], timer)
+    result: dict[str, Any] = {"system": spec["system"]["name"], "load_s": time.perf_counter() - t,
+                              "rss_after_load_mb": _rss_mb(), "workloads": []}
+    media = Path(spec["media"])
+    for wd in spec["workloads"]:
+        w = Workload(**wd)
+        items = w.items(media)
+        result["workloads"].append(run_workload(model, timer, w, items, count(items), int(spec["repeats"])))
+        sys.stderr.write(f"{result['system']}: {w.name} x{w.batch}: {result['workloads'][-1]['median_ms']:.1f} ms\n")
+    result["peak_rss_mb"] = _rss_mb()
+    Path(out_path).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,205 @@
+"""The fused text graph: ONNX Runtime contrib ops, built node by node from checkpoint tensors.
+
+Same inputs, outputs and math as the plain (traced) graph in `modules.py`, with the hot paths on
+ORT's fused kernels, as onnxruntime-genai's model builder emits them:
+
+    RMSNormalization (ONNX 23) / SkipSimplifiedLayerNormalization   (RMSNorm, residual add fused)
+    one MatMul for q|k|v, one for gate|up                              (fewer, larger GEMMs)
+    RotaryEmbedding                                                    (M-RoPE, see below)
+    GroupQueryAttention                                                (GQA, causal, right padding)
+
+M-RoPE through a 1-D rotary op: the cos/sin "cache" is built per token from the 3-D position ids
+([B*L, d/2], each frequency taking its t/h/w axis), and each token's rotary position id is its own
+row index, so the fused kernel applies exactly the interleaved multimodal rotation. GroupQueryAttention
+needs right padding (its `seqlens_k` are per-row lengths), which is what the runtime sends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto as T
+
+from q3vl.bundle import EMBEDDING, POOLED, SCORE
+from q3vl.export.onnx_writer import MS, GraphWriter
+from q3vl.export.weights import Weights
+from q3vl.spec import ModelSpec
+
+
+def _np(t: object) -> np.ndarray:
+    return t.numpy()  # type: ignore[attr-defined]
+
+
+def mrope_axis(section: tuple[int, int, int], half: int) -> np.ndarray:
+    """Which position axis (t=0, h=1, w=2) drives each rotary frequency (interleaved M-RoPE)."""
+    sel = np.zeros(half, np.int64)
+    sel[1:section[1] * 3:3] = 1
+    sel[2:section[2] * 3:3] = 2
+    return sel
+
+
+class TextGraph:
+    """Builds text.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms and residual)."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, path: Path, head: str,
+                 yes_no: tuple[int, int] | None, precision: str = "fp32") -> None:
+        self.spec, self.wts, self.head, self.yes_no = spec, weights, head, yes_no
+        self.g = GraphWriter(path)
+        self.half = precision == "fp16"
+        self.wdt = np.float16 if self.half else np.float32
+
+    # ------------------------------------------------------------ helpers
+    def matmul(self, x: str, w: np.ndarray, name: str) -> str:
+        g = self.g
+        weight = g.weight(name, w.astype(self.wdt))
+        if not self.half:
+            return g.op("MatMul", [x, weight])
+        return g.op("Cast", [g.op("MatMul", [g.op("Cast", [x], to=T.FLOAT16), weight])], to=T.FLOAT)
+
+    def rms(self, x: str, w: np.ndarray, name: str) -> str:
+        return self.g.op("RMSNormalization", [x, self.g.weight(name, w.astype(np.float32))], axis=-1,
+                         epsilon=self.spec.text.rms_norm_eps)
+
+    def skip_rms(self, x: str, skip: str, w: np.ndarray, name: str) -> tuple[str, str]:
+        """(RMSNorm(x + skip), x + skip)."""
+        out = self.g.op("SkipSimplifiedLayerNormalization", [x, skip, self.g.weight(name, w.astype(np.float32))],
+                        n_out=4, domain=MS, epsilon=self.spec.text.rms_norm_eps)
+        return out[0], out[3]
+
+    # ------------------------------------------------------------ graph
+    def build(self) -> Path:
+        g, t, sp = self.g, self.spec.text, self.spec
+        ids = g.add_input("input_ids", T.INT64, ["batch", "sequence"])
+        mask = g.add_input("attention_mask", T.INT64, ["batch", "sequence"])
+        pos = g.add_input("position_ids", T.INT64, [3, "batch", "sequence"])
+        vis = g.add_input("visual_embeds", T.FLOAT, ["visual_rows", t.hidden_size])
+        ds = g.add_input("deepstack_embeds", T.FLOAT, [sp.num_deepstack, "visual_rows", t.hidden_size])
+        shape = g.op("Shape", [ids])
+        x, is_vis, row = self.embed(ids, shape, vis)
+        cos, sin, rot_ids = self.rotary(pos, shape)
+        lengths = g.op("ReduceSum", [mask, g.const([1], dtype=np.int64)], keepdims=0)
+        seqlens_k = g.op("Cast", [g.op("Sub", [lengths, g.const(1, dtype=np.int64)])], to=T.INT32)
+        total = g.op("Cast", [g.op("Squeeze", [g.op("Slice", [shape, g.const([1], dtype=np.int64),
+                                                              g.const([2], dtype=np.int64)])])], to=T.INT32)
+        last_rows = self.last_rows(lengths, shape)
+        resid, pending = x, None
+        for i in range(t.num_layers):
+            p = f"model.language_model.layers.{i}."
+            lw = {k[len(p):]: _np(v) for k, v in self.wts.many(self.wts.names(p)).items()}
+            if pending is None:
+                h = self.rms(resid, lw["input_layernorm.weight"], p + "input_layernorm")
+            else:
+                h, resid = self.skip_rms(pending, resid, lw["input_layernorm.weight"], p + "input_layernorm")
+            attn = self.attention(h, lw, p, cos, sin, rot_ids, seqlens_k, total)
+            if i == t.num_layers - 1 and i >= sp.num_deepstack:
+                # Only the pooled token's state is read: the last layer's o_proj, MLP and final norm
+                # run on one row per sequence ([B, D]) instead of [B, L, D].
+                attn, resid = self.take(attn, last_rows), self.take(resid, last_rows)
+            attn = self.matmul(attn, lw["self_attn.o_proj.weight"].T, p + "o_proj")
+            h, resid = self.skip_rms(attn, resid, lw["post_attention_layernorm.weight"], p + "post_attention_layernorm")
+            pending = self.mlp(h, lw, p)
+            if i < sp.num_deepstack:
+                pending = g.op("Add", [pending, self.deepstack_rows(ds, i, is_vis, row)])
+        final, _ = self.skip_rms(pending, resid, _np(self.wts.get("model.language_model.norm.weight")), "final_norm")
+        if t.num_layers - 1 < sp.num_deepstack:
+            final = self.take(final, last_rows)
+        self.head_outputs(final)
+        return g.save("q3vl_text", opset=23)
+
+    def last_rows(self, lengths: str, shape: str) -> str:
+        """Flat index of each row's last valid token in [B*L] (right padding: length - 1)."""
+        g = self.g
+        batch = g.op("Gather", [shape, g.const(0, dtype=np.int64)], axis=0)
+        seq = g.op("Gather", [shape, g.const(1, dtype=np.int64)], axis=0)
+        starts = g.op("Mul", [g.op("Range", [g.const(0, dtype=np.int64), batch, g.const(1, dtype=np.int64)]), seq])
+        return g.op("Add", [starts, g.op("Sub", [lengths, g.const(1, dtype=np.int64)])])
+
+    def take(self, x: str, rows: str) -> str:
+        """[B, L, C] -> [B, C] at the given flat rows."""
+        g = self.g
+        return g.op("Gather", [g.op("Flatten", [x], axis=2), rows])
+
+    def embed(self, ids: str, shape: str, vis: str) -> tuple[str, str, str]:
+        """Token embeddings with visual rows placed by a cumsum over the vision-token mask."""
+        g, sp = self.g, self.spec
+        table = g.weight("embed_tokens", _np(self.wts.get("model.language_model.embed_tokens.weight")).astype(self.wdt))
+        tok = g.op("Gather", [table, ids])
+        if self.half:
+            tok = g.op("Cast", [tok], to=T.FLOAT)
+        is_vis = g.op("Or", [g.op("Equal", [ids, g.const(sp.image_token_id, dtype=np.int64)]),
+                             g.op("Equal", [ids, g.const(sp.video_token_id, dtype=np.int64)])])
+        flat = g.op("Reshape", [g.op("Cast", [is_vis], to=T.INT64), g.const([-1], dtype=np.int64)])
+        row = g.op("Max", [g.op("Sub", [g.op("CumSum", [flat, g.const(0, dtype=np.int64)]),
+                                        g.const(1, dtype=np.int64)]), g.const(0, dtype=np.int64)])
+        row = g.op("Reshape", [row, shape])
+        is_vis3 = g.op("Unsqueeze", [is_vis, g.const([-1], dtype=np.int64)])
+        return g.op("Where", [is_vis3, g.op("Gather", [vis, row]), tok]), is_vis3, row
+
+    def deepstack_rows(self, ds: str, k: int, is_vis3: str, row: str) -> str:
+        g = self.g
+        feat = g.op("Gather", [ds, g.const(k, dtype=np.int64)], axis=0)
+        return g.op("Where", [is_vis3, g.op("Gather", [feat, row]), g.const(0.0, dtype=np.float32)])
+
+    def rotary(self, pos: str, shape: str) -> tuple[str, str, str]:
+        """Per-token cos/sin rows [B*L, d/2] from 3-D positions, and each token's row index [B, L]."""
+        g, t = self.g, self.spec.text
+        half = t.head_dim // 2
+        inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, t.head_dim, 2, dtype=np.float32) / t.head_dim))
+        per_token = g.op("Transpose", [pos], perm=[1, 2, 0])  # [B, L, 3]
+        chosen = g.op("Gather", [per_token, g.const(mrope_axis(t.mrope_section, half))], axis=2)
+        freqs = g.op("Mul", [g.op("Cast", [chosen], to=T.FLOAT), g.const(inv_freq.astype(np.float32))])
+        rows = g.const([-1, half], dtype=np.int64)
+        cos = g.op("Reshape", [g.op("Cos", [freqs]), rows])
+        sin = g.op("Reshape", [g.op("Sin", [freqs]), rows])
+        n = g.op("ReduceProd", [shape], keepdims=0)
+        rot_ids = g.op("Reshape", [g.op("Range", [g.const(0, dtype=np.int64), n, g.const(1, dtype=np.int64)]), shape])
+        return cos, sin, rot_ids
+
+    def attention(self, h: str, lw: dict[str, np.ndarray], p: str, cos: str, sin: str, rot_ids: str,
+                  seqlens_k: str, total: str) -> str:
+        g, t = self.g, self.spec.text
+        hd, nq, nkv = t.head_dim, t.num_heads, t.num_kv_heads
+        wqkv = np.concatenate([lw[f"self_attn.{n}_proj.weight"] for n in "qkv"]).T
+        q, k, v = g.op("Split", [self.matmul(h, wqkv, p + "qkv"), g.const([nq * hd, nkv * hd, nkv * hd],
+                                                                            dtype=np.int64)], n_out=3, axis=-1)
+
+        def norm_rotate(x: str, heads: int, name: str) -> str:
+            x = g.op("Reshape", [x, g.const([0, 0, heads, hd], dtype=np.int64)])
+            x = self.rms(x, lw[f"self_attn.{name}_norm.weight"], p + name + "_norm")
+            x = g.op("Reshape", [x, g.const([0, 0, heads * hd], dtype=np.int64)])
+            return g.op("RotaryEmbedding", [x, rot_ids, cos, sin], domain=MS, num_heads=heads)
+
+        q, k = norm_rotate(q, nq, "q"), norm_rotate(k, nkv, "k")
+        if self.half:
+            q, k, v = (g.op("Cast", [x], to=T.FLOAT16) for x in (q, k, v))
+        out = g.op("GroupQueryAttention", [q, k, v, "", "", seqlens_k, total], domain=MS, num_heads=nq,
+                   kv_num_heads=nkv, scale=float(hd**-0.5))
+        return g.op("Cast", [out], to=T.FLOAT) if self.half else out
+
+    def mlp(self, h: str, lw: dict[str, np.ndarray], p: str) -> str:
+        g, f = self.g, self.spec.text.intermediate_size
+        gate_up = np.concatenate([lw["mlp.gate_proj.weight"], lw["mlp.up_proj.weight"]]).T
+        gate, up = g.op("Split", [self.matmul(h, gate_up, p + "gate_up"), g.const([f, f], dtype=np.int64)], n_out=2,
+                        axis=-1)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        return self.matmul(act, lw["mlp.down_proj.weight"].T, p + "down_proj")
+
+    def head_outputs(self, last: str) -> None:
+        """The fused head on the final-norm state of each row's last valid token, [B, D]."""
+        g, d = self.g, self.spec.text.hidden_size
+        if self.head == "embedding":
+            norm = g.op("Max", [g.op("ReduceL2", [last, g.const([-1], dtype=np.int64)], keepdims=1),
+                                g.const(1e-12, dtype=np.float32)])
+            g.add_output(g.op("Div", [last, norm]), EMBEDDING, T.FLOAT, ["batch", d])
+            g.add_output(last, POOLED, T.FLOAT, ["batch", d])
+            return
+        if self.yes_no is None:
+            raise ValueError("the reranker head needs the (yes, no) token ids")
+        name = "lm_head.weight" if "lm_head.weight" in self.wts.map else "model.language_model.embed_tokens.weight"
+        rows = _np(self.wts.get(name))
+        w = (rows[self.yes_no[0]] - rows[self.yes_no[1]]).astype(np.float32)[:, None]
+        del rows
+        logit = g.op("MatMul", [last, g.weight("yes_minus_no", w)])
+        g.add_output(g.op("Reshape", [g.op("Sigmoid", [logit]), g.const([-1], dtype=np.int64)]), SCORE, T.FLOAT,
+                     ["batch"])
