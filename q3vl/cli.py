@@ -79,10 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `q3vl` console script."""
     _register_more()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # other libraries (the ORT quantizer logs to the root logger) stay at WARNING; q3vl reports progress
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("q3vl").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

@@ -245,7 +245,8 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 visual_embeds: torch.Tensor, deepstack_embeds: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         is_vis = (input_ids == self.vision_ids[0]) | (input_ids == self.vision_ids[1])
-        row = (torch.cumsum(is_vis.reshape(-1).to(torch.int64), 0) - 1).clamp(min=0).reshape(is_vis.shape)
+        # float cumsum/clip: TensorRT 10 implements CumSum and Clip for float types only (exact below 2^24 rows)
+        row = (torch.cumsum(is_vis.reshape(-1).to(F32), 0) - 1).clamp(min=0).to(torch.int64).reshape(is_vis.shape)
         m = is_vis.unsqueeze(-1)
         x = torch.where(m, F.embedding(row, visual_embeds), F.embedding(input_ids, self.embed).to(F32))
         cos, sin = self.rotary(position_ids)

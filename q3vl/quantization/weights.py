@@ -38,11 +38,14 @@ def _matmul_weights(model: Any) -> set[str]:
 
 
 def _int8(src: Path, dst: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
                      weight_type=QuantType.QInt8, use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
+                     extra_options={"MatMulConstBOnly": True,
+                                    # the fused graphs' contrib ops defeat ONNX shape inference
+                                    "DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def _int4(src: Path, dst: Path, block_size: int) -> None:

@@ -43,9 +43,14 @@ class OrtBackend(Backend):
             raise BackendUnavailableError(
                 f"backend {self.name!r} needs {missing}, which this onnxruntime build lacks "
                 f"(it has {ort.get_available_providers()}); install onnxruntime-gpu for CUDA/TensorRT")
-        self.sessions = {name: self._session(ort, path, threads, spinning, provider_options or {},
+        self.provider_options = provider_options or {}
+        self.sessions = {name: self._session(ort, path, threads, spinning, self.options_for(name),
                                              session_config or {}, optimization)
                          for name, path in graphs.items()}
+
+    def options_for(self, graph: str) -> dict[str, Any]:
+        """Provider options for one graph (the TensorRT EP gives each graph its own profile)."""
+        return self.provider_options
 
     def _session(self, ort: Any, path: Path, threads: int | None, spinning: bool, provider_options: dict[str, Any],
                  session_config: dict[str, str], optimization: str) -> Any:

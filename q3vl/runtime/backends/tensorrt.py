@@ -1,0 +1,138 @@
+"""TensorRT backends: native engines (TensorRT Python API) and ONNX Runtime's TensorRT EP.
+
+Both read the optimization profiles recorded by `q3vl trt build` (or derived from `Limits`), and
+both check every call's shapes against them first, so an input outside the engine's range fails
+with a message naming the limit instead of a TensorRT error. Device buffers for the native backend
+come from cuda-python (`cuda.bindings.runtime`), the NVIDIA-maintained CUDA runtime binding.
+
+Written against the documented TensorRT 10 API; TensorRT cannot be installed where q3vl is
+developed, so these classes are exercised only by tests marked `tensorrt` (skipped elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from q3vl.bundle import Manifest
+from q3vl.errors import BackendUnavailableError, BundleError
+from q3vl.runtime.backends.base import Backend, register
+from q3vl.runtime.backends.ort import OrtBackend
+from q3vl.tensorrt.profiles import Limits, Profile, profiles
+
+
+def _profiles_for(graphs: Mapping[str, Path], limits: Limits | None) -> dict[str, Profile]:
+    bundle = next(iter(graphs.values())).parent
+    manifest = Manifest.read(bundle)
+    recorded = manifest.extra.get("tensorrt", {}).get("engines")
+    if recorded and limits is None:
+        return {g: Profile({k: tuple(tuple(s) for s in v) for k, v in e["profile"].items()})  # type: ignore[misc]
+                for g, e in recorded.items()}
+    return profiles(manifest.spec, limits or Limits())
+
+
+@register("tensorrt-ep")
+class TensorRtEpBackend(OrtBackend):
+    """ONNX Runtime with the TensorRT execution provider (CUDA EP and CPU as fallbacks).
+
+    Engines are cached next to the bundle (`trt_cache/`), with a timing cache, and built for the
+    same profiles as `q3vl trt build`.
+    """
+
+    providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+    def __init__(self, graphs: Mapping[str, Path], device: int = 0, limits: Limits | None = None,
+                 fp16: bool = True, **kw: Any) -> None:
+        self.profiles = _profiles_for(graphs, limits)
+        cache = next(iter(graphs.values())).parent / "trt_cache"
+        self._trt = {"device_id": device, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
+                     "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                     "trt_timing_cache_path": str(cache)}
+        self._device = device
+        super().__init__(graphs, **kw)
+
+    def options_for(self, graph: str) -> dict[str, Any]:
+        return {"TensorrtExecutionProvider": {**self._trt, **self.profiles[graph].ort_options()},
+                "CUDAExecutionProvider": {"device_id": self._device}}
+
+    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.profiles[graph].check(dict(feeds))
+        return super().run(graph, feeds)
+
+
+@register("tensorrt")
+class TensorRtBackend(Backend):
+    """Native TensorRT engines built by `q3vl trt build` (`vision.engine`, `text.engine`)."""
+
+    def __init__(self, graphs: Mapping[str, Path], device: int = 0, **_: Any) -> None:
+        try:
+            import tensorrt as trt
+            from cuda.bindings import runtime as cudart
+        except ImportError as e:
+            raise BackendUnavailableError(
+                "the 'tensorrt' backend needs TensorRT and cuda-python (pip install tensorrt-cu13 cuda-python); "
+                "'cuda' (onnxruntime-gpu) works without them") from e
+        bundle = next(iter(graphs.values())).parent
+        engines = Manifest.read(bundle).extra.get("tensorrt", {}).get("engines")
+        if not engines:
+            raise BundleError(f"{bundle} has no TensorRT engines: run `q3vl trt build {bundle}` first")
+        self.cudart, self.trt = cudart, trt
+        _check(cudart.cudaSetDevice(device))
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines = {g: runtime.deserialize_cuda_engine((bundle / e["file"]).read_bytes())
+                        for g, e in engines.items()}
+        self.contexts = {g: eng.create_execution_context() for g, eng in self.engines.items()}
+        self.profiles = {g: Profile({k: tuple(tuple(s) for s in v) for k, v in e["profile"].items()})  # type: ignore[misc]
+                         for g, e in engines.items()}
+        self.stream = _check(cudart.cudaStreamCreate())
+
+    def input_dtypes(self, graph: str) -> dict[str, np.dtype]:
+        eng = self.engines[graph]
+        names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
+        return {n: np.dtype(self.trt.nptype(eng.get_tensor_dtype(n))) for n in names
+                if eng.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT}
+
+    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.profiles[graph].check(dict(feeds))
+        eng, ctx, rt = self.engines[graph], self.contexts[graph], self.cudart
+        names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
+        inputs = [n for n in names if eng.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        buffers: list[int] = []
+        try:
+            host: dict[str, np.ndarray] = {}
+            for n in inputs:
+                arr = np.ascontiguousarray(feeds[n], dtype=self.trt.nptype(eng.get_tensor_dtype(n)))
+                ctx.set_input_shape(n, arr.shape)
+                ptr = _check(rt.cudaMalloc(max(arr.nbytes, 1)))
+                buffers.append(ptr)
+                _check(rt.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                          self.stream))
+                ctx.set_tensor_address(n, ptr)
+            for n in names:
+                if n in inputs:
+                    continue
+                host[n] = np.empty(tuple(ctx.get_tensor_shape(n)), dtype=self.trt.nptype(eng.get_tensor_dtype(n)))
+                ptr = _check(rt.cudaMalloc(max(host[n].nbytes, 1)))
+                buffers.append(ptr)
+                ctx.set_tensor_address(n, ptr)
+            if not ctx.execute_async_v3(self.stream):
+                raise RuntimeError(f"TensorRT execution of the {graph} engine failed")
+            for n, arr in host.items():
+                _check(rt.cudaMemcpyAsync(arr.ctypes.data, ctx.get_tensor_address(n), arr.nbytes,
+                                          rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+            _check(rt.cudaStreamSynchronize(self.stream))
+            return {n: a.astype(np.float32, copy=False) for n, a in host.items()}
+        finally:
+            for ptr in buffers:
+                rt.cudaFree(ptr)
+
+
+def _check(result: Any) -> Any:
+    """cuda-python returns (error, value...); raise on error, return the value."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
