@@ -20,7 +20,8 @@ from q3vl._version import __version__
 from q3vl.errors import BundleError
 from q3vl.spec import ModelSpec, read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: DeepStack row-major ([V, K, D] text input, [S, m, K, D] vision output)
+MIN_FORMAT_VERSION = 2
 MANIFEST = "q3vl.json"
 TASKS = ("embedding", "reranker")
 HASH_LIMIT = 64 * 1024**2  # files up to this size are hashed at every load; larger ones on request
@@ -67,6 +68,9 @@ class Manifest:
         if version > FORMAT_VERSION:
             raise BundleError(f"bundle format {version} is newer than this q3vl ({__version__}) reads "
                               f"(format {FORMAT_VERSION}): upgrade q3vl")
+        if version < MIN_FORMAT_VERSION:
+            raise BundleError(f"bundle format {version} is older than this q3vl reads (format {MIN_FORMAT_VERSION}: "
+                              "graph I/O layouts changed): export it again with `q3vl export`")
         if d.get("task") not in TASKS:
             raise BundleError(f"manifest task {d.get('task')!r} is not one of {TASKS}")
         known = {"format_version", "q3vl_version", "task", "model", "token_ids", "graphs", "preprocess", "source",

@@ -95,7 +95,8 @@ def _register_more() -> None:
     """Import the modules whose commands live beside their implementation."""
     import importlib
 
-    for module in ("q3vl.export.cli", "q3vl.runtime.cli", "q3vl.quantization.cli", "q3vl.bench.cli"):
+    for module in ("q3vl.export.cli", "q3vl.runtime.cli", "q3vl.quantization.cli", "q3vl.bench.cli",
+                   "q3vl.tensorrt.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from q3vl.bundle import Manifest
+from q3vl.bundle import FORMAT_VERSION, Manifest
 from q3vl.errors import CheckpointError
 from q3vl.export.exporter import export_bundle
 from q3vl.preprocess.items import embed_item
@@ -26,7 +26,7 @@ def cos_rows(a, b):
 def test_bundle_contents_and_manifest(embedding_bundles, tiny_embedding):
     tiny_embedding_bundle = embedding_bundles
     m = Manifest.read(tiny_embedding_bundle)
-    assert m.task == "embedding" and m.format_version == 1
+    assert m.task == "embedding" and m.format_version == FORMAT_VERSION
     assert m.graphs["text"]["precision"] == m.graphs["vision"]["precision"] == "fp32"
     assert m.graphs["text"]["kind"] in ("fused", "plain")
     assert m.source["path"] == str(tiny_embedding.resolve()) and len(m.source["sha256"]) == 64
@@ -63,9 +63,9 @@ def test_vision_graph_matches_transformers(embedding_bundles, ref_embedder, size
     with torch.no_grad():
         ref = ref_embedder.model.visual(pv, grid_thw=grid, return_dict=True)
     merged = np.concatenate([g[0] for g in got])
-    deep = np.concatenate([g[1] for g in got], axis=1)
+    deep = np.concatenate([g[1] for g in got])
     assert cos_rows(merged, ref.pooler_output.numpy()).min() >= 0.99999
-    assert cos_rows(deep, torch.stack(list(ref.deepstack_features)).numpy()).min() >= 0.99999
+    assert cos_rows(deep, torch.stack(list(ref.deepstack_features), 1).numpy()).min() >= 0.99999
 
 
 @pytest.mark.parametrize("items", [

@@ -14,6 +14,7 @@ from q3vl.quantization.embeddings import (
     truncate,
     unpack_binary,
 )
+from tests.conftest import noise_image
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,25 @@ def test_index_save_load(emb, tmp_path):
     assert back.meta == {"bundle": "b"} and len(back) == 500
     with pytest.raises(ValueError, match="NaN rows"):
         index.add(np.full((1, 64), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp16"])
+def test_weight_quantized_bundles_meet_their_tolerance(tiny_embedding_bundle, tmp_path, ref_embedder, weights):
+    from q3vl.bundle import Manifest
+    from q3vl.quantization.weights import quantize_bundle
+    from q3vl.runtime import Embedder
+    from q3vl.tolerances import tolerance
+
+    out = quantize_bundle(tiny_embedding_bundle, tmp_path / weights, weights)
+    m = Manifest.read(out)
+    tol = tolerance(f"{weights}-weights")
+    assert m.parity["passed"] and m.parity["embed_min_cos"] >= tol.embed_cos
+    assert m.extra["quantization"]["weights"] == weights
+    items = [{"text": "a quantized graph"}, {"image": noise_image(64, 96)}]
+    got = Embedder(out).process(items)  # loads with no extra arguments
+    ref = ref_embedder.process(items).numpy()
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() >= tol.embed_cos
+    sizes = {n: f["size"] for n, f in m.files.items()}
+    base = {n: f["size"] for n, f in Manifest.read(tiny_embedding_bundle).files.items()}
+    assert sizes["vision.onnx.data"] < base["vision.onnx.data"]  # weights really got smaller

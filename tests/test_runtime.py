@@ -204,6 +204,10 @@ def test_newer_format_and_wrong_task(tiny_embedding_bundle, tmp_path):
     (b / "q3vl.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="bundle format 99 is newer"):
         Embedder(b)
+    m["format_version"] = 1
+    (b / "q3vl.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="bundle format 1 is older .* export it again"):
+        Embedder(b)
     with pytest.raises(BundleError, match="is a embedding bundle; use q3vl.Embedder"):
         Reranker(tiny_embedding_bundle)
     (b / "q3vl.json").write_text("{not json")
@@ -256,3 +260,18 @@ def test_cli_embed_and_rerank(tiny_embedding_bundle, tiny_reranker_bundle, tmp_p
     assert r.returncode == 0, r.stderr
     scores = [json.loads(line)["score"] for line in r.stdout.splitlines()]
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+
+
+def test_io_binding_path_equals_host_path(tiny_embedding_bundle, tiny_reranker_bundle, video_file):
+    """The device-resident pipeline (CUDA's default), exercised with CPU buffers: same numbers."""
+    items = [{"text": "t"}, {"image": [noise_image(64, 96, 1), noise_image(64, 96, 2)], "text": "two"},
+             {"video": str(video_file)}, {"image": noise_image(128, 64, 3)},
+             {"video": [noise_image(40, 60, i) for i in range(4)], "image": noise_image(64, 96, 4)}]
+    host = Embedder(tiny_embedding_bundle).process(items)
+    bound_emb = Embedder(tiny_embedding_bundle, max_vision_patches=64, backend_options={"io_binding": True})
+    assert bound_emb.backend.io_binding
+    assert np.abs(bound_emb.process(items) - host).max() <= 1e-5
+    req = {"query": {"text": "q", "image": noise_image(64, 64)}, "documents": [{"text": "a"}, items[1], items[2]]}
+    a = Reranker(tiny_reranker_bundle).process(req)
+    b = Reranker(tiny_reranker_bundle, backend_options={"io_binding": True}).process(req)
+    assert np.abs(np.array(a) - np.array(b)).max() <= 1e-5

@@ -23,7 +23,7 @@ def test_profiles_follow_limits(tiny_embedding_plain):
     p = profiles(spec, lim)
     assert p["text"].shapes["input_ids"] == ((1, 2), (1, 256), (16, 4096))
     assert p["text"].shapes["position_ids"][2] == (3, 16, 4096)
-    assert p["text"].shapes["deepstack_embeds"][2] == (2, 16 * 4096, 64)
+    assert p["text"].shapes["deepstack_embeds"][2] == (16 * 4096, 2, 64)
     # 1280x720 = 3600 patches (multiple of 4); 32 frames = 16 frame pairs > 6 images
     assert p["vision"].shapes["pixel_values"] == ((1, 4, 1536), (1, 784, 1536), (16, 3600, 1536))
     opts = p["text"].ort_options()
@@ -39,7 +39,7 @@ def test_profile_check_names_the_limit(tiny_embedding_plain):
     p = profiles(spec, Limits(max_batch=4, max_tokens=128))
     p["text"].check({"input_ids": np.zeros((2, 100)), "attention_mask": np.zeros((2, 100)),
                      "position_ids": np.zeros((3, 2, 100)), "visual_embeds": np.zeros((1, 64)),
-                     "deepstack_embeds": np.zeros((2, 1, 64))})
+                     "deepstack_embeds": np.zeros((1, 2, 64))})
     with pytest.raises(ValueError, match=r"'input_ids' dimension 1 is 300, outside .* \(max_tokens\)"):
         p["text"].check({"input_ids": np.zeros((2, 300))})
 

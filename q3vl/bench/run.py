@@ -71,6 +71,7 @@ def benchmark(systems: list[dict[str, Any]], workloads: list[Workload], repeats:
                               repeats, Path(media), timeout) for s in systems]
     data = {"machine": machine_info(), "repeats": repeats, "systems": systems, "results": results,
             "seconds": round(time.perf_counter() - started, 1)}
+    out_dir.mkdir(parents=True, exist_ok=True)  # again: an hour-long run must not lose its figures to a rm
     (out_dir / f"{tag}.json").write_text(json.dumps(data, indent=1))
     from q3vl.bench.report import markdown, plot
 

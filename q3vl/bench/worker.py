@@ -44,6 +44,26 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _gpu_mb(system: dict[str, Any]) -> float | None:
+    """Peak GPU memory: torch's allocator peak for the reference, nvidia-smi's figure for this process else."""
+    if system.get("device", "cpu") == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e6
+    if system.get("backend", "cpu") == "cpu":
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    used = [float(mb) for pid, mb in (line.split(",") for line in out.splitlines() if "," in line)
+            if int(pid) == os.getpid()]
+    return used[0] if used else None
+
+
 def load_system(spec: dict[str, Any], timer: Timer) -> tuple[Any, Callable[[Any], int]]:
     """(object with .process, token counter) for a system spec, with the graph timer installed."""
     threads = int(spec.get("threads") or len(os.sched_getaffinity(0)))
@@ -122,6 +142,9 @@ def main(spec_path: str, out_path: str) -> None:
         result["workloads"].append(run_workload(model, timer, w, items, count(items), int(spec["repeats"])))
         sys.stderr.write(f"{result['system']}: {w.name} x{w.batch}: {result['workloads'][-1]['median_ms']:.1f} ms\n")
     result["peak_rss_mb"] = _rss_mb()
+    gpu = _gpu_mb(spec["system"])
+    if gpu is not None:
+        result["gpu_memory_mb"] = gpu
     Path(out_path).write_text(json.dumps(result, indent=1))
 
 

@@ -74,7 +74,7 @@ class TextGraph:
         mask = g.add_input("attention_mask", T.INT64, ["batch", "sequence"])
         pos = g.add_input("position_ids", T.INT64, [3, "batch", "sequence"])
         vis = g.add_input("visual_embeds", T.FLOAT, ["visual_rows", t.hidden_size])
-        ds = g.add_input("deepstack_embeds", T.FLOAT, [sp.num_deepstack, "visual_rows", t.hidden_size])
+        ds = g.add_input("deepstack_embeds", T.FLOAT, ["visual_rows", sp.num_deepstack, t.hidden_size])
         shape = g.op("Shape", [ids])
         x, is_vis, row = self.embed(ids, shape, vis)
         cos, sin, rot_ids = self.rotary(pos, shape)
@@ -138,7 +138,7 @@ class TextGraph:
 
     def deepstack_rows(self, ds: str, k: int, is_vis3: str, row: str) -> str:
         g = self.g
-        feat = g.op("Gather", [ds, g.const(k, dtype=np.int64)], axis=0)
+        feat = g.op("Gather", [ds, g.const(k, dtype=np.int64)], axis=1)
         return g.op("Where", [is_vis3, g.op("Gather", [feat, row]), g.const(0.0, dtype=np.float32)])
 
     def rotary(self, pos: str, shape: str) -> tuple[str, str, str]:

@@ -65,8 +65,8 @@ class VisionGraph:
         out = self.merger(x, "model.visual.merger", postshuffle=False)
         d = v.out_hidden_size
         g.add_output(out, "visual_embeds", T.FLOAT, ["blocks", "merged", d])
-        stacked = g.op("Concat", [g.op("Unsqueeze", [f, g.const([0], dtype=np.int64)]) for f in deepstack], axis=0)
-        g.add_output(stacked, "deepstack_embeds", T.FLOAT, [len(deepstack), "blocks", "merged", d])
+        stacked = g.op("Concat", [g.op("Unsqueeze", [f, g.const([2], dtype=np.int64)]) for f in deepstack], axis=2)
+        g.add_output(stacked, "deepstack_embeds", T.FLOAT, ["blocks", "merged", len(deepstack), d])
         return g.save("q3vl_vision", opset=23)
 
     def rotary(self, pos: str) -> tuple[str, str, str]:

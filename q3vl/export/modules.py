@@ -11,10 +11,13 @@ reduced-precision variants can keep exactly the sensitive parts in float32:
 
 Vision graph  (S blocks of n patches; a block is an image or one video frame pair)
     pixel_values [S, n, 1536], pos_ids [S, n, 2], interp_idx [S, n, 4], interp_w [S, n, 4]
-    -> visual_embeds [S, n/4, D], deepstack_embeds [K, S, n/4, D]
+    -> visual_embeds [S, n/4, D], deepstack_embeds [S, n/4, K, D]
 Text graph
     input_ids [B, L], attention_mask [B, L], position_ids [3, B, L],
-    visual_embeds [V, D], deepstack_embeds [K, V, D]   (V rows in token order; 1 dummy row if none)
+    visual_embeds [V, D], deepstack_embeds [V, K, D]   (V rows in token order; 1 dummy row if none)
+
+DeepStack is row-major by visual row on both sides, so the rows of several vision calls can be
+written side by side into one text-graph input buffer (zero-copy on a GPU, see runtime/pipeline.py).
     -> embedding [B, D] (L2-normalised final-norm state at the last valid token), pooled [B, D] (raw)  or
     -> score [B] (sigmoid(h_last . (w_yes - w_no)))
 """
@@ -166,7 +169,7 @@ class VisionEncoder(nn.Module):
             x = blk(x, cos, sin)
             if i in self.ds_index:
                 deepstack.append(self.ds_mergers[self.ds_index.index(i)](x))
-        return self.merger(x), torch.stack(deepstack, 0)
+        return self.merger(x), torch.stack(deepstack, 2)
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -257,7 +260,7 @@ class TextEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, bias)
             if i < self.num_deepstack:
-                x = x + torch.where(m, F.embedding(row, deepstack_embeds[i]), 0.0)
+                x = x + torch.where(m, F.embedding(row, deepstack_embeds[:, i]), 0.0)
         x = self.norm(x)
         last = seq - 1 - torch.argmax(attention_mask.flip(-1).to(torch.int64), dim=-1)
         h = x[torch.arange(x.shape[0], device=x.device), last]

@@ -42,7 +42,7 @@ def text_example(hidden: int, deepstack: int, vision_id: int) -> tuple[Any, ...]
     mask = torch.ones(b, length, dtype=torch.long)
     mask[1, 12:] = 0
     pos = torch.arange(length).expand(3, b, length).contiguous()
-    return ids, mask, pos, torch.randn(v, hidden, generator=g), torch.randn(deepstack, v, hidden, generator=g)
+    return ids, mask, pos, torch.randn(v, hidden, generator=g), torch.randn(v, deepstack, hidden, generator=g)
 
 
 def _dynamic_vision() -> dict[str, Any]:
@@ -57,7 +57,7 @@ def _dynamic_text() -> dict[str, Any]:
 
     batch, seq, vis = Dim("batch", min=1, max=4096), Dim("sequence", min=2, max=262144), Dim("visual_rows", max=2**22)
     return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {1: batch, 2: seq},
-            "visual_embeds": {0: vis}, "deepstack_embeds": {1: vis}}
+            "visual_embeds": {0: vis}, "deepstack_embeds": {0: vis}}
 
 
 def export_graph(module: Any, example: tuple[Any, ...], path: Path, kind: str, outputs: tuple[str, ...]) -> None:

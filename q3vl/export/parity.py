@@ -87,7 +87,7 @@ def _hf_vision(model: Any, blocks: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     pv = torch.from_numpy(np.concatenate([b.pixels for b in blocks]))
     grid = torch.tensor([[1, *b.grid] for b in blocks])
     out = model.model.visual(pv, grid_thw=grid, return_dict=True)
-    return out.pooler_output.numpy(), torch.stack(list(out.deepstack_features)).numpy()
+    return out.pooler_output.numpy(), torch.stack(list(out.deepstack_features), 1).numpy()  # [rows, K, D]
 
 
 def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: str = "cpu") -> dict[str, Any]:
@@ -118,7 +118,7 @@ def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: st
                 got = rt.runner.vision(flat)
                 ref_emb, ref_ds = _hf_vision(model, flat)
                 emb = np.concatenate([g[0] for g in got])
-                ds = np.concatenate([g[1] for g in got], axis=1)
+                ds = np.concatenate([g[1] for g in got])
                 row["vision_min_cos"] = float(min(_cos(emb, ref_emb).min(), _cos(ds, ref_ds).min()))
                 worst_vision = min(worst_vision, row["vision_min_cos"])
             out = rt.runner.run(seqs, blocks)

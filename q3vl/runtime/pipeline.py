@@ -16,7 +16,7 @@ import numpy as np
 
 from q3vl.preprocess.encode import Encoded
 from q3vl.preprocess.vision import VisionBlock, stack_blocks
-from q3vl.runtime.backends.base import Backend
+from q3vl.runtime.backends.base import Backend, DeviceView
 from q3vl.spec import ModelSpec
 
 
@@ -28,7 +28,7 @@ class GraphRunner:
         self.max_vision_patches = max_vision_patches
 
     def vision(self, blocks: Sequence[VisionBlock]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(merged rows [n/4, D], deepstack [K, n/4, D]) per block, in the order given."""
+        """(merged rows [n/4, D], deepstack [n/4, K, D]) per block, in the order given."""
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(blocks)
         by_size: dict[int, list[int]] = defaultdict(list)
         for i, b in enumerate(blocks):
@@ -42,7 +42,7 @@ class GraphRunner:
                 res = self.backend.run("vision", feeds)
                 emb, ds = res["visual_embeds"], res["deepstack_embeds"]
                 for j, i in enumerate(chunk):
-                    out[i] = (emb[j], ds[:, j])
+                    out[i] = (emb[j], ds[j])
         return out  # type: ignore[return-value]
 
     def text_feeds(self, seqs: Sequence[Encoded], visual: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
@@ -58,9 +58,9 @@ class GraphRunner:
         d, k = self.spec.text.hidden_size, self.spec.num_deepstack
         if rows:
             vis = np.concatenate([r[0] for r in rows])
-            ds = np.concatenate([r[1] for r in rows], axis=1)
+            ds = np.concatenate([r[1] for r in rows])
         else:
-            vis, ds = np.zeros((1, d), np.float32), np.zeros((k, 1, d), np.float32)
+            vis, ds = np.zeros((1, d), np.float32), np.zeros((1, k, d), np.float32)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "visual_embeds": vis,
                 "deepstack_embeds": ds}
 
@@ -71,6 +71,8 @@ class GraphRunner:
 
     def run(self, seqs: Sequence[Encoded], blocks: Sequence[Sequence[VisionBlock]]) -> dict[str, np.ndarray]:
         """Vision for every block of every sequence, then text; `blocks[b]` are sequence b's blocks."""
+        if self.backend.io_binding:
+            return self.run_bound(seqs, blocks)
         flat = [blk for per_seq in blocks for blk in per_seq]
         results = self.vision(flat) if flat else []
         visual, k = [], 0
@@ -78,3 +80,37 @@ class GraphRunner:
             visual.append(results[k:k + len(per_seq)])
             k += len(per_seq)
         return self.text(seqs, visual)
+
+    def run_bound(self, seqs: Sequence[Encoded], blocks: Sequence[Sequence[VisionBlock]]) -> dict[str, np.ndarray]:
+        """The device-resident path: vision outputs are written into the text graph's input buffers.
+
+        Blocks are taken in token order; each run of consecutive blocks with the same patch count
+        (at most `max_vision_patches` patches) is one vision call whose outputs are bound to its rows
+        of `visual_embeds [V, D]` and `deepstack_embeds [V, K, D]`: DeepStack is row-major by visual
+        row precisely so that these windows are contiguous.
+        """
+        flat = [blk for per_seq in blocks for blk in per_seq]
+        feeds = self.text_feeds(seqs, [[] for _ in seqs])  # ids, mask, positions; visual inputs replaced
+        if not flat:
+            return self.backend.run("text", feeds)
+        d, k, v = self.spec.text.hidden_size, self.spec.num_deepstack, self.spec.vision
+        rows = sum(b.num_tokens for b in flat)
+        visual, deep = self.backend.alloc((rows, d)), self.backend.alloc((rows, k, d))
+        start, row = 0, 0
+        while start < len(flat):
+            n = flat[start].num_patches
+            end = start + 1
+            budget = max(1, self.max_vision_patches // n)  # blocks per call
+            while end < len(flat) and flat[end].num_patches == n and end - start < budget:
+                end += 1
+            chunk, m = flat[start:end], n // 4
+            vision_in = stack_blocks(chunk, v.spatial_merge_size, v.num_position_embeddings)
+            self.backend.run_bound("vision", vision_in, {
+                "visual_embeds": DeviceView(visual, row * d, (len(chunk), m, d)),
+                "deepstack_embeds": DeviceView(deep, row * k * d, (len(chunk), m, k, d))})
+            row += len(chunk) * m
+            start = end
+        inputs = {**{key: feeds[key] for key in ("input_ids", "attention_mask", "position_ids")},
+                  "visual_embeds": DeviceView(visual, 0, (rows, d)),
+                  "deepstack_embeds": DeviceView(deep, 0, (rows, k, d))}
+        return self.backend.run_bound("text", inputs, {})

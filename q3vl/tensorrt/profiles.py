@@ -103,7 +103,7 @@ def text_profile(spec: ModelSpec, limits: Limits) -> Profile:
         "attention_mask": tuple((b, s) for b, s in zip(batch, seq)),  # type: ignore[dict-item]
         "position_ids": tuple((3, b, s) for b, s in zip(batch, seq)),  # type: ignore[dict-item]
         "visual_embeds": tuple((r, d) for r in rows),  # type: ignore[dict-item]
-        "deepstack_embeds": tuple((k, r, d) for r in rows),  # type: ignore[dict-item]
+        "deepstack_embeds": tuple((r, k, d) for r in rows),  # type: ignore[dict-item]
     })
 
 

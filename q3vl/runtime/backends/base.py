@@ -8,17 +8,33 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from q3vl.errors import BackendUnavailableError
 
 
+@dataclass(frozen=True)
+class DeviceView:
+    """A float32 window of a buffer allocated by `Backend.alloc`: `offset` elements in, `shape` long.
+
+    Vision outputs are written through views into one text-graph input buffer, so on a GPU they
+    never leave the device.
+    """
+
+    buffer: Any
+    offset: int
+    shape: tuple[int, ...]
+
+
 class Backend(abc.ABC):
     """Runs the bundle's graphs. Subclasses load in `__init__` and fail there, not mid-run."""
 
     name: str = "base"
+    io_binding: bool = False  # True: the pipeline keeps intermediate tensors in `alloc` buffers
 
     @abc.abstractmethod
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -27,6 +43,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def input_dtypes(self, graph: str) -> dict[str, np.dtype]:
         """The dtype each input of `graph` expects (float inputs follow the graph's precision)."""
+
+    def alloc(self, shape: tuple[int, ...]) -> Any:
+        """A float32 buffer on the backend's device (only used when `io_binding`)."""
+        raise NotImplementedError(f"backend {self.name!r} does not bind device buffers")
+
+    def run_bound(self, graph: str, inputs: Mapping[str, np.ndarray | DeviceView],
+                  outputs: Mapping[str, DeviceView]) -> dict[str, np.ndarray]:
+        """Run with some inputs/outputs in device buffers; outputs not in `outputs` return to the host."""
+        raise NotImplementedError(f"backend {self.name!r} does not bind device buffers")
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release device memory; the default has nothing to release."""

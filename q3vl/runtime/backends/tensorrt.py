@@ -19,7 +19,7 @@ import numpy as np
 
 from q3vl.bundle import Manifest
 from q3vl.errors import BackendUnavailableError, BundleError
-from q3vl.runtime.backends.base import Backend, register
+from q3vl.runtime.backends.base import Backend, DeviceView, register
 from q3vl.runtime.backends.ort import OrtBackend
 from q3vl.tensorrt.profiles import Limits, Profile, profiles
 
@@ -43,6 +43,8 @@ class TensorRtEpBackend(OrtBackend):
     """
 
     providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    device_type = "cuda"
+    io_binding = True
 
     def __init__(self, graphs: Mapping[str, Path], device: int = 0, limits: Limits | None = None,
                  fp16: bool = True, **kw: Any) -> None:
@@ -51,7 +53,7 @@ class TensorRtEpBackend(OrtBackend):
         self._trt = {"device_id": device, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
                      "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
                      "trt_timing_cache_path": str(cache)}
-        self._device = device
+        self._device = self.device_id = device
         super().__init__(graphs, **kw)
 
     def options_for(self, graph: str) -> dict[str, Any]:
@@ -61,6 +63,11 @@ class TensorRtEpBackend(OrtBackend):
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.profiles[graph].check(dict(feeds))
         return super().run(graph, feeds)
+
+    def run_bound(self, graph: str, inputs: Mapping[str, np.ndarray | DeviceView],
+                  outputs: Mapping[str, DeviceView]) -> dict[str, np.ndarray]:
+        self.profiles[graph].check(dict(inputs))  # DeviceView and ndarray both carry .shape
+        return super().run_bound(graph, inputs, outputs)
 
 
 @register("tensorrt")

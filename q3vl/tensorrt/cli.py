@@ -1,0 +1,50 @@
+"""`q3vl trt check` (static TensorRT op check) and `q3vl trt build` (engines into a bundle)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from q3vl.cli import command
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", type=Path, nargs="+", help="bundles or .onnx files")
+
+
+@command("trt check", _check_args)
+def _check(a: argparse.Namespace) -> int:
+    """Check every op and data type against TensorRT 10's ONNX operator table; non-zero exit on problems."""
+    from q3vl.tensorrt.support import check_graph
+
+    files = [f for p in a.paths for f in (sorted(p.glob("*.onnx")) if p.is_dir() else [p])]
+    reports = [check_graph(f) for f in files]
+    for r in reports:
+        sys.stdout.write(r.summary() + "\n")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="a bundle exported with --graph plain")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--max-image-pixels", type=int, default=1_843_200)
+    p.add_argument("--max-frames", type=int, default=64)
+    p.add_argument("--max-images", type=int, default=8, help="vision blocks per vision-engine call")
+    p.add_argument("--workspace-gb", type=float, default=8.0)
+
+
+@command("trt build", _build_args)
+def _build(a: argparse.Namespace) -> int:
+    """Build TensorRT engines for a bundle with profiles from the given limits."""
+    from q3vl.tensorrt.build import build_engines
+    from q3vl.tensorrt.profiles import Limits
+
+    limits = Limits(max_batch=a.max_batch, max_tokens=a.max_tokens, max_image_pixels=a.max_image_pixels,
+                    max_frames=a.max_frames, max_images=a.max_images)
+    m = build_engines(a.bundle, limits, a.precision, a.workspace_gb)
+    for graph, e in m.extra["tensorrt"]["engines"].items():
+        sys.stdout.write(f"{graph}: {e['file']} ({e['precision']}, {e['seconds']} s)\n")
+    return 0
