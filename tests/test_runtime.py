@@ -275,3 +275,32 @@ def test_io_binding_path_equals_host_path(tiny_embedding_bundle, tiny_reranker_b
     a = Reranker(tiny_reranker_bundle).process(req)
     b = Reranker(tiny_reranker_bundle, backend_options={"io_binding": True}).process(req)
     assert np.abs(np.array(a) - np.array(b)).max() <= 1e-5
+
+
+def test_cli_index_and_quantized_embeddings(tiny_embedding_bundle, tmp_path):
+    items = tmp_path / "items.jsonl"
+    texts = [f"document number {i} about topic {i % 5}" for i in range(40)]
+    items.write_text("\n".join(json.dumps({"id": f"doc-{i}", "text": t}) for i, t in enumerate(texts)))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "q3vl", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=ROOT)
+    r = run("index", "build", str(tiny_embedding_bundle), str(items), "-o", str(tmp_path / "idx"))
+    assert r.returncode == 0, r.stderr
+    r = run("index", "search", str(tmp_path / "idx"), texts[7], "-k", "3", "--exact")
+    assert r.returncode == 0, r.stderr
+    hits = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(hits) == 3 and hits[0]["id"] == "doc-7"  # a document finds itself first
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    r = run("embed", str(tiny_embedding_bundle), str(plain), "-o", str(tmp_path / "f.npy"))
+    assert r.returncode == 0, r.stderr
+    r = run("calibrate", str(tmp_path / "f.npy"), "-o", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    r = run("embed", str(tiny_embedding_bundle), str(plain), "-o", str(tmp_path / "q.npy"), "--quantize", "int8",
+            "--calibration", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    from q3vl.quantization import Calibration, quantize_embeddings
+
+    expected = quantize_embeddings(np.load(tmp_path / "f.npy"), "int8", Calibration.load(tmp_path / "c.json"))
+    assert np.array_equal(np.load(tmp_path / "q.npy"), expected)
+    r = run("embed", str(tiny_embedding_bundle), str(plain), "-o", str(tmp_path / "b.npy"), "--quantize", "ubinary")
+    assert r.returncode == 0 and np.load(tmp_path / "b.npy").shape == (40, 8)

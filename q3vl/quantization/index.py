@@ -16,6 +16,7 @@ load), `calibration.json` (int8 only), `index.json` (dims, counts, settings, the
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ RESCORE = ("int8", "float32", "none")
 
 
 def _usearch() -> Any:
+    # onnxruntime must be loaded before usearch: the other order segfaults on import (seen with
+    # usearch 2.26 + onnxruntime 1.32 on Linux x86_64: `import usearch.index; import onnxruntime`)
+    with contextlib.suppress(ImportError):
+        import onnxruntime  # noqa: F401
     try:
         from usearch import index as us
     except ImportError as e:
