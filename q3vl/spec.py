@@ -174,7 +174,7 @@ def _text_spec(text: dict[str, Any], top: dict[str, Any]) -> TextSpec:
         head_dim=int(text.get("head_dim") or text["hidden_size"] // heads),
         rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
-        mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),  # type: ignore[arg-type]
+        mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
         mrope_interleaved=bool(rope.get("mrope_interleaved", True)),
         tie_word_embeddings=bool(top.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
     )

@@ -73,14 +73,14 @@ def load_system(spec: dict[str, Any], timer: Timer) -> tuple[Any, Callable[[Any]
         torch.set_num_threads(threads)
         from q3vl.reference import ReferenceEmbedder, ReferenceReranker
 
-        cls = ReferenceEmbedder if spec["task"] == "embedding" else ReferenceReranker
-        kw = {"batch_size": 1} if spec["task"] == "reranker" else {}
-        model = cls(spec["checkpoint"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"), **kw)
-        model.model.forward = timer.wrap(model.model.forward)
-        return model, lambda items: _reference_tokens(model, items)
+        dtype, device = spec.get("dtype", "float32"), spec.get("device", "cpu")
+        ref: Any = (ReferenceEmbedder(spec["checkpoint"], dtype=dtype, device=device) if spec["task"] == "embedding"
+                    else ReferenceReranker(spec["checkpoint"], dtype=dtype, device=device, batch_size=1))
+        ref.model.forward = timer.wrap(ref.model.forward)
+        return ref, lambda items: _reference_tokens(ref, items)
     from q3vl.runtime import Embedder, Reranker
 
-    cls = Embedder if spec["task"] == "embedding" else Reranker
+    cls: Any = Embedder if spec["task"] == "embedding" else Reranker
     model = cls(spec["bundle"], backend=spec.get("backend", "cpu"), batch_size=int(spec.get("batch_size", 8)),
                 backend_options={"threads": threads})
     model.backend.run = timer.wrap(model.backend.run)

@@ -97,19 +97,19 @@ def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision:
     weights, dtype, seconds = Weights(ckpt), _torch_dtype(precision), {}
     steps.set_description("vision graph")
     t0 = time.perf_counter()
-    module = VisionEncoder(spec, weights, dtype).eval()
-    export_graph(module, vision_example(spec.vision.patch_dim, round(spec.vision.num_position_embeddings**0.5)),
+    vision = VisionEncoder(spec, weights, dtype).eval()
+    export_graph(vision, vision_example(spec.vision.patch_dim, round(spec.vision.num_position_embeddings**0.5)),
                  out / "vision.onnx", "vision", ("visual_embeds", "deepstack_embeds"))
-    del module
+    del vision
     gc.collect()
     seconds["vision"] = time.perf_counter() - t0
     steps.update()
     steps.set_description("text graph")
     t0 = time.perf_counter()
-    module = TextEncoder(spec, weights, task, yes_no, dtype).eval()
-    export_graph(module, text_example(spec.text.hidden_size, spec.num_deepstack, spec.image_token_id),
+    text = TextEncoder(spec, weights, task, yes_no, dtype).eval()
+    export_graph(text, text_example(spec.text.hidden_size, spec.num_deepstack, spec.image_token_id),
                  out / "text.onnx", "text", TEXT_OUTPUTS[task])
-    del module
+    del text
     gc.collect()
     seconds["text"] = time.perf_counter() - t0
     steps.update()

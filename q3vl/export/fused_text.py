@@ -83,11 +83,11 @@ class TextGraph:
         total = g.op("Cast", [g.op("Squeeze", [g.op("Slice", [shape, g.const([1], dtype=np.int64),
                                                               g.const([2], dtype=np.int64)])])], to=T.INT32)
         last_rows = self.last_rows(lengths, shape)
-        resid, pending = x, None
+        resid, pending = x, ""
         for i in range(t.num_layers):
             p = f"model.language_model.layers.{i}."
             lw = {k[len(p):]: _np(v) for k, v in self.wts.many(self.wts.names(p)).items()}
-            if pending is None:
+            if not pending:
                 h = self.rms(resid, lw["input_layernorm.weight"], p + "input_layernorm")
             else:
                 h, resid = self.skip_rms(pending, resid, lw["input_layernorm.weight"], p + "input_layernorm")

@@ -228,6 +228,7 @@ class TextEncoder(nn.Module):
         self.norm = RMSNorm(w.get("model.language_model.norm.weight"), t.rms_norm_eps)
         half = t.head_dim // 2
         self.inv_freq = _p(1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=F32) / t.head_dim)))
+        self.axis: torch.Tensor
         self.register_buffer("axis", mrope_selector(t.mrope_section, half), persistent=False)
         self.vision_ids = (spec.image_token_id, spec.video_token_id)
         self.num_deepstack = spec.num_deepstack

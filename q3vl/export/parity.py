@@ -59,7 +59,10 @@ def hf_batch(seqs: list[Encoded], blocks: list[list[Any]], pad_id: int, spec: An
     length = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    images, image_grids, videos, video_grids = [], [], [], []
+    images: list[np.ndarray] = []
+    videos: list[np.ndarray] = []
+    image_grids: list[list[int]] = []
+    video_grids: list[list[int]] = []
     for b, (s, blk) in enumerate(zip(seqs, blocks)):
         ids[b, :len(s.ids)] = torch.from_numpy(s.ids)
         mask[b, :len(s.ids)] = 1

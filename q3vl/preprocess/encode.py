@@ -127,7 +127,8 @@ class Encoder:
     # ------------------------------------------------------------ prompts
     def _slots(self, media: list[Media]) -> tuple[list[dict[str, Any]], list[int]]:
         """Template content items for the media, and the token count of each vision block."""
-        items, counts = [], []
+        items: list[dict[str, Any]] = []
+        counts: list[int] = []
         for m in media:
             if isinstance(m, ImagePlan):
                 items.append({"type": "image"})

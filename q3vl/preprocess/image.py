@@ -115,7 +115,7 @@ def resize_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
     """RGB conversion + PIL bicubic resize to (height, width): uint8 `[H, W, 3]`."""
     rgb = to_rgb(image)
     try:
-        return np.asarray(rgb.resize((width, height), Image.BICUBIC))
+        return np.asarray(rgb.resize((width, height), Image.Resampling.BICUBIC))
     except (OSError, ValueError) as e:
         raise InputError(f"unreadable or corrupt image: {e}") from e
 

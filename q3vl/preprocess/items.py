@@ -86,7 +86,7 @@ def _videos(value: Any) -> tuple[Any, ...]:
         raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {value!r:.60}")
     if _is_image_ref(value[0]):  # one video given as frames
         return (_frames(value),)
-    videos = []
+    videos: list[Any] = []
     for v in value:
         if isinstance(v, (str, Path)):
             videos.append(str(v))

@@ -87,7 +87,7 @@ class TextTokenizer:
         missing = [k for k, v in ids.items() if v is None]
         if missing:
             raise BundleError(f"tokenizer {path} lacks the Qwen special tokens {missing}")
-        self.special = SpecialIds(**ids)
+        self.special = SpecialIds(**{k: int(v) for k, v in ids.items() if v is not None})
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS added, as the Qwen processor)."""

@@ -16,13 +16,15 @@ upscaling, so the runtime reproduces torch's arithmetic instead:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 _F32 = np.float32
 _A = _F32(-0.5)
 
 
-def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+def _fma(a: Any, b: Any, c: Any) -> np.ndarray:
     """float32 fused multiply-add: the float64 product of two float32 values is exact."""
     return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(_F32)
 

@@ -70,7 +70,8 @@ def _fp16(src: Path, dst: Path) -> None:
     for init in g.initializer:
         if init.name in targets and init.data_type == TensorProto.FLOAT:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    new_nodes, casts = [], {}  # one Cast per activation, shared by the MatMuls that read it (q, k, v)
+    new_nodes: list[Any] = []
+    casts: dict[str, str] = {}  # one Cast per activation, shared by the MatMuls that read it (q, k, v)
     for node in g.node:
         if node.op_type == "MatMul" and node.input[1] in targets:
             a16, y16 = casts.get(node.input[0]), node.output[0] + "__fp16"

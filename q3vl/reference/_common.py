@@ -44,8 +44,9 @@ def load(path: str | Path, dtype: str, device: str, attn_implementation: str,
     except ImportError as e:
         raise missing_extra("transformers", "export") from e
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch_dtype, attn_implementation=attn_implementation).to(device).eval()
+    model: Any = Qwen3VLForConditionalGeneration.from_pretrained(
+        str(path), dtype=torch_dtype, attn_implementation=attn_implementation)
+    model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(str(path), padding_side=padding_side)
     _prefer_decord()
     return model, processor
@@ -124,6 +125,7 @@ def media_content(images: list[Any], videos: list[Any], *, fps: float, max_frame
     from PIL import Image
 
     content: list[dict[str, Any]] = []
+    src: Any
     for vid in videos:
         if isinstance(vid, list):
             frames = sample_frames(vid, list_max_frames) if list_max_frames is not None else vid

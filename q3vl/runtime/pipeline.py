@@ -110,7 +110,8 @@ class GraphRunner:
                 "deepstack_embeds": DeviceView(deep, row * k * d, (len(chunk), m, k, d))})
             row += len(chunk) * m
             start = end
-        inputs = {**{key: feeds[key] for key in ("input_ids", "attention_mask", "position_ids")},
+        inputs: dict[str, np.ndarray | DeviceView] = {
+                  **{key: feeds[key] for key in ("input_ids", "attention_mask", "position_ids")},
                   "visual_embeds": DeviceView(visual, 0, (rows, d)),
                   "deepstack_embeds": DeviceView(deep, 0, (rows, k, d))}
         return self.backend.run_bound("text", inputs, {})

@@ -7,7 +7,7 @@ Embedder and Reranker never branch on the backend beyond choosing it. A backend 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ class Backend(abc.ABC):
 BACKENDS: dict[str, type[Backend]] = {}
 
 
-def register(name: str) -> type:
+def register(name: str) -> Callable[[type[Backend]], type[Backend]]:
     """Class decorator adding a backend to the registry under `name`."""
     def wrap(cls: type[Backend]) -> type[Backend]:
         cls.name = name
@@ -75,4 +75,5 @@ def create(name: str, graphs: Mapping[str, Path], **options: object) -> Backend:
 
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
-    return BACKENDS[name](graphs, **options)
+    cls: Any = BACKENDS[name]  # every registered subclass takes (graphs, **options)
+    return cls(graphs, **options)
