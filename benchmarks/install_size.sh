@@ -16,11 +16,12 @@ measure() {  # name, pip spec
     best=$(python3 -c "print(min($best, $t))")
   done
   torch=$("$TMP/$1/bin/python" -c "import sys, q3vl; from q3vl import Embedder; print('torch' in sys.modules)")
-  echo "| $1 | $size MB | ${best} s | $torch |"
+  ort=$("$TMP/$1/bin/python" -c "import time; t=time.perf_counter(); import q3vl.runtime, onnxruntime; print(round(time.perf_counter()-t, 3))")
+  echo "| $1 | $size MB | ${best} s | ${ort} s | $torch |"
 }
 {
-  echo "| install | venv size | import q3vl + Embedder (best of 5) | torch imported |"
-  echo "|---|---|---|---|"
+  echo "| install | venv size | import q3vl + Embedder (best of 5) | + import onnxruntime | torch imported |"
+  echo "|---|---|---|---|---|"
   measure base "$ROOT"
   measure export "$ROOT[export]"
 } | tee "$OUT"

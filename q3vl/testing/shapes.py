@@ -2,7 +2,7 @@
 
 `2b` and `8b` are the published Qwen3-VL-Embedding/Reranker shapes (REFERENCE.md section 4).
 `tiny` keeps every structural feature (GQA, q/k norms, interleaved M-RoPE, DeepStack, the real
-vocabulary and position table) at toy widths for fast tests; `small` (~210M parameters) is sized
+vocabulary and position table) at toy widths for fast tests; `small` (217M parameters) is sized
 for CPU benchmarks.
 """
 
