@@ -27,13 +27,33 @@ ON_ERROR = ("raise", "skip")
 
 
 class BundleModel:
-    """A loaded bundle for one task, with its backend and preprocessing."""
+    """A loaded bundle for one task, with its backend and preprocessing.
+
+    The first eight arguments are the published wrapper's constructor arguments; `max_length` and
+    `default_instruction` default to the task's values (`DEFAULT_MAX_LENGTH`, `DEFAULT_INSTRUCTION`:
+    8192 and "Represent the user's input." for the embedder, 10240 and "Given a search query,
+    retrieve relevant candidates that answer the query." for the reranker). Keyword-only: `backend`
+    ("cpu", "cuda", "tensorrt-ep", "tensorrt"), `batch_size`, `max_batch_tokens` (padded tokens per
+    micro-batch), `truncation` ("text": shorten user text so the template tail and every vision block
+    survive; "reference": the wrapper's behaviour), `max_vision_patches` (patches per vision call),
+    `timeout` (URL fetches), `verify` ("size", or "full" to hash the weight files too),
+    `allow_unverified` (load a bundle that failed its export parity check), `backend_options`.
+    """
 
     task = ""
+    DEFAULT_MAX_LENGTH = 8192
+    DEFAULT_INSTRUCTION = ""
 
-    def __init__(self, bundle: str | Path, config: PreprocessConfig, *, backend: str, batch_size: int,
-                 max_batch_tokens: int, max_vision_patches: int, verify: str, allow_unverified: bool,
-                 backend_options: dict[str, Any]) -> None:
+    def __init__(self, bundle: str | Path, max_length: int | None = None, min_pixels: int = 4096,
+                 max_pixels: int = 1_843_200, total_pixels: int = 7_864_320, fps: float = 1.0, max_frames: int = 64,
+                 default_instruction: str | None = None, *, backend: str = "cpu", batch_size: int = 8,
+                 max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
+                 timeout: float = 10.0, verify: str = "size", allow_unverified: bool = False,
+                 backend_options: dict[str, Any] | None = None) -> None:
+        config = PreprocessConfig(max_length=max_length or self.DEFAULT_MAX_LENGTH, min_pixels=min_pixels,
+                                  max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
+                                  truncation=truncation, timeout=timeout)
+        self.default_instruction = default_instruction or self.DEFAULT_INSTRUCTION
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if verify not in ("size", "full"):
@@ -52,7 +72,7 @@ class BundleModel:
         template = ChatTemplate((self.path / "chat_template.jinja").read_text(encoding="utf-8"))
         self.encoder = Encoder(tokenizer, template, config)
         self.backend = create(backend, {g: self.path / m["file"] for g, m in self.manifest.graphs.items()},
-                              **backend_options)
+                              **(backend_options or {}))
         self.runner = GraphRunner(self.backend, self.manifest.spec, tokenizer.special.endoftext, max_vision_patches)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens

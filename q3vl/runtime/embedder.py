@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from q3vl.bundle import EMBEDDING, POOLED
 from q3vl.errors import InputError
-from q3vl.preprocess.encode import PreprocessConfig
 from q3vl.preprocess.items import embed_item
 from q3vl.runtime.base import BundleModel
 
@@ -32,22 +30,13 @@ class Embedder(BundleModel):
     """
 
     task = "embedding"
+    DEFAULT_MAX_LENGTH = 8192
+    DEFAULT_INSTRUCTION = DEFAULT_INSTRUCTION
 
-    def __init__(self, bundle: str | Path, max_length: int = 8192, min_pixels: int = 4096,
-                 max_pixels: int = 1_843_200, total_pixels: int = 7_864_320, fps: float = 1.0, max_frames: int = 64,
-                 default_instruction: str = DEFAULT_INSTRUCTION, *, backend: str = "cpu", batch_size: int = 8,
-                 max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
-                 timeout: float = 10.0,
-                 verify: str = "size", allow_unverified: bool = False,
-                 backend_options: dict[str, Any] | None = None) -> None:
-        config = PreprocessConfig(max_length=max_length, min_pixels=min_pixels, max_pixels=max_pixels,
-                                  total_pixels=total_pixels, fps=fps, max_frames=max_frames, truncation=truncation,
-                                  timeout=timeout)
-        super().__init__(bundle, config, backend=backend, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                         max_vision_patches=max_vision_patches, verify=verify, allow_unverified=allow_unverified,
-                         backend_options=backend_options or {})
-        self.default_instruction = default_instruction
-        self.dim = self.manifest.spec.text.hidden_size
+    @property
+    def dim(self) -> int:
+        """Width of the full embedding (the backbone's hidden size)."""
+        return self.manifest.spec.text.hidden_size
 
     def process(self, inputs: Sequence[dict[str, Any]], normalize: bool = True, dim: int | None = None, *,
                 on_error: str = "raise", progress: bool | None = None) -> np.ndarray:

@@ -6,12 +6,10 @@ micro-batches (right padding, last valid token) and gives the same scores (teste
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from q3vl.bundle import SCORE
 from q3vl.errors import InputError
-from q3vl.preprocess.encode import PreprocessConfig
 from q3vl.preprocess.items import content, rerank_request
 from q3vl.runtime.base import BundleModel
 
@@ -28,21 +26,8 @@ class Reranker(BundleModel):
     """
 
     task = "reranker"
-
-    def __init__(self, bundle: str | Path, max_length: int = 10240, min_pixels: int = 4096,
-                 max_pixels: int = 1_843_200, total_pixels: int = 7_864_320, fps: float = 1.0, max_frames: int = 64,
-                 default_instruction: str = DEFAULT_INSTRUCTION, *, backend: str = "cpu", batch_size: int = 8,
-                 max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
-                 timeout: float = 10.0,
-                 verify: str = "size", allow_unverified: bool = False,
-                 backend_options: dict[str, Any] | None = None) -> None:
-        config = PreprocessConfig(max_length=max_length, min_pixels=min_pixels, max_pixels=max_pixels,
-                                  total_pixels=total_pixels, fps=fps, max_frames=max_frames, truncation=truncation,
-                                  timeout=timeout)
-        super().__init__(bundle, config, backend=backend, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                         max_vision_patches=max_vision_patches, verify=verify, allow_unverified=allow_unverified,
-                         backend_options=backend_options or {})
-        self.default_instruction = default_instruction
+    DEFAULT_MAX_LENGTH = 10240
+    DEFAULT_INSTRUCTION = DEFAULT_INSTRUCTION
 
     def process(self, inputs: dict[str, Any], *, on_error: str = "raise", progress: bool | None = None) -> list[float]:
         """One float score in [0, 1] per document, in order; `[]` for an empty query or no documents.
