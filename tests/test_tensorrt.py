@@ -124,3 +124,37 @@ def test_engines_build_and_match_onnxruntime(tiny_embedding_plain, tmp_path):
     ref = Embedder(b).process(items)
     got = Embedder(b, backend="tensorrt").process(items)
     assert np.abs(got - ref).max() < 1e-3
+
+
+def test_export_tensorrt_refuses_fused_graphs(tiny_embedding, tmp_path, capsys):
+    from q3vl.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(tiny_embedding), "-o", str(out), "--tensorrt", "--graph", "fused"]) == 2
+    assert "--tensorrt needs --graph plain" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the error raised where TensorRT is missing")
+def test_export_tensorrt_fails_before_exporting_when_tensorrt_is_missing(tiny_embedding, tmp_path, capsys):
+    from q3vl.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(tiny_embedding), "-o", str(out), "--tensorrt", "--max-batch", "2"]) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+    assert not out.exists()  # no minutes of export before the error
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (its wheels are not on this registry)")
+def test_export_tensorrt_builds_engines_into_the_bundle(tiny_embedding, tmp_path):
+    from q3vl.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(tiny_embedding), "-o", str(out), "--tensorrt", "--trt-precision", "fp32",
+                 "--max-batch", "2", "--max-tokens", "256", "--max-image-pixels", str(448 * 448)]) == 0
+    m = Manifest.read(out)
+    assert {g["kind"] for g in m.graphs.values()} == {"plain"}
+    engines = m.extra["tensorrt"]["engines"]
+    assert set(engines) == {"vision", "text"} and all((out / e["file"]).exists() for e in engines.values())
+    assert m.extra["tensorrt"]["limits"]["max_batch"] == 2

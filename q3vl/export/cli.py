@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from q3vl.cli import command
+from q3vl.tensorrt.cli import add_engine_args, build_from_args
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -14,10 +15,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--task", choices=["auto", "embedding", "reranker"], default="auto")
-    p.add_argument("--graph", choices=["fused", "plain"], default="fused",
-                   help="fused: ORT contrib ops (fast); plain: standard ops, traced (parity baseline)")
+    p.add_argument("--graph", choices=["fused", "plain"], default=None,
+                   help="fused: ORT contrib ops (fast; the default); plain: standard ops, traced (parity "
+                        "baseline; the default with --tensorrt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (stamped in the manifest)")
+    trt = p.add_argument_group("TensorRT", "--tensorrt also builds engines, as `q3vl trt build` does")
+    trt.add_argument("--tensorrt", action="store_true", help="build TensorRT engines after the export")
+    add_engine_args(trt, prefix="trt-")
 
 
 @command("export", _export_args)
@@ -25,14 +30,23 @@ def _export(a: argparse.Namespace) -> int:
     """Export a checkpoint to a validated ONNX bundle."""
     from q3vl.export.exporter import export_bundle, summary
 
+    graph = a.graph or ("plain" if a.tensorrt else "fused")
+    if a.tensorrt:
+        from q3vl.tensorrt.build import require_tensorrt
+
+        if graph == "fused":
+            sys.stderr.write("q3vl: error: --tensorrt needs --graph plain: TensorRT's ONNX parser does not know "
+                             "the fused graphs' ONNX Runtime contrib ops\n")
+            return 2
+        require_tensorrt()  # before minutes of export, not after
     try:
-        out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=a.graph, overwrite=a.overwrite,
+        out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=graph, overwrite=a.overwrite,
                             validate=not a.no_validate)
     except FileExistsError as e:
         sys.stderr.write(f"q3vl: error: {e}\n")
         return 2
     sys.stdout.write(summary(out) + "\n")
-    return 0
+    return build_from_args(out, a, a.trt_precision) if a.tensorrt else 0
 
 
 def _parity_args(p: argparse.ArgumentParser) -> None:

@@ -25,9 +25,10 @@ def _check(a: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
-def _build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="a bundle exported with --graph plain")
-    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+def add_engine_args(p: argparse._ActionsContainer, prefix: str = "") -> None:
+    """Engine precision and the limits its optimization profiles come from (shared with `q3vl export --tensorrt`)."""
+    p.add_argument(f"--{prefix}precision", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="engine precision (TensorRT builder flag)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--max-image-pixels", type=int, default=1_843_200)
@@ -36,15 +37,25 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace-gb", type=float, default=8.0)
 
 
-@command("trt build", _build_args)
-def _build(a: argparse.Namespace) -> int:
-    """Build TensorRT engines for a bundle with profiles from the given limits."""
+def build_from_args(bundle: Path, a: argparse.Namespace, precision: str) -> int:
+    """Build the engines with the limits in `a` and print one line per engine."""
     from q3vl.tensorrt.build import build_engines
     from q3vl.tensorrt.profiles import Limits
 
     limits = Limits(max_batch=a.max_batch, max_tokens=a.max_tokens, max_image_pixels=a.max_image_pixels,
                     max_frames=a.max_frames, max_images=a.max_images)
-    m = build_engines(a.bundle, limits, a.precision, a.workspace_gb)
+    m = build_engines(bundle, limits, precision, a.workspace_gb)
     for graph, e in m.extra["tensorrt"]["engines"].items():
         sys.stdout.write(f"{graph}: {e['file']} ({e['precision']}, {e['seconds']} s)\n")
     return 0
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="a bundle exported with --graph plain")
+    add_engine_args(p)
+
+
+@command("trt build", _build_args)
+def _build(a: argparse.Namespace) -> int:
+    """Build TensorRT engines for a bundle with profiles from the given limits."""
+    return build_from_args(a.bundle, a, a.precision)
