@@ -65,6 +65,26 @@ def test_batched_equals_unbatched(tiny_embedding_bundle, tiny_reranker_bundle, p
     assert np.abs(np.array(s1) - np.array(s4)).max() <= 1e-5
 
 
+def test_concurrent_calls_share_one_model(embedder, tiny_embedding_bundle, tiny_reranker_bundle):
+    """A service calls one loaded model from many request threads: results equal sequential calls
+    (host path and the IO-binding path, whose buffers are per call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [[{"text": f"request {k} " * (k + 1)}, {"image": noise_image(64 + 16 * k, 96, seed=k)}] for k in range(6)]
+    sequential = [embedder.process(j) for j in jobs]
+    bound = Embedder(tiny_embedding_bundle, backend_options={"io_binding": True})
+    for model in (embedder, bound):
+        with ThreadPoolExecutor(4) as pool:
+            threaded = list(pool.map(model.process, jobs))
+        for a, b in zip(sequential, threaded, strict=True):
+            assert np.abs(a - b).max() <= 1e-6
+    rr = Reranker(tiny_reranker_bundle)
+    reqs = [{"query": {"text": f"q{k}"}, "documents": [{"text": "d " * k}, {"image": noise_image(64, 64, seed=k)}]}
+            for k in range(6)]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(rr.process, reqs)) == [rr.process(r) for r in reqs]
+
+
 def test_matryoshka_and_unnormalized(embedder, ref_embedder):
     items = [{"text": "alpha"}, {"image": noise_image(64, 96)}]
     full = embedder.process(items)
