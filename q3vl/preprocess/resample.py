@@ -58,14 +58,23 @@ def aa_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _resample_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """One axis of float32 `x`, taps gathered along `axis` itself (rows stay contiguous for the
+    height pass) and accumulated in place, in the same order and float32 operations as ATen.
+    """
     fused = out_size > x.shape[axis]
     idx, w = aa_weights(x.shape[axis], out_size)
-    x = np.moveaxis(x, axis, -1)
-    acc = (x[..., idx[:, 0]] * w[:, 0]).astype(_F32)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    acc = np.take(x, idx[:, 0], axis=axis)
+    acc *= w[:, 0].reshape(shape)
     for k in range(1, idx.shape[1]):
-        term = x[..., idx[:, k]]
-        acc = _fma(term, w[:, k], acc) if fused else (acc + (term * w[:, k]).astype(_F32)).astype(_F32)
-    return np.moveaxis(acc, -1, axis)
+        term = np.take(x, idx[:, k], axis=axis)
+        if fused:
+            acc = _fma(term, w[:, k].reshape(shape), acc)
+        else:
+            term *= w[:, k].reshape(shape)
+            acc += term
+    return acc
 
 
 def resize_bicubic_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -77,5 +86,5 @@ def resize_bicubic_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray
         x = _resample_axis(x, width, -1)
     if x.shape[-2] != height:
         x = _resample_axis(x, height, -2)
-    out = np.clip(x, 0, 255)
-    return np.rint(out).astype(np.uint8).transpose(0, 2, 3, 1)
+    np.clip(x, 0, 255, out=x)
+    return np.rint(x, out=x).astype(np.uint8).transpose(0, 2, 3, 1)
