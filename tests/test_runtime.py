@@ -158,6 +158,21 @@ def test_bad_input_skip_keeps_the_rest(embedder, bad_files, name, make, message)
     assert np.abs(got[[0, 2]] - clean).max() <= 1e-6
 
 
+def test_prefetch_keeps_order_errors_and_values(tiny_embedding_bundle, bad_files):
+    """Media of the next micro-batch load on a helper thread: same results, same errors, same indices."""
+    items = [{"text": "a"}, {"image": str(bad_files / "ok.jpg")}, {"image": noise_image(96, 64)},
+             {"image": str(bad_files / "truncated.jpg")}, {"text": "b " * 30}, {"image": noise_image(64, 128)}]
+    plain = Embedder(tiny_embedding_bundle, batch_size=1, prefetch=False)
+    ahead = Embedder(tiny_embedding_bundle, batch_size=1, prefetch=True)
+    want = plain.process(items, on_error="skip")
+    got = ahead.process(items, on_error="skip")
+    assert np.isnan(got[3]).all() and np.isnan(want[3]).all()
+    keep = [0, 1, 2, 4, 5]
+    assert np.array_equal(got[keep], want[keep])
+    with pytest.raises(InputError, match="input 3: unreadable or corrupt image"):
+        ahead.process(items)
+
+
 def test_reranker_bad_document_skip(tiny_reranker_bundle, bad_files):
     rr = Reranker(tiny_reranker_bundle)
     docs = [{"text": "ok"}, {"image": str(bad_files / "corrupt.png")}, {"text": "also ok"}]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ class BundleModel:
     micro-batch), `truncation` ("text": shorten user text so the template tail and every vision block
     survive; "reference": the wrapper's behaviour), `max_vision_patches` (patches per vision call),
     `timeout` (URL fetches), `verify` ("size", or "full" to hash the weight files too),
-    `allow_unverified` (load a bundle that failed its export parity check), `backend_options`.
+    `allow_unverified` (load a bundle that failed its export parity check), `prefetch` (load the next
+    micro-batch's media on a helper thread while the current one runs), `backend_options`.
     """
 
     task = ""
@@ -49,7 +51,7 @@ class BundleModel:
                  default_instruction: str | None = None, *, backend: str = "cpu", batch_size: int = 8,
                  max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
                  timeout: float = 10.0, verify: str = "size", allow_unverified: bool = False,
-                 backend_options: dict[str, Any] | None = None) -> None:
+                 prefetch: bool = True, backend_options: dict[str, Any] | None = None) -> None:
         config = PreprocessConfig(max_length=max_length or self.DEFAULT_MAX_LENGTH, min_pixels=min_pixels,
                                   max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
                                   truncation=truncation, timeout=timeout)
@@ -76,6 +78,7 @@ class BundleModel:
         self.runner = GraphRunner(self.backend, self.manifest.spec, tokenizer.special.endoftext, max_vision_patches)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.prefetch = prefetch
 
     def _batches(self, encoded: dict[int, Encoded]) -> list[list[int]]:
         """Length-sorted micro-batches of at most `batch_size` items and `max_batch_tokens` padded tokens,
@@ -112,24 +115,47 @@ class BundleModel:
         outputs: dict[int, dict[str, np.ndarray]] = {}
         batches = self._batches(encoded)
         bar = _progress(progress, len(encoded), desc)
+        # Media of batch k+1 are decoded and resized on a helper thread while batch k runs (numpy, PIL,
+        # PyAV and ONNX Runtime release the GIL): on a GPU the host preprocessing hides behind the graphs.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="q3vl-load") if self.prefetch and len(batches) > 1 else None
         try:
-            for batch in batches:
-                loaded = []
-                for i in batch:
-                    try:
-                        loaded.append((i, self.encoder.load(encoded[i].media)))
-                    except InputError as e:
-                        errors[i] = self._fail(e, i, on_error)
-                if loaded:
-                    res = self.runner.run([encoded[i] for i, _ in loaded], [b for _, b in loaded])
-                    for row, (i, _) in enumerate(loaded):
+            pending = self._submit(pool, batches[0], encoded) if batches else None
+            for n, batch in enumerate(batches):
+                loaded = pending.result() if isinstance(pending, Future) else pending
+                if n + 1 < len(batches):
+                    pending = self._submit(pool, batches[n + 1], encoded)
+                good = []
+                for i, media in loaded or []:
+                    if isinstance(media, InputError):
+                        errors[i] = self._fail(media, i, on_error)
+                    else:
+                        good.append((i, media))
+                if good:
+                    res = self.runner.run([encoded[i] for i, _ in good], [b for _, b in good])
+                    for row, (i, _) in enumerate(good):
                         outputs[i] = {k: v[row] for k, v in res.items()}
                 if bar is not None:
                     bar.update(len(batch))
         finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)  # an error must not wait for a load
             if bar is not None:
                 bar.close()
         return outputs, errors
+
+    def _submit(self, pool: ThreadPoolExecutor | None, batch: list[int], encoded: dict[int, Encoded]) -> Any:
+        """Load a batch's media now (no pool) or on the helper thread (a Future)."""
+        return pool.submit(self._load, batch, encoded) if pool is not None else self._load(batch, encoded)
+
+    def _load(self, batch: list[int], encoded: dict[int, Encoded]) -> list[tuple[int, Any]]:
+        """(index, loaded vision blocks or the item's InputError) for each item of the batch."""
+        out: list[tuple[int, Any]] = []
+        for i in batch:
+            try:
+                out.append((i, self.encoder.load(encoded[i].media)))
+            except InputError as e:
+                out.append((i, e))
+        return out
 
     @staticmethod
     def _fail(e: InputError, i: int, on_error: str) -> InputError:
