@@ -36,12 +36,54 @@ def speedups(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _column(system: dict[str, Any]) -> str:
+    """The summary column a system goes in: its name without the task, e.g. 'q3vl fp32'."""
+    name = system["name"]
+    suffix = f" ({system['task']})"
+    return name[: -len(suffix)] if name.endswith(suffix) else name
+
+
+def summary(data: dict[str, Any]) -> str:
+    """The README table: one row per workload, the reference's median ms, then each runtime system's
+    median ms with its end-to-end speed-up over the same-task reference of the same run.
+    """
+    columns: list[str] = []
+    cells: dict[tuple[str, int], dict[str, str]] = {}
+    refs: dict[tuple[str, int], tuple[float, int]] = {}
+    for system, result in zip(data["systems"], data["results"]):
+        if "error" in result:
+            continue
+        if system["kind"] == "reference":
+            refs.update({k: (w["median_ms"], w["tokens"]) for k, w in _by_key(result).items()})
+            continue
+        base = _baseline(data, system["task"])
+        if base is None:
+            continue
+        ref = _by_key(base)
+        col = _column(system)
+        if col not in columns:
+            columns.append(col)
+        for key, w in _by_key(result).items():
+            if key in ref:
+                ratio = ref[key]["median_ms"] / w["median_ms"]
+                cells.setdefault(key, {})[col] = f"{w['median_ms']:.0f} ms ({ratio:.2f}x)"
+    lines = ["| workload | batch | tokens | reference ms | " + " | ".join(columns) + " |",
+             "|---|---|---|---|" + "---|" * len(columns)]
+    for key, (ref_ms, tokens) in refs.items():
+        row = cells.get(key, {})
+        lines.append(f"| {key[0]} | {key[1]} | {tokens} | {ref_ms:.0f} | "
+                     + " | ".join(row.get(c, "-") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(data: dict[str, Any]) -> str:
-    """Machine line, a latency table per system, and the speed-up table."""
+    """Machine line, the summary table (the README's), a latency table per system, and the speed-up table."""
     m = data["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {versions}; {m['date']}; "
              f"repeats {data['repeats']}",
+             "", "Median end-to-end ms; in parentheses the speed-up over the PyTorch reference of the same run:",
+             "", *summary(data).splitlines(),
              "", "| system | load s | peak RSS MB | workload | batch | tokens | median ms | p95 ms | graph ms "
              "| items/s | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in data["results"]:
