@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from q3vl.bench.run import benchmark
 from q3vl.bench.workloads import standard
 
@@ -18,8 +20,9 @@ def test_quick_benchmark_writes_results(tiny_embedding, tiny_embedding_bundle, t
          "checkpoint": str(tiny_reranker)},
         {"name": "q3vl fp32 (reranker)", "kind": "runtime", "task": "reranker", "bundle": str(tiny_reranker_bundle)},
     ]
-    data = benchmark(systems, standard(quick=True), 1, tmp_path, "quick")
+    data = benchmark(systems, standard(quick=True), 1, tmp_path, "quick", rounds=2)
     saved = json.loads((tmp_path / "quick.json").read_text())
+    assert saved["rounds"] == 2 and all(r["rounds"] == 2 for r in saved["results"])
     assert saved["machine"]["cores"] >= 1 and "onnxruntime" in saved["machine"]["versions"]
     assert [r["system"] for r in data["results"]] == [s["name"] for s in systems]
     for result in saved["results"]:
@@ -27,7 +30,9 @@ def test_quick_benchmark_writes_results(tiny_embedding, tiny_embedding_bundle, t
         assert result["load_s"] > 0 and result["peak_rss_mb"] > 0
         for w in result["workloads"]:
             assert w["median_ms"] > 0 and w["p95_ms"] >= w["median_ms"] and w["tokens"] > 0
-            assert len(w["runs_s"]) == 1 and w["graph_median_ms"] <= w["median_ms"]
+            # two rounds (the second in reverse order) of one timed run each, pooled
+            assert len(w["runs_s"]) == 2 and len(w["graph_runs_s"]) == 2 and w["graph_median_ms"] <= w["median_ms"]
+            assert w["median_ms"] == pytest.approx(1e3 * sum(w["runs_s"]) / 2)
     # the reference and the runtime count the same tokens for the same inputs
     by = {r["system"]: {(w["workload"], w["batch"]): w["tokens"] for w in r["workloads"]} for r in saved["results"]}
     assert by["reference float32 (embedding)"] == by["q3vl fp32 (embedding)"]

@@ -22,7 +22,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="cpu")
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda)")
     p.add_argument("--reference-dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per workload per round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run every system this many times, alternating the order, and pool the runs (noise)")
     p.add_argument("--quick", action="store_true", help="smoke-test subset (CI)")
     p.add_argument("--workloads", help="only these workloads, e.g. 'text-32:8,image-448:8' (name[:batch])")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -93,7 +95,8 @@ def _bench(a: argparse.Namespace) -> int:
     from q3vl.bench.workloads import standard
 
     tag = a.tag or f"{'quick' if a.quick else a.backend}-{a.shape}"
-    data = benchmark(systems(a), select(standard(a.quick), a.workloads), 1 if a.quick else a.repeats, a.out, tag)
+    data = benchmark(systems(a), select(standard(a.quick), a.workloads), 1 if a.quick else a.repeats, a.out, tag,
+                     rounds=1 if a.quick else a.rounds)
     failed = [r["system"] for r in data["results"] if "error" in r]
     sys.stdout.write((a.out / f"{tag}.md").read_text())
     if failed:

@@ -81,7 +81,7 @@ def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {versions}; {m['date']}; "
-             f"repeats {data['repeats']}",
+             f"repeats {data['repeats']} x rounds {data.get('rounds', 1)}",
              "", "Median end-to-end ms; in parentheses the speed-up over the PyTorch reference of the same run:",
              "", *summary(data).splitlines(),
              "", "| system | load s | peak RSS MB | workload | batch | tokens | median ms | p95 ms | graph ms "

@@ -2,7 +2,9 @@
 
 Speed is compared as ratios against the PyTorch reference measured in the same run (machines are
 shared and noisy, absolute numbers drift). Each system runs in its own process, one after the
-other, so they never compete for cores.
+other, so they never compete for cores. With `rounds` > 1 the whole sequence runs again, in reverse
+order every other round, and each system's runs are pooled: a slow minute on a shared machine then
+lands on several systems instead of skewing one system's ratio.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,15 +64,46 @@ def run_system(system: dict[str, Any], workloads: list[Workload], repeats: int, 
         return json.loads(out.read_text())
 
 
+def pool_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's results from several rounds: runs pooled per workload, the figures recomputed."""
+    from q3vl.bench.worker import summarize
+
+    failed = [p for p in parts if "error" in p]
+    if failed or len(parts) == 1:
+        return failed[0] if failed else parts[0]
+    pooled = {**parts[0], "load_s": statistics.median(p["load_s"] for p in parts),
+              "rss_after_load_mb": max(p["rss_after_load_mb"] for p in parts),
+              "peak_rss_mb": max(p["peak_rss_mb"] for p in parts), "rounds": len(parts), "workloads": []}
+    if any("gpu_memory_mb" in p for p in parts):
+        pooled["gpu_memory_mb"] = max(p.get("gpu_memory_mb", 0) for p in parts)
+    for i, first in enumerate(parts[0]["workloads"]):
+        same = [p["workloads"][i] for p in parts]
+        entry = {k: first[k] for k in ("workload", "batch", "items", "tokens")}
+        pooled["workloads"].append(summarize(entry, [t for w in same for t in w["runs_s"]],
+                                             [t for w in same for t in w["graph_runs_s"]]))
+    return pooled
+
+
 def benchmark(systems: list[dict[str, Any]], workloads: list[Workload], repeats: int, out_dir: Path,
-              tag: str, timeout: float = 7200) -> dict[str, Any]:
-    """Run everything and write `<tag>.json`, `<tag>.md` and `<tag>.png` under `out_dir`."""
+              tag: str, timeout: float = 7200, rounds: int = 1) -> dict[str, Any]:
+    """Run everything (`rounds` times, alternating the order) and write `<tag>.json`, `<tag>.md` and
+    `<tag>.png` under `out_dir`.
+    """
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    parts: list[list[dict[str, Any]]] = [[] for _ in systems]
     with tempfile.TemporaryDirectory(prefix="q3vl-media-") as media:
-        results = [run_system(s, [w for w in workloads if w.kind == ("rerank" if s["task"] == "reranker" else "embed")],
-                              repeats, Path(media), timeout) for s in systems]
-    data = {"machine": machine_info(), "repeats": repeats, "systems": systems, "results": results,
+        for r in range(rounds):
+            order = list(range(len(systems)))[:: -1 if r % 2 else 1]
+            for i in order:
+                s = systems[i]
+                kind = "rerank" if s["task"] == "reranker" else "embed"
+                log.info("round %d/%d", r + 1, rounds)
+                parts[i].append(run_system(s, [w for w in workloads if w.kind == kind], repeats, Path(media), timeout))
+    results = [pool_rounds(p) for p in parts]
+    data = {"machine": machine_info(), "repeats": repeats, "rounds": rounds, "systems": systems, "results": results,
             "seconds": round(time.perf_counter() - started, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)  # again: an hour-long run must not lose its figures to a rm
     (out_dir / f"{tag}.json").write_text(json.dumps(data, indent=1))

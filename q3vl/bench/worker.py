@@ -116,10 +116,15 @@ def run_workload(model: Any, timer: Timer, w: Workload, items: Any, tokens: int,
         latencies.append(time.perf_counter() - t)
         graph.append(timer.seconds)
     n = len(items["documents"]) if isinstance(items, dict) else len(items)
+    return summarize({"workload": w.name, "batch": w.batch, "items": n, "tokens": tokens}, latencies, graph)
+
+
+def summarize(entry: dict[str, Any], latencies: list[float], graph: list[float]) -> dict[str, Any]:
+    """A workload's figures from its timed runs (end to end and graph only, seconds)."""
     med = statistics.median(latencies)
-    return {"workload": w.name, "batch": w.batch, "items": n, "tokens": tokens, "runs_s": latencies,
-            "median_ms": med * 1e3, "p95_ms": _p95(latencies) * 1e3, "graph_median_ms": statistics.median(graph) * 1e3,
-            "items_per_s": n / med, "tokens_per_s": tokens / med}
+    return {**entry, "runs_s": latencies, "graph_runs_s": graph, "median_ms": med * 1e3,
+            "p95_ms": _p95(latencies) * 1e3, "graph_median_ms": statistics.median(graph) * 1e3,
+            "items_per_s": entry["items"] / med, "tokens_per_s": entry["tokens"] / med}
 
 
 def _p95(xs: list[float]) -> float:
