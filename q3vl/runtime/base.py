@@ -55,7 +55,7 @@ class BundleModel:
         config = PreprocessConfig(max_length=max_length or self.DEFAULT_MAX_LENGTH, min_pixels=min_pixels,
                                   max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
                                   truncation=truncation, timeout=timeout)
-        self.default_instruction = default_instruction or self.DEFAULT_INSTRUCTION
+        self.default_instruction = self.DEFAULT_INSTRUCTION if default_instruction is None else default_instruction
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if verify not in ("size", "full"):
