@@ -96,11 +96,11 @@ def benchmark(systems: list[dict[str, Any]], workloads: list[Workload], repeats:
     parts: list[list[dict[str, Any]]] = [[] for _ in systems]
     with tempfile.TemporaryDirectory(prefix="q3vl-media-") as media:
         for r in range(rounds):
-            order = list(range(len(systems)))[:: -1 if r % 2 else 1]
-            for i in order:
+            if rounds > 1:
+                log.info("round %d/%d", r + 1, rounds)
+            for i in list(range(len(systems)))[:: -1 if r % 2 else 1]:
                 s = systems[i]
                 kind = "rerank" if s["task"] == "reranker" else "embed"
-                log.info("round %d/%d", r + 1, rounds)
                 parts[i].append(run_system(s, [w for w in workloads if w.kind == kind], repeats, Path(media), timeout))
     results = [pool_rounds(p) for p in parts]
     data = {"machine": machine_info(), "repeats": repeats, "rounds": rounds, "systems": systems, "results": results,
