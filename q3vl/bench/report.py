@@ -30,7 +30,8 @@ def speedups(data: dict[str, Any]) -> list[dict[str, Any]]:
         ref = _by_key(base)
         for key, w in _by_key(result).items():
             if key in ref:
-                rows.append({"system": system["name"], "workload": key[0], "batch": key[1],
+                rows.append({"system": system["name"], "column": _column(system), "workload": key[0],
+                             "batch": key[1], "median_ms": w["median_ms"],
                              "e2e": ref[key]["median_ms"] / w["median_ms"],
                              "graph": ref[key]["graph_median_ms"] / w["graph_median_ms"]})
     return rows
@@ -48,25 +49,17 @@ def summary(data: dict[str, Any]) -> str:
     median ms with its end-to-end speed-up over the same-task reference of the same run.
     """
     columns: list[str] = []
-    cells: dict[tuple[str, int], dict[str, str]] = {}
     refs: dict[tuple[str, int], tuple[float, int]] = {}
     for system, result in zip(data["systems"], data["results"]):
         if "error" in result:
             continue
         if system["kind"] == "reference":
             refs.update({k: (w["median_ms"], w["tokens"]) for k, w in _by_key(result).items()})
-            continue
-        base = _baseline(data, system["task"])
-        if base is None:
-            continue
-        ref = _by_key(base)
-        col = _column(system)
-        if col not in columns:
-            columns.append(col)
-        for key, w in _by_key(result).items():
-            if key in ref:
-                ratio = ref[key]["median_ms"] / w["median_ms"]
-                cells.setdefault(key, {})[col] = f"{w['median_ms']:.0f} ms ({ratio:.2f}x)"
+        elif _baseline(data, system["task"]) is not None and _column(system) not in columns:
+            columns.append(_column(system))
+    cells: dict[tuple[str, int], dict[str, str]] = {}
+    for r in speedups(data):
+        cells.setdefault((r["workload"], r["batch"]), {})[r["column"]] = f"{r['median_ms']:.0f} ms ({r['e2e']:.2f}x)"
     lines = ["| workload | batch | tokens | reference ms | " + " | ".join(columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     for key, (ref_ms, tokens) in refs.items():
