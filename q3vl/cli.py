@@ -30,14 +30,16 @@ def _make_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=["tiny", "small", "2b", "8b"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--activations", choices=["default", "realistic"], default="default",
+                   help="realistic: plant the activation outliers of trained Qwen models (q3vl.testing.outliers)")
 
 
 @command("testing make-checkpoint", _make_checkpoint_args)
 def _make_checkpoint(a: argparse.Namespace) -> int:
     from q3vl.testing import make_checkpoint
 
-    out = make_checkpoint(a.path, task=a.task, shape=a.shape, seed=a.seed, dtype=a.dtype)
-    sys.stdout.write(f"random-weight {a.shape} {a.task} checkpoint written to {out}\n")
+    out = make_checkpoint(a.path, task=a.task, shape=a.shape, seed=a.seed, dtype=a.dtype, activations=a.activations)
+    sys.stdout.write(f"random-weight {a.shape} {a.task} checkpoint ({a.activations} activations) written to {out}\n")
     return 0
 
 

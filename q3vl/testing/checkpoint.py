@@ -13,6 +13,11 @@ is always the template's final newline), which would let parity tests pass vacuo
 are drawn with std 1/sqrt(fan_in) and embeddings with std 1, so every layer mixes context; the
 final norm is scaled by 1/sqrt(hidden) so reranker logits spread over a few units instead of
 saturating the sigmoid.
+
+`activations="realistic"` additionally edits the drawn tensors so that ordinary inputs produce the
+activation outliers trained Qwen models have (massive residual activations, down-projection spikes,
+channel outliers at projection inputs, high-norm ViT tokens): see `q3vl.testing.outliers` for the
+figures and their sources. The default stays plain Gaussian, so existing figures hold.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.errors import missing_extra
+from q3vl.testing.outliers import Plan, describe, edit, make_plan
 from q3vl.testing.shapes import config_dict, processor_configs
 
 log = logging.getLogger(__name__)
 
 TASKS = ("embedding", "reranker")
+ACTIVATIONS = ("default", "realistic")
 SHARD_BYTES = 2 * 1024**3
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -85,18 +92,21 @@ def _seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def _tensors(shapes: dict[str, tuple[int, ...]], seed: int, hidden: int, dtype: Any) -> Iterator[tuple[str, Any]]:
+def _tensors(shapes: dict[str, tuple[int, ...]], seed: int, hidden: int, dtype: Any,
+             plan: Plan | None = None) -> Iterator[tuple[str, Any]]:
     import torch
 
     for name, shape in shapes.items():
         gen = torch.Generator().manual_seed(_seed(seed, name))
         mean, std = _std(name, shape, hidden)
         t = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std).add_(mean)
+        if plan is not None:
+            edit(plan, name, t.numpy())  # in place: the numpy view shares the tensor's memory
         yield name, t.to(dtype)
 
 
 def _write_weights(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, hidden: int, dtype: Any,
-                   shard_bytes: int) -> int:
+                   shard_bytes: int, plan: Plan | None = None) -> int:
     """Write shards one at a time; returns the number of shards."""
     import torch
     from safetensors.torch import save_file
@@ -115,7 +125,7 @@ def _write_weights(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, hi
         log.info("wrote %s (%d tensors, %.1f MB)", fname, len(shard), size / 1e6)
         shard, size = {}, 0
 
-    for name, t in _tensors(shapes, seed, hidden, dtype):
+    for name, t in _tensors(shapes, seed, hidden, dtype, plan):
         nbytes = t.numel() * t.element_size()
         if shard and size + nbytes > shard_bytes and k < n_shards - 1:
             flush()
@@ -152,7 +162,7 @@ def _write_tokenizer(path: Path) -> None:
 
 
 def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tiny", seed: int = 0,
-                    dtype: str = "bfloat16", shard_bytes: int = SHARD_BYTES) -> Path:
+                    dtype: str = "bfloat16", shard_bytes: int = SHARD_BYTES, activations: str = "default") -> Path:
     """Write a random-weight Qwen3-VL checkpoint in Hugging Face format to `path`.
 
     Args:
@@ -162,6 +172,8 @@ def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tin
         seed: weights are a pure function of (seed, tensor name).
         dtype: storage dtype of the weights ("bfloat16" like the published checkpoints, or "float32").
         shard_bytes: shard size; at most one shard is held in memory while writing.
+        activations: "default" (plain Gaussian weights) or "realistic" (the activation outliers of
+            trained Qwen models, `q3vl.testing.outliers`; the plan is written to outliers.json).
 
     Returns:
         The checkpoint directory.
@@ -172,16 +184,24 @@ def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tin
         raise missing_extra("torch", "export") from e
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors*"):
         old.unlink()
+    (out / "outliers.json").unlink(missing_ok=True)
     config = config_dict(shape, task)
     config["text_config"]["dtype"] = dtype
     shapes = parameter_shapes(config)
     hidden = config["text_config"]["hidden_size"]
-    _write_weights(out, shapes, seed, hidden, torch_dtype, shard_bytes)
+    plan = None
+    if activations == "realistic":
+        plan = make_plan(config, shape, seed)
+        config["_name_or_path"] += "-realistic"
+        (out / "outliers.json").write_text(json.dumps(describe(plan), indent=1))
+    _write_weights(out, shapes, seed, hidden, torch_dtype, shard_bytes, plan)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     image_cfg, video_cfg = processor_configs()
     (out / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2))
@@ -189,5 +209,5 @@ def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tin
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2))
     _write_tokenizer(out)
-    log.info("checkpoint %s (%s, %s) written to %s", shape, task, dtype, out)
+    log.info("checkpoint %s (%s, %s, %s activations) written to %s", shape, task, dtype, activations, out)
     return out
