@@ -18,6 +18,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", choices=["fused", "plain"], default=None,
                    help="fused: ORT contrib ops (fast; the default); plain: standard ops, traced (parity "
                         "baseline; the default with --tensorrt)")
+    p.add_argument("--weights", choices=["int8", "int4"],
+                   help="write quantized weights straight from the checkpoint (fused fp32 graphs): int8 = the "
+                        "calibrated smoothing method of `q3vl quantize`, int4 = MatMulNBits; parity is checked "
+                        "against transformers with the weight format's tolerance")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (stamped in the manifest)")
     trt = p.add_argument_group("TensorRT", "--tensorrt also builds engines, as `q3vl trt build` does")
@@ -31,6 +36,10 @@ def _export(a: argparse.Namespace) -> int:
     from q3vl.export.exporter import export_bundle, summary
 
     graph = a.graph or ("plain" if a.tensorrt else "fused")
+    if a.weights and (a.tensorrt or graph != "fused" or a.precision != "fp32"):
+        sys.stderr.write("q3vl: error: --weights needs the fused fp32 graphs (no --tensorrt, --graph plain or "
+                         "--precision)\n")
+        return 2
     if a.tensorrt:
         from q3vl.tensorrt.build import require_tensorrt
 
@@ -41,7 +50,7 @@ def _export(a: argparse.Namespace) -> int:
         require_tensorrt()  # before minutes of export, not after
     try:
         out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=graph, overwrite=a.overwrite,
-                            validate=not a.no_validate)
+                            validate=not a.no_validate, weights=a.weights, block_size=a.block_size)
     except FileExistsError as e:
         sys.stderr.write(f"q3vl: error: {e}\n")
         return 2

@@ -19,6 +19,7 @@ from q3vl.spec import ModelSpec
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "bf16")
 GRAPHS = ("fused", "plain")
+WEIGHT_FORMATS = ("int8", "int4")
 
 
 def detect_task(checkpoint: Path) -> str:
@@ -71,20 +72,34 @@ def _torch_dtype(precision: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def _quant_hook(ckpt: Path, task: str, weights: str | None, block_size: int, plan: Any) -> Any:
+    """The builders' MatMul hook for `weights` (None: plain float graphs); int8 calibrates its plan here."""
+    if weights is None:
+        return None
+    from q3vl.export.quantized import Int8Hook, NBitsHook
+
+    if weights == "int4":
+        return NBitsHook(4, block_size)
+    from q3vl.export.calibrate import calibrate
+    from q3vl.quantization.int8 import Int8Plan
+
+    return Int8Hook(plan if plan is not None and plan.projections else calibrate(ckpt, task, plan or Int8Plan()))
+
+
 def _build_fused(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision: str,
-                 yes_no: tuple[int, int] | None, steps: Any) -> dict[str, float]:
+                 yes_no: tuple[int, int] | None, steps: Any, quant: Any = None) -> dict[str, float]:
     from q3vl.export.fused_text import TextGraph
     from q3vl.export.fused_vision import VisionGraph
 
     weights, seconds = Weights(ckpt), {}
     steps.set_description("vision graph")
     t0 = time.perf_counter()
-    VisionGraph(spec, weights, out / "vision.onnx", precision).build()
+    VisionGraph(spec, weights, out / "vision.onnx", precision, quant).build()
     seconds["vision"] = time.perf_counter() - t0
     steps.update()
     steps.set_description("text graph")
     t0 = time.perf_counter()
-    TextGraph(spec, weights, out / "text.onnx", task, yes_no, precision).build()
+    TextGraph(spec, weights, out / "text.onnx", task, yes_no, precision, quant).build()
     seconds["text"] = time.perf_counter() - t0
     steps.update()
     return seconds
@@ -116,6 +131,20 @@ def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision:
     return seconds
 
 
+def _check_args(graph: str, precision: str, weights: str | None, validate: bool) -> None:
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
+    if graph == "fused" and precision == "bf16":
+        raise ValueError("fused graphs are built in fp32 or fp16; export bf16 with graph='plain'")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if weights is not None and (weights not in WEIGHT_FORMATS or graph != "fused" or precision != "fp32"):
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, with the fused fp32 graphs (got weights="
+                         f"{weights!r}, graph={graph!r}, precision={precision!r})")
+    if precision == "bf16" and validate:
+        _require_bf16_kernels()
+
+
 def _check_graphs(out: Path) -> None:
     import onnx
 
@@ -124,7 +153,8 @@ def _check_graphs(out: Path) -> None:
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = "fp32", task: str = "auto", *,
-                  graph: str = "fused", overwrite: bool = False, validate: bool = True, progress: bool = True) -> Path:
+                  graph: str = "fused", overwrite: bool = False, validate: bool = True, progress: bool = True,
+                  weights: str | None = None, block_size: int = 32, int8_plan: Any = None) -> Path:
     """Export a Qwen3-VL-Embedding/Reranker checkpoint to a self-contained, validated bundle.
 
     Args:
@@ -141,6 +171,13 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
             manifest says parity was skipped.
         overwrite: replace `out_dir` if it already holds a bundle.
         progress: show a progress bar over the export steps.
+        weights: None, or "int8" / "int4" to write quantized weights straight from the checkpoint
+            tensors (fused fp32 graphs only): int8 with the calibrated smoothing plan of `q3vl
+            quantize --weights int8`, int4 as MatMulNBits. Parity is checked against transformers
+            with the weight format's tolerance.
+        block_size: int4 block size.
+        int8_plan: int8 only: an `Int8Plan`, used as is when filled in, else its settings are
+            used to calibrate one here.
 
     Returns:
         The bundle directory.
@@ -156,14 +193,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     ckpt, out = Path(checkpoint), Path(out_dir)
     check_checkpoint(ckpt)
     spec = ModelSpec.from_checkpoint(ckpt)
-    if graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
-    if graph == "fused" and precision == "bf16":
-        raise ValueError("fused graphs are built in fp32 or fp16; export bf16 with graph='plain'")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if precision == "bf16" and validate:
-        _require_bf16_kernels()
+    _check_args(graph, precision, weights, validate)
     task = detect_task(ckpt) if task == "auto" else task
     if task not in ("embedding", "reranker"):
         raise ValueError(f"task must be 'embedding', 'reranker' or 'auto', not {task!r}")
@@ -180,31 +210,41 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     template = _chat_template(ckpt)
     _prepare_dir(out, overwrite)
     started = time.perf_counter()
+    quant = _quant_hook(ckpt, task, weights, block_size, int8_plan)
     steps = tqdm(total=3 if validate else 2, disable=not progress, unit="step")
     try:
-        seconds = (_build_fused if graph == "fused" else _export_graphs)(ckpt, out, spec, task, precision, yes_no,
-                                                                          steps)
+        if graph == "fused":
+            seconds = _build_fused(ckpt, out, spec, task, precision, yes_no, steps, quant)
+        else:
+            seconds = _export_graphs(ckpt, out, spec, task, precision, yes_no, steps)
         shutil.copyfile(ckpt / "tokenizer.json", out / "tokenizer.json")
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
         names = ["vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data", "tokenizer.json",
                  "chat_template.jinja"]
+        extra: dict[str, Any] = {"export": {"seconds": seconds}}
+        if quant is not None:
+            extra["quantization"] = {**quant.summary(), "at_export": True}
+            if hasattr(quant, "plan"):
+                quant.plan.save(out / "int8_plan.npz")
+                names.append("int8_plan.npz")
         outputs = TEXT_OUTPUTS[task]
+        gp = f"{weights}-weights" if weights else precision
         manifest = Manifest(
             task=task, spec=spec, token_ids=token_ids,
-            graphs={"vision": {"file": "vision.onnx", "precision": precision, "kind": graph,
+            graphs={"vision": {"file": "vision.onnx", "precision": gp, "kind": graph,
                                "outputs": ["visual_embeds", "deepstack_embeds"]},
-                    "text": {"file": "text.onnx", "precision": precision, "kind": graph, "outputs": list(outputs)}},
+                    "text": {"file": "text.onnx", "precision": gp, "kind": graph, "outputs": list(outputs)}},
             preprocess={"patch_size": spec.vision.patch_size, "temporal_patch_size": spec.vision.temporal_patch_size,
                         "merge_size": spec.vision.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
             source=checkpoint_identity(ckpt), parity={"passed": None, "summary": "not validated (validate=False)"},
-            files=describe_files(out, names), extra={"export": {"seconds": seconds}})
+            files=describe_files(out, names), extra=extra)
         manifest.write(out)
         if validate:
             steps.set_description("validation")
             _check_graphs(out)
             from q3vl.export.parity import check
 
-            manifest.parity = check(out, ckpt, task, precision, backend="cuda" if precision == "bf16" else "cpu")
+            manifest.parity = check(out, ckpt, task, gp, backend="cuda" if precision == "bf16" else "cpu")
             steps.update()
         manifest.extra["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest.write(out)

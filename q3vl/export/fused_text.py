@@ -23,6 +23,7 @@ from onnx import TensorProto as T
 
 from q3vl.bundle import EMBEDDING, POOLED, SCORE
 from q3vl.export.onnx_writer import MS, GraphWriter
+from q3vl.export.quantized import QuantHook
 from q3vl.export.weights import Weights
 from q3vl.spec import ModelSpec
 
@@ -40,18 +41,24 @@ def mrope_axis(section: tuple[int, int, int], half: int) -> np.ndarray:
 
 
 class TextGraph:
-    """Builds text.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms and residual)."""
+    """Builds text.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms and residual).
+
+    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format.
+    """
 
     def __init__(self, spec: ModelSpec, weights: Weights, path: Path, head: str,
-                 yes_no: tuple[int, int] | None, precision: str = "fp32") -> None:
+                 yes_no: tuple[int, int] | None, precision: str = "fp32", quant: QuantHook | None = None) -> None:
         self.spec, self.wts, self.head, self.yes_no = spec, weights, head, yes_no
-        self.g = GraphWriter(path)
+        self.quant = quant
+        self.g = GraphWriter(path, quant.transform if quant is not None else None)
         self.half = precision == "fp16"
         self.wdt = np.float16 if self.half else np.float32
 
     # ------------------------------------------------------------ helpers
     def matmul(self, x: str, w: np.ndarray, name: str) -> str:
         g = self.g
+        if self.quant is not None:
+            return self.quant.matmul(g, x, w, name)
         weight = g.weight(name, w.astype(self.wdt))
         if not self.half:
             return g.op("MatMul", [x, weight])
@@ -200,6 +207,7 @@ class TextGraph:
         rows = _np(self.wts.get(name))
         w = (rows[self.yes_no[0]] - rows[self.yes_no[1]]).astype(np.float32)[:, None]
         del rows
-        logit = g.op("MatMul", [last, g.weight("yes_minus_no", w)])
+        logit = (g.op("MatMul", [last, g.weight("yes_minus_no", w)]) if self.quant is None
+                 else self.matmul(last, w, "yes_minus_no"))
         g.add_output(g.op("Reshape", [g.op("Sigmoid", [logit]), g.const([-1], dtype=np.int64)]), SCORE, T.FLOAT,
                      ["batch"])

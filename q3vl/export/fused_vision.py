@@ -15,24 +15,33 @@ from onnx import TensorProto as T
 
 from q3vl.export.fused_text import _np
 from q3vl.export.onnx_writer import MS, GraphWriter
+from q3vl.export.quantized import QuantHook
 from q3vl.export.weights import Weights
 from q3vl.spec import ModelSpec
 
 
 class VisionGraph:
-    """Builds vision.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms/residual)."""
+    """Builds vision.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms/residual).
 
-    def __init__(self, spec: ModelSpec, weights: Weights, path: Path, precision: str = "fp32") -> None:
-        self.spec, self.wts, self.g = spec, weights, GraphWriter(path)
+    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format.
+    """
+
+    def __init__(self, spec: ModelSpec, weights: Weights, path: Path, precision: str = "fp32",
+                 quant: QuantHook | None = None) -> None:
+        self.spec, self.wts, self.quant = spec, weights, quant
+        self.g = GraphWriter(path, quant.transform if quant is not None else None)
         self.half = precision == "fp16"
         self.wdt = np.float16 if self.half else np.float32
 
     def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
         g = self.g
-        weight = g.weight(name + ".w", w.T.astype(self.wdt))
-        y = g.op("MatMul", [g.op("Cast", [x], to=T.FLOAT16) if self.half else x, weight])
-        if self.half:
-            y = g.op("Cast", [y], to=T.FLOAT)
+        if self.quant is not None:
+            y = self.quant.matmul(g, x, w.T.astype(np.float32), name + ".w")
+        else:
+            weight = g.weight(name + ".w", w.T.astype(self.wdt))
+            y = g.op("MatMul", [g.op("Cast", [x], to=T.FLOAT16) if self.half else x, weight])
+            if self.half:
+                y = g.op("Cast", [y], to=T.FLOAT)
         return y if b is None else g.op("Add", [y, g.weight(name + ".b", b.astype(np.float32))])
 
     def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, name: str) -> str:

@@ -8,6 +8,7 @@ tensor in RAM at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,20 @@ MS = "com.microsoft"
 ALIGN = 64
 DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
           np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
-          np.dtype(np.bool_): TensorProto.BOOL, np.dtype(np.uint8): TensorProto.UINT8}
+          np.dtype(np.bool_): TensorProto.BOOL, np.dtype(np.uint8): TensorProto.UINT8,
+          np.dtype(np.int8): TensorProto.INT8}
 
 
 class GraphWriter:
-    """Collects nodes, inputs and outputs; weights go straight to disk."""
+    """Collects nodes, inputs and outputs; weights go straight to disk.
 
-    def __init__(self, path: Path) -> None:
+    `transform(name, array)`, when given, maps every weight before it is written (an int8 plan's
+    smoothing folds, `q3vl.export.quantized`).
+    """
+
+    def __init__(self, path: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
         self.path = Path(path)
+        self.transform = transform
         self.data_name = self.path.name + ".data"
         for f in (self.path, self.path.with_name(self.data_name)):
             f.unlink(missing_ok=True)
@@ -44,7 +51,7 @@ class GraphWriter:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A constant tensor stored in the external-data file."""
-        arr = np.ascontiguousarray(array)
+        arr = np.ascontiguousarray(array if self.transform is None else self.transform(name, array))
         pad = (-self._data.tell()) % ALIGN
         self._data.write(b"\0" * pad)
         offset = self._data.tell()

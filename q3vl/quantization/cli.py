@@ -16,7 +16,13 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="an fp32 bundle")
     p.add_argument("--weights", choices=["int8", "int4", "fp16"], required=True)
     p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    p.add_argument("--block-size", type=int, default=32, help="int4 (and int8 nbits) block size")
+    p.add_argument("--method", choices=["smooth", "dynamic", "nbits"],
+                   help="int8 only: smooth (default: calibrated smoothing, per-token activations, spiking "
+                        "projections kept float), dynamic (ONNX Runtime dynamic quantization, the previous "
+                        "default), nbits (MatMulNBits 8-bit, accuracy level 4)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="int8 smooth: the checkpoint to calibrate on (default: the bundle's recorded source)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -26,7 +32,11 @@ def _quantize(a: argparse.Namespace) -> int:
     from q3vl.export.exporter import summary
     from q3vl.quantization.weights import quantize_bundle
 
-    out = quantize_bundle(a.bundle, a.output, a.weights, block_size=a.block_size, overwrite=a.overwrite)
+    if a.method and a.weights != "int8":
+        sys.stderr.write("q3vl: error: --method is for --weights int8\n")
+        return 2
+    out = quantize_bundle(a.bundle, a.output, a.weights, block_size=a.block_size, overwrite=a.overwrite,
+                          method=a.method, checkpoint=a.checkpoint)
     sys.stdout.write(summary(out) + "\n")
     return 0
 

@@ -1,7 +1,13 @@
-"""Weight-quantized bundles: int8 (dynamic), int4 (MatMulNBits) and fp16 weights, from an fp32 bundle.
+"""Weight-quantized bundles: int8, int4 (MatMulNBits) and fp16 weights, from an fp32 bundle.
 
-- int8: ONNX Runtime's dynamic quantization of every MatMul with a constant weight (per-channel
-  int8 weights, activations quantized per call) -> MatMulInteger / DynamicQuantizeLinear.
+- int8, method "smooth" (the default): calibrated smoothing folded into the norms, per-token
+  activations, 7-bit weights, spike-carrying projections kept float (`q3vl.quantization.int8`;
+  the plan is calibrated on the source checkpoint and stored in the bundle as int8_plan.npz).
+  Method "dynamic" (the previous default): ONNX Runtime's dynamic quantization of every MatMul
+  with a constant weight (per-channel int8 weights, one activation scale per call) ->
+  MatMulInteger / DynamicQuantizeLinear; it breaks on activation outliers (docs/quantization.md).
+  Method "nbits": MatMulNBits with 8-bit block-wise weights and accuracy_level 4 (block-wise int8
+  activations): outlier-tolerant without calibration, but slower than fp32 on x86 CPUs.
 - int4: ONNX Runtime's `MatMulNBitsQuantizer`: blockwise (default block 32) symmetric 4-bit
   weights in the `MatMulNBits` contrib op, `accuracy_level` 4 (int8 compute) for CPU speed.
 - fp16: every constant MatMul weight and the token-embedding table stored in float16, with Casts
@@ -30,6 +36,8 @@ from q3vl.tolerances import tolerance
 
 log = logging.getLogger(__name__)
 WEIGHTS = ("int8", "int4", "fp16")
+INT8_METHODS = ("smooth", "dynamic", "nbits")
+PLAN_FILE = "int8_plan.npz"
 
 
 def _matmul_weights(model: Any) -> set[str]:
@@ -48,12 +56,12 @@ def _int8(src: Path, dst: Path) -> None:
                                     "DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
-def _int4(src: Path, dst: Path, block_size: int) -> None:
+def _int4(src: Path, dst: Path, block_size: int, bits: int = 4) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    quant = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4)
+    quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4)
     quant.process()
     quant.model.save_model_to_file(str(dst), use_external_data_format=True)
 
@@ -97,10 +105,17 @@ def _fp16(src: Path, dst: Path) -> None:
                     location=dst.name + ".data", size_threshold=1024)
 
 
-def _convert(src: Path, dst: Path, weights: str, block_size: int) -> None:
+def _convert(src: Path, dst: Path, weights: str, block_size: int, method: str | None = None,
+             plan: Any = None) -> None:
     for f in (dst, dst.with_name(dst.name + ".data")):
         f.unlink(missing_ok=True)
-    if weights == "int8":
+    if weights == "int8" and method == "smooth":
+        from q3vl.quantization.rewrite import rewrite
+
+        rewrite(src, dst, plan)
+    elif weights == "int8" and method == "nbits":
+        _int4(src, dst, block_size, bits=8)
+    elif weights == "int8":
         _int8(src, dst)
     elif weights == "int4":
         _int4(src, dst, block_size)
@@ -136,8 +151,33 @@ def compare_bundles(base: Path, quantized: Path, task: str) -> dict[str, Any]:
     return rows
 
 
+def _int8_plan(src: Path, manifest: Manifest, checkpoint: str | Path | None, plan: Any) -> Any:
+    """The calibrated plan for method "smooth": `plan` if it is filled in, else calibrated (with its
+    settings, or the defaults) on the bundle's source checkpoint, which must still be the same one.
+    """
+    from q3vl.quantization.int8 import Int8Plan
+
+    if plan is not None and plan.projections:
+        return plan
+    if any(g.get("kind") != "fused" for g in manifest.graphs.values()):
+        raise BundleError(f"{src} has plain graphs; int8 method 'smooth' rewrites the fused graphs "
+                          "(export with --graph fused, or use method 'dynamic')")
+    ckpt = Path(checkpoint) if checkpoint else Path(manifest.source.get("path", ""))
+    if not (ckpt / "config.json").is_file():
+        raise BundleError(f"int8 method 'smooth' calibrates on the source checkpoint, and {ckpt} is not one; "
+                          "pass checkpoint= (--checkpoint) or use method 'dynamic'")
+    from q3vl.export.weights import checkpoint_identity
+
+    if checkpoint_identity(ckpt)["sha256"] != manifest.source.get("sha256"):
+        raise BundleError(f"{ckpt} is not the checkpoint {src} was exported from (hash differs)")
+    from q3vl.export.calibrate import calibrate
+
+    return calibrate(ckpt, manifest.task, plan or Int8Plan())
+
+
 def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int8", *, block_size: int = 32,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, method: str | None = None, checkpoint: str | Path | None = None,
+                    plan: Any = None) -> Path:
     """Write a weight-quantized copy of an fp32 bundle and measure its parity against it.
 
     Args:
@@ -146,6 +186,9 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
         weights: "int8", "int4" or "fp16".
         block_size: int4 quantization block (32 keeps more accuracy, 128 is smaller).
         overwrite: replace `out_dir` if it is a bundle already.
+        method: int8 only: "smooth" (default), "dynamic" or "nbits" (module docstring).
+        checkpoint: int8 "smooth": the checkpoint to calibrate on (default: the bundle's recorded source).
+        plan: int8 "smooth": an `Int8Plan`, calibrated (used as is) or empty (its settings are used).
 
     Returns:
         The new bundle directory. Raises `ParityError` (the bundle stays, marked failed) when
@@ -153,10 +196,14 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
+    method = method or ("smooth" if weights == "int8" else None)
+    if (weights == "int8") != (method in INT8_METHODS):
+        raise ValueError(f"method is for int8 weights, one of {INT8_METHODS}; got {method!r} for {weights}")
     src, out = Path(bundle), Path(out_dir)
     manifest = Manifest.read(src)
     if any(g["precision"] != "fp32" for g in manifest.graphs.values()) or manifest.extra.get("quantization"):
         raise BundleError(f"{src} is not a plain fp32 bundle; quantize the fp32 export")
+    plan = _int8_plan(src, manifest, checkpoint, plan) if method == "smooth" else None
     if out.exists() and any(out.iterdir()):
         if not overwrite or not (out / "q3vl.json").exists():
             raise FileExistsError(f"output directory {out} is not empty (pass overwrite=True for an old bundle)")
@@ -167,13 +214,17 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
         shutil.copyfile(src / name, out / name)
     for graph, meta in manifest.graphs.items():
         log.info("quantizing %s graph to %s weights", graph, weights)
-        _convert(src / meta["file"], out / meta["file"], weights, block_size)
+        _convert(src / meta["file"], out / meta["file"], weights, block_size, method, plan)
         meta["precision"] = f"{weights}-weights"
     files = [n for n in manifest.files if (out / n).exists()]
+    if plan is not None:
+        plan.save(out / PLAN_FILE)
+        files.append(PLAN_FILE)
     manifest.files = describe_files(out, files)
     tol = tolerance(f"{weights}-weights")
     manifest.extra["quantization"] = {
-        "weights": weights, "block_size": block_size if weights == "int4" else None,
+        "weights": weights, "method": method, "int8_plan": plan.summary() if plan is not None else None,
+        "block_size": block_size if weights == "int4" or method == "nbits" else None,
         "source_bundle": str(src.resolve()), "source_manifest_sha256": sha256(src / MANIFEST),
         "seconds": round(time.perf_counter() - started, 1)}
     manifest.parity = {"passed": None, "summary": "measuring"}
