@@ -74,7 +74,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="also write the report here (Markdown)")
     a = p.parse_args()
     labels, runs = [c.name for c in a.checkpoints], [measure(c) for c in a.checkpoints]
-    lines = ["Per tensor: max|x|/median|x|; top channels (channel:max/median); channels >= 50x the median "
+    lines = ["`python benchmarks/activation_stats.py " + " ".join(sys.argv[1:]) + "`", "",
+             "Per tensor: max|x|/median|x|; top channels (channel:max/median); channels >= 50x the median "
              "(share of tokens >= 20x in the top channel); most tokens of one sequence >= 100x / >= 500x "
              "the median; residual rows also: largest token norm / median norm and share of tokens >= 4x.",
              "", *table(labels, runs), ""]

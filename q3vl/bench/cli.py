@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from q3vl.bundle import Manifest
 from q3vl.cli import command
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,9 @@ VARIANTS = ("fp32", "fp16", "int8", "int4", "fp32-plain", "fp16-plain")
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=["tiny", "small", "2b", "8b"], default="small")
+    p.add_argument("--activations", choices=["default", "realistic"], default="default",
+                   help="checkpoints with plain Gaussian weights, or with the activation outliers of trained "
+                        "models (q3vl.testing.outliers): what weight-quantized bundles are judged on")
     p.add_argument("--workdir", type=Path, default=Path("work"), help="checkpoints and bundles live here")
     p.add_argument("--variants", default="fp32,fp16,int8", help=f"runtime bundles to include, from {VARIANTS}")
     p.add_argument("--tasks", default="embedding,reranker")
@@ -31,15 +35,16 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", help="file stem for the results (default: cpu-<shape> / quick-<shape>)")
 
 
-def ensure_bundle(workdir: Path, shape: str, task: str, variant: str) -> Path:
+def ensure_bundle(workdir: Path, shape: str, task: str, variant: str, activations: str = "default") -> Path:
     """The bundle for (shape, task, variant), exporting or quantizing it if it is not there yet."""
     from q3vl.export.exporter import export_bundle
     from q3vl.testing import make_checkpoint
 
-    ckpt = workdir / f"{shape}-{task}"
+    stem = f"{shape}-{task}" if activations == "default" else f"{shape}-{activations}-{task}"
+    ckpt = workdir / stem
     if not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, task=task, shape=shape, seed=0 if task == "embedding" else 1)
-    out = workdir / "bundles" / f"{shape}-{task}-{variant}"
+        make_checkpoint(ckpt, task=task, shape=shape, seed=0 if task == "embedding" else 1, activations=activations)
+    out = workdir / "bundles" / f"{stem}-{variant}"
     if (out / "q3vl.json").exists():
         return out
     if variant.endswith("-plain"):
@@ -48,21 +53,19 @@ def ensure_bundle(workdir: Path, shape: str, task: str, variant: str) -> Path:
         return export_bundle(ckpt, out, variant, task, overwrite=True)
     from q3vl.quantization.weights import quantize_bundle
 
-    return quantize_bundle(ensure_bundle(workdir, shape, task, "fp32"), out, variant, overwrite=True)
+    return quantize_bundle(ensure_bundle(workdir, shape, task, "fp32", activations), out, variant, overwrite=True)
 
 
 def systems(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The reference and each runtime variant, per task."""
     out = []
     for task in a.tasks.split(","):
-        ensure_bundle(a.workdir, a.shape, task, "fp32")
+        fp32 = ensure_bundle(a.workdir, a.shape, task, "fp32", a.activations)
         out.append({"name": f"reference {a.reference_dtype} ({task})", "kind": "reference", "task": task,
-                    "checkpoint": str(a.workdir / f"{a.shape}-{task}"), "dtype": a.reference_dtype,
+                    "checkpoint": str(Manifest.read(fp32).source["path"]), "dtype": a.reference_dtype,
                     "device": a.device})
         for variant in a.variants.split(","):
-            if task == "reranker" and variant in ("int8", "int4"):
-                continue  # weight-quantized rerankers: measured in the quantization report instead
-            bundle = ensure_bundle(a.workdir, a.shape, task, variant)
+            bundle = ensure_bundle(a.workdir, a.shape, task, variant, a.activations)
             out.append({"name": f"q3vl {variant} ({task})", "kind": "runtime", "task": task, "bundle": str(bundle),
                         "backend": a.backend})
     return out
@@ -94,7 +97,8 @@ def _bench(a: argparse.Namespace) -> int:
     from q3vl.bench.run import benchmark
     from q3vl.bench.workloads import standard
 
-    tag = a.tag or f"{'quick' if a.quick else a.backend}-{a.shape}"
+    tag = a.tag or f"{'quick' if a.quick else a.backend}-{a.shape}" + ("" if a.activations == "default" else
+                                                                       f"-{a.activations}")
     data = benchmark(systems(a), select(standard(a.quick), a.workloads), 1 if a.quick else a.repeats, a.out, tag,
                      rounds=1 if a.quick else a.rounds)
     failed = [r["system"] for r in data["results"] if "error" in r]
