@@ -82,7 +82,7 @@ def load_system(spec: dict[str, Any], timer: Timer) -> tuple[Any, Callable[[Any]
 
     cls: Any = Embedder if spec["task"] == "embedding" else Reranker
     model = cls(spec["bundle"], backend=spec.get("backend", "cpu"), batch_size=int(spec.get("batch_size", 8)),
-                backend_options={"threads": threads})
+                backend_options={"threads": threads}, allow_unverified=bool(spec.get("allow_unverified")))
     model.backend.run = timer.wrap(model.backend.run)
     return model, lambda items: _runtime_tokens(model, items)
 

@@ -63,9 +63,12 @@ class Int8Plan:
 
     activations: str = "token"
     weight_bits: int = 7
-    alpha: float | None = 0.5
+    activation_bits: int = 8
+    alpha: float | None = None  # the smoothing strength used (None: no smoothing)
     max_error: float | None = 0.05
     projections: dict[str, Projection] = field(default_factory=dict)
+    alphas: tuple[float, ...] | None = (0.3, 0.4, 0.5, 0.6)  # strengths calibration tries (None: no smoothing)
+    search: dict[str, float] = field(default_factory=dict)  # strength -> head error on the calibration inputs
     _divisors: dict[str, list[Fold]] = field(default_factory=dict, repr=False)
 
     def add(self, p: Projection) -> None:
@@ -96,7 +99,8 @@ class Int8Plan:
     def summary(self) -> dict[str, Any]:
         """What the manifest records: the settings, the float projections, the error range."""
         errs = [p.error for p in self.projections.values()]
-        return {"activations": self.activations, "weight_bits": self.weight_bits, "alpha": self.alpha,
+        return {"activations": self.activations, "activation_bits": self.activation_bits,
+                "weight_bits": self.weight_bits, "alpha": self.alpha, "alphas_tried": self.search,
                 "max_error": self.max_error, "projections": len(self.projections),
                 "float_projections": sorted(n for n, p in self.projections.items() if p.keep_float),
                 "simulated_error_max": round(max(errs), 5) if errs else None,
@@ -114,7 +118,8 @@ class Int8Plan:
             rows.append({"name": p.name, "keep_float": p.keep_float, "error": p.error, "smooth": p.smooth is not None,
                          "folds": [[f.target, f.offset] for f in p.folds]})
         meta = {"activations": self.activations, "weight_bits": self.weight_bits, "alpha": self.alpha,
-                "max_error": self.max_error, "projections": rows}
+                "max_error": self.max_error, "activation_bits": self.activation_bits, "search": self.search,
+                "projections": rows}
         arrays["meta"] = np.array(json.dumps(meta))
         np.savez(path, **arrays)
 
@@ -122,7 +127,8 @@ class Int8Plan:
     def load(cls, path: Path) -> Int8Plan:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
-            plan = cls(meta["activations"], meta["weight_bits"], meta["alpha"], meta["max_error"])
+            plan = cls(meta["activations"], meta["weight_bits"], meta.get("activation_bits", 8), meta["alpha"],
+                       meta["max_error"], search=meta.get("search", {}))
             for i, p in enumerate(meta["projections"]):
                 folds = [Fold(t, o, z[f"f{i}_{j}"]) for j, (t, o) in enumerate(p["folds"])]
                 plan.add(Projection(p["name"], z[f"s{i}"] if p["smooth"] else None, p["keep_float"], p["error"],
@@ -154,9 +160,9 @@ def quantize_weight(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def quantize_rows(x: np.ndarray) -> np.ndarray:
-    """Per-row symmetric 8-bit round trip of `x [T, K]` (what the graph's per-token ops compute)."""
-    scale = np.maximum(np.abs(x).max(-1, keepdims=True) / 127, 1e-30)
+def quantize_rows(x: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Per-row symmetric round trip of `x [T, K]` (what the graph's per-token ops compute)."""
+    scale = np.maximum(np.abs(x).max(-1, keepdims=True) / (2 ** (bits - 1) - 1), 1e-30)
     return np.rint(x / scale) * scale
 
 
@@ -168,14 +174,14 @@ def quantize_tensor(x: np.ndarray) -> np.ndarray:
     return (np.clip(np.rint(x / scale) + zp, 0, 255) - zp) * scale
 
 
-def simulated_error(x: np.ndarray, w: np.ndarray, bits: int, activations: str) -> float:
+def simulated_error(x: np.ndarray, w: np.ndarray, bits: int, activations: str, activation_bits: int = 8) -> float:
     """Mean over tokens of the int8 product's relative error against `x @ w` (x, w already smoothed).
 
     Per token, not over the whole tensor: a few massive rows would otherwise hide what a projection
     does to every ordinary token (a spike layer's down_proj has a tensor-wide error of 0.2%).
     """
     q, scale = quantize_weight(w, bits)
-    xq = quantize_rows(x) if activations == "token" else quantize_tensor(x)
+    xq = quantize_rows(x, activation_bits) if activations == "token" else quantize_tensor(x)
     ref = x.astype(np.float32) @ w.astype(np.float32)
     got = xq.astype(np.float32) @ (q.astype(np.float32) * scale)
     rel = np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
@@ -209,13 +215,22 @@ def emit_matmul(g: OpSink, x: str, w: np.ndarray, name: str, plan: Int8Plan) -> 
     if not plan.quantized(name):
         return g.op("MatMul", [x, g.weight(name, w)])
     q, scale = quantize_weight(plan.transform(name, w), plan.weight_bits)
-    wq, ws = g.weight(name + ".int8", q), g.weight(name + ".scale", scale)
+    ws = g.weight(name + ".scale", scale)
+    a_zp = g.const(np.uint8(2 ** (plan.activation_bits - 1)))
+    if plan.weight_bits == 8 and plan.activation_bits == 8:  # uint8 around 128: u8 x u8 kernels cannot saturate
+        wq = g.weight(name + ".uint8", (q.astype(np.int16) + 128).astype(np.uint8))
+        zero_points = [a_zp, g.const(np.uint8(128))]
+    else:
+        wq = g.weight(name + ".int8", q)
+        zero_points = [a_zp]
     if plan.activations == "tensor":
-        return g.op("DynamicQuantizeMatMul", [x, wq, ws], domain=MS)
+        return g.op("DynamicQuantizeMatMul", [x, wq, ws, *zero_points[1:]], domain=MS)
+    amax = 2 ** (plan.activation_bits - 1) - 1  # 127, or 63 (raw uint8 <= 127: 8-bit weights cannot saturate)
     r = g.op("Max", [g.op("Mul", [g.op("ReduceMax", [g.op("Abs", [x]), g.const([-1], dtype=np.int64)], keepdims=1),
-                                  g.const(np.float32(1 / 127))]), g.const(np.float32(1e-30))])
-    xq = g.op("Cast", [g.op("Round", [g.op("Add", [g.op("Div", [x, r]), g.const(np.float32(128))])])], to=T.UINT8)
-    acc = g.op("MatMulInteger", [xq, wq, g.const(np.uint8(128))])
+                                  g.const(np.float32(1 / amax))]), g.const(np.float32(1e-30))])
+    xq = g.op("Cast", [g.op("Round", [g.op("Add", [g.op("Div", [x, r]), g.const(np.float32(amax + 1))])])],
+              to=T.UINT8)
+    acc = g.op("MatMulInteger", [xq, wq, *zero_points])
     # (int32 -> float) * w_scale, then * r: not Cast -> Mul(., r * w_scale), the pattern ONNX Runtime
     # fuses into MatMulIntegerToFloat, whose kernel applies a per-row a_scale after a fused bias
     # Add (measured: the final merger's output at cosine 0.68)

@@ -15,15 +15,15 @@ import numpy as np
 
 from q3vl.quantization.int8 import Fold, Int8Plan, Projection, simulated_error, smoothing_scales
 
-SIM_ROWS = 1024  # simulate the int8 error on at most this many rows (the largest ones always kept)
+SIM_ROWS = 512  # simulate the int8 error on at most this many rows (the largest ones always kept)
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
-    """The rows the error is simulated on: all, or the 256 with the largest |x| plus an even sample."""
+    """The rows the error is simulated on: all, or the quarter with the largest |x| plus an even sample."""
     if len(x) <= SIM_ROWS:
         return x
-    peak = np.argsort(np.abs(x).max(1))[-256:]
-    rest = np.linspace(0, len(x) - 1, SIM_ROWS - 256).astype(int)
+    peak = np.argsort(np.abs(x).max(1))[-SIM_ROWS // 4:]
+    rest = np.linspace(0, len(x) - 1, SIM_ROWS - SIM_ROWS // 4).astype(int)
     return x[np.union1d(peak, rest)]
 
 
@@ -31,7 +31,7 @@ def _finish(plan: Int8Plan, name: str, x: np.ndarray, w: np.ndarray, s: np.ndarr
             folds: list[Fold]) -> Projection:
     """Simulate the int8 error with smoothing `s` and decide the float fallback."""
     xs, ws = (x, w) if s is None else (x / s, w * s[:, None])
-    err = simulated_error(_rows(xs), ws, plan.weight_bits, plan.activations)
+    err = simulated_error(_rows(xs), ws, plan.weight_bits, plan.activations, plan.activation_bits)
     keep = plan.max_error is not None and err > plan.max_error
     p = Projection(name, s, keep, err, folds if s is not None else [])
     plan.add(p)
