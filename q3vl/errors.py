@@ -1,8 +1,13 @@
-"""The few exception types a q3vl user can act on.
+"""The exception types a q3vl user can act on.
 
-Every error q3vl raises on purpose is one of these, so a service can tell "the caller sent a bad
-item" (`InputError`) from "the deployment is broken" (`BundleError`, `BackendUnavailableError`)
-from "the export does not reproduce the model" (`ParityError`).
+Every error q3vl raises on purpose is a `Q3VLError`, so a service can tell "the caller sent a bad
+item" (`InputError`, and its `LimitError`) from "the caller asked for something impossible"
+(`ConfigError`, `OutputExistsError`) from "the deployment is broken" (`BundleError`,
+`CheckpointError`, `BackendError`) from "the export does not reproduce the model" (`ParityError`).
+Each message names the problem and, where there is one, the fix.
+
+The classes also derive from the builtin a caller would have caught before q3vl had its own
+(`ValueError`, `FileExistsError`, `RuntimeError`, ...), so existing `except` clauses keep working.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ class InputError(Q3VLError, ValueError):
     """One input item is unusable: unreadable image, missing file, bad type, too long, ...
 
     `index` is the item's position in the list passed to `process()` (None when the whole call
-    is wrong, e.g. an empty list). `reason` is the human-readable cause without the index prefix.
+    is wrong, e.g. an empty list, or when the error is about a part shared by every item, such as
+    a reranker's query). `reason` is the human-readable cause without the index prefix.
     """
 
     def __init__(self, reason: str, index: int | None = None) -> None:
@@ -28,10 +34,36 @@ class InputError(Q3VLError, ValueError):
         super().__init__(prefix + reason)
 
     def at(self, index: int) -> InputError:
-        """The same error attributed to item `index` of the caller's list."""
+        """The same error (same class) attributed to item `index` of the caller's list."""
         err = type(self)(self.reason, index)
         err.__cause__ = self.__cause__
         return err
+
+
+class LimitError(InputError):
+    """An item is over a configured limit or an engine's shape range; raised before any graph runs.
+
+    The message names the limit and its value, so the caller can shrink the item or the operator
+    can raise the limit (or rebuild TensorRT engines with a larger one).
+    """
+
+
+class QueryError(InputError):
+    """A reranker query is unusable: every document's score depends on it, so the whole call fails,
+    whatever `on_error` says, with a message that starts with "query:".
+    """
+
+
+class ConfigError(Q3VLError, ValueError):
+    """An argument or option is invalid (bad value, unknown name, missing companion option)."""
+
+
+class UnknownOptionError(ConfigError, TypeError):
+    """A keyword argument or backend option q3vl does not know; the message lists the allowed ones."""
+
+
+class OutputExistsError(Q3VLError, FileExistsError):
+    """The output path of an export, quantization or build already exists (pass --overwrite)."""
 
 
 class CheckpointError(Q3VLError, ValueError):
@@ -39,11 +71,17 @@ class CheckpointError(Q3VLError, ValueError):
 
 
 class BundleError(Q3VLError, RuntimeError):
-    """The bundle is corrupt, truncated, incomplete or from an incompatible format version."""
+    """The bundle is corrupt, truncated, incomplete, inconsistent or from an incompatible format."""
 
 
-class BackendUnavailableError(Q3VLError, RuntimeError):
-    """The requested backend (CUDA, TensorRT, ...) cannot run here; says what to install."""
+class BackendError(Q3VLError, RuntimeError):
+    """A backend failed while running a graph (device error, out of device memory, engine failure)."""
+
+
+class BackendUnavailableError(BackendError):
+    """The requested backend (CUDA, TensorRT, ...) or an optional package cannot be used here;
+    the message says what to install.
+    """
 
 
 class ParityError(Q3VLError, AssertionError):
@@ -57,8 +95,19 @@ class ParityError(Q3VLError, AssertionError):
         super().__init__(message)
 
 
-def missing_extra(package: str, extra: str) -> BackendUnavailableError:
-    """The error raised when an optional dependency is absent: names the pip extra to install."""
+# The optional-dependency groups of pyproject.toml; `missing_extra` only names these (tested).
+EXTRAS = ("export", "index", "serve", "ray", "bench", "dev")
+
+
+def missing_extra(package: str, extra: str | None) -> BackendUnavailableError:
+    """The error raised when an optional dependency is absent: names the pip extra that provides it
+    (or, for `extra=None`, a base dependency, the package itself).
+    """
+    if extra is None:
+        return BackendUnavailableError(
+            f"{package} is not installed; it is a dependency of q3vl itself: pip install {package}")
+    if extra not in EXTRAS:
+        raise ValueError(f"no extra named {extra!r}; extras are {EXTRAS}")
     return BackendUnavailableError(
         f"{package} is not installed; it comes with the '{extra}' extra: pip install 'q3vl[{extra}]'"
     )
