@@ -143,6 +143,8 @@ class RerankRequest:
 
     query: Content
     query_instruction: str | None  # from a (instruction, text) tuple
+    query_is_tuple: bool  # the tuple's instruction replaces the request's (even when empty)
+    query_given: bool  # a non-empty query dict (an empty one means "no query": no scores)
     documents: tuple[Any, ...]  # raw dicts: each validated with `content` when encoded
     instruction: str | None
     fps: float | None
@@ -154,8 +156,11 @@ def rerank_request(obj: Any) -> RerankRequest:
     obj = _check_keys(obj, RERANK_KEYS, "rerank request")
     query = obj.get("query") or {}
     _check_keys(query, CONTENT_KEYS, "query")
-    text, query_instruction = query.get("text"), None
-    if isinstance(text, tuple):
+    given = bool(query)
+    text: Any = query.get("text")
+    query_instruction = None
+    is_tuple = isinstance(text, tuple)
+    if is_tuple:
         if len(text) != 2:
             raise InputError("query text tuple must be (instruction, text)")
         query_instruction, text = text
@@ -167,5 +172,5 @@ def rerank_request(obj: Any) -> RerankRequest:
     for name, val in (("instruction", instruction), ("query instruction", query_instruction)):
         if val is not None and not isinstance(val, str):
             raise InputError(f"{name} must be a str, not {type(val).__name__}")
-    return RerankRequest(content(query), query_instruction, tuple(documents), instruction,
+    return RerankRequest(content(query), query_instruction, is_tuple, given, tuple(documents), instruction,
                          _positive(obj.get("fps"), "fps", float), _positive(obj.get("max_frames"), "max_frames", int))

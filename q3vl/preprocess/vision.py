@@ -12,8 +12,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels become patches and tokens: patch side, frames per temporal patch, merge side.
+
+    Read from the bundle's `ModelSpec` (16, 2 and 2 for every published Qwen3-VL checkpoint), never
+    hard-coded, so preprocessing follows the model it feeds.
+    """
+
+    patch: int = 16
+    temporal: int = 2
+    merge: int = 2
+
+    @classmethod
+    def from_spec(cls, vision: Any) -> Geometry:
+        """From a `VisionSpec` (patch_size, temporal_patch_size, spatial_merge_size)."""
+        return cls(vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)
+
+    @property
+    def factor(self) -> int:
+        """Image sides are multiples of this (patch x merge: 32)."""
+        return self.patch * self.merge
 
 
 @dataclass(frozen=True)
@@ -27,10 +51,9 @@ class VisionBlock:
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    @property
-    def num_tokens(self) -> int:
-        """Merged tokens this block contributes to the text sequence (2x2 merge)."""
-        return self.num_patches // 4
+    def num_tokens(self, merge: int) -> int:
+        """Merged tokens this block contributes to the text sequence (merge x merge patches each)."""
+        return self.num_patches // merge**2
 
 
 def _block_order(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:

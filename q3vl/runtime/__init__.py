@@ -1,6 +1,7 @@
-"""The torch-free runtime: `Embedder` and `Reranker` over an exported bundle."""
+"""The torch-free runtime: `Embedder` and `Reranker` over an exported bundle, and their batch API."""
 
-from q3vl.runtime.embedder import Embedder, truncate_dim
+from q3vl.runtime.batch import BatchPolicy, Details, Loaded, Plan
+from q3vl.runtime.embedder import Embedder
 from q3vl.runtime.reranker import Reranker
 
-__all__ = ["Embedder", "Reranker", "truncate_dim"]
+__all__ = ["BatchPolicy", "Details", "Embedder", "Loaded", "Plan", "Reranker"]
