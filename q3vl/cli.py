@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,9 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return int(args.func(args))
-    except Q3VLError as e:
-        sys.stderr.write(f"q3vl: error: {e}\n")
+    except (Q3VLError, OSError) as e:  # a user mistake or an unusable file: one line, no traceback
+        if args.verbose:
+            traceback.print_exc()
+        sys.stderr.write(f"q3vl: error: {_one_line(e)}\n")
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (OSError: "<strerror>: <path>")."""
+    if isinstance(e, OSError) and not isinstance(e, Q3VLError) and e.filename is not None:
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _register_more() -> None:

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.cli import command
+from q3vl.tasks import TASKS
+
+# weight-quantized rerankers are measured in the quantization report, not in the speed table
+NOT_BENCHMARKED = {("reranker", "int8"), ("reranker", "int4")}
 
 log = logging.getLogger(__name__)
 VARIANTS = ("fp32", "fp16", "int8", "int4", "fp32-plain", "fp16-plain")
@@ -38,7 +42,7 @@ def ensure_bundle(workdir: Path, shape: str, task: str, variant: str) -> Path:
 
     ckpt = workdir / f"{shape}-{task}"
     if not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, task=task, shape=shape, seed=0 if task == "embedding" else 1)
+        make_checkpoint(ckpt, task=task, shape=shape, seed=list(TASKS).index(task))  # embedding 0, reranker 1
     out = workdir / "bundles" / f"{shape}-{task}-{variant}"
     if (out / "q3vl.json").exists():
         return out
@@ -60,8 +64,8 @@ def systems(a: argparse.Namespace) -> list[dict[str, Any]]:
                     "checkpoint": str(a.workdir / f"{a.shape}-{task}"), "dtype": a.reference_dtype,
                     "device": a.device})
         for variant in a.variants.split(","):
-            if task == "reranker" and variant in ("int8", "int4"):
-                continue  # weight-quantized rerankers: measured in the quantization report instead
+            if (task, variant) in NOT_BENCHMARKED:
+                continue
             bundle = ensure_bundle(a.workdir, a.shape, task, variant)
             out.append({"name": f"q3vl {variant} ({task})", "kind": "runtime", "task": task, "bundle": str(bundle),
                         "backend": a.backend})

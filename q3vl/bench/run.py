@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.bench.workloads import Workload
+from q3vl.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def benchmark(systems: list[dict[str, Any]], workloads: list[Workload], repeats:
                 log.info("round %d/%d", r + 1, rounds)
             for i in list(range(len(systems)))[:: -1 if r % 2 else 1]:
                 s = systems[i]
-                kind = "rerank" if s["task"] == "reranker" else "embed"
+                kind = task_for(s["task"]).verb
                 parts[i].append(run_system(s, [w for w in workloads if w.kind == kind], repeats, Path(media), timeout))
     results = [pool_rounds(p) for p in parts]
     data = {"machine": machine_info(), "repeats": repeats, "rounds": rounds, "systems": systems, "results": results,

@@ -10,22 +10,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from q3vl.bundle import MANIFEST, TEXT_OUTPUTS, Manifest, describe_files
-from q3vl.errors import CheckpointError, ParityError, missing_extra
+from q3vl.bundle import MANIFEST, GraphEntry, Manifest, describe_files
+from q3vl.errors import CheckpointError, ConfigError, OutputExistsError, ParityError, missing_extra
 from q3vl.export.onnx_export import export_graph, text_example, vision_example
 from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity
+from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, check
 from q3vl.spec import ModelSpec
+from q3vl.tasks import TASKS, Task, task_for
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16", "bf16")
-GRAPHS = ("fused", "plain")
+PRECISIONS, GRAPHS = GRAPH_PRECISIONS, GRAPH_KINDS  # what `export_bundle` accepts
 
 
-def detect_task(checkpoint: Path) -> str:
-    """"embedding" or "reranker" from the checkpoint's name (directory or `_name_or_path`)."""
+def detect_task(checkpoint: Path) -> Task:
+    """The task from the checkpoint's name (directory or `_name_or_path`): "...Reranker..." or "...Embedding..."."""
     cfg = json.loads((checkpoint / "config.json").read_text())
     names = f"{checkpoint.resolve().name} {cfg.get('_name_or_path', '')}".lower()
-    found = [t for t, key in (("reranker", "rerank"), ("embedding", "embed")) if key in names]
+    found = [t for t in TASKS.values() if t.name_hint in names]
     if len(found) != 1:
         raise CheckpointError(f"cannot tell whether {checkpoint} is an embedding or a reranker checkpoint "
                               "from its name; pass task='embedding' or task='reranker' (--task)")
@@ -48,9 +49,9 @@ def _chat_template(checkpoint: Path) -> str:
 def _prepare_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"output directory {out} is not empty; pass overwrite=True (--overwrite)")
+            raise OutputExistsError(f"output directory {out} is not empty; pass overwrite=True (--overwrite)")
         if not (out / MANIFEST).is_file() and not any(out.glob("*.onnx")):
-            raise FileExistsError(f"refusing to overwrite {out}: it does not look like a q3vl bundle")
+            raise OutputExistsError(f"refusing to overwrite {out}: it does not look like a q3vl bundle")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -59,7 +60,7 @@ def _require_bf16_kernels() -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ValueError("bf16 graphs need an ONNX Runtime provider with bf16 kernels (CUDA); this "
+        raise ConfigError("bf16 graphs need an ONNX Runtime provider with bf16 kernels (CUDA); this "
                          "onnxruntime has only the CPU provider, which cannot run or validate them. Export "
                          "fp16 instead, or pass validate=False (--no-validate) to write an unvalidated bf16 "
                          "bundle for the CUDA backend")
@@ -71,8 +72,8 @@ def _torch_dtype(precision: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def _build_fused(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision: str,
-                 yes_no: tuple[int, int] | None, steps: Any) -> dict[str, float]:
+def _build_fused(ckpt: Path, out: Path, spec: ModelSpec, task: Task, precision: str,
+                 token_ids: dict[str, int], steps: Any) -> dict[str, float]:
     from q3vl.export.fused_text import TextGraph
     from q3vl.export.fused_vision import VisionGraph
 
@@ -84,14 +85,14 @@ def _build_fused(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision: s
     steps.update()
     steps.set_description("text graph")
     t0 = time.perf_counter()
-    TextGraph(spec, weights, out / "text.onnx", task, yes_no, precision).build()
+    TextGraph(spec, weights, out / "text.onnx", task, token_ids, precision).build()
     seconds["text"] = time.perf_counter() - t0
     steps.update()
     return seconds
 
 
-def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision: str,
-                   yes_no: tuple[int, int] | None, steps: Any) -> dict[str, float]:
+def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: Task, precision: str,
+                   token_ids: dict[str, int], steps: Any) -> dict[str, float]:
     from q3vl.export.modules import TextEncoder, VisionEncoder
 
     weights, dtype, seconds = Weights(ckpt), _torch_dtype(precision), {}
@@ -106,9 +107,9 @@ def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: str, precision:
     steps.update()
     steps.set_description("text graph")
     t0 = time.perf_counter()
-    text = TextEncoder(spec, weights, task, yes_no, dtype).eval()
+    text = TextEncoder(spec, weights, task, token_ids, dtype).eval()
     export_graph(text, text_example(spec.text.hidden_size, spec.num_deepstack, spec.image_token_id),
-                 out / "text.onnx", "text", TEXT_OUTPUTS[task])
+                 out / "text.onnx", "text", task.outputs)
     del text
     gc.collect()
     seconds["text"] = time.perf_counter() - t0
@@ -156,44 +157,30 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     ckpt, out = Path(checkpoint), Path(out_dir)
     check_checkpoint(ckpt)
     spec = ModelSpec.from_checkpoint(ckpt)
-    if graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
+    check(graph, GRAPH_KINDS, "graph")
+    check(precision, GRAPH_PRECISIONS, "precision")
     if graph == "fused" and precision == "bf16":
-        raise ValueError("fused graphs are built in fp32 or fp16; export bf16 with graph='plain'")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        raise ConfigError("fused graphs are built in fp32 or fp16; export bf16 with graph='plain' (--graph plain)")
     if precision == "bf16" and validate:
         _require_bf16_kernels()
-    task = detect_task(ckpt) if task == "auto" else task
-    if task not in ("embedding", "reranker"):
-        raise ValueError(f"task must be 'embedding', 'reranker' or 'auto', not {task!r}")
+    kind = task_for(task) if task != "auto" else detect_task(ckpt)
     tokenizer = TextTokenizer(ckpt / "tokenizer.json")
-    token_ids = {k: getattr(tokenizer.special, k) for k in ("image_pad", "video_pad", "vision_start", "vision_end",
-                                                            "im_start", "im_end", "endoftext")}
-    yes_no = None
-    if task == "reranker":
-        yes, no = tokenizer.token_id("yes"), tokenizer.token_id("no")
-        if yes is None or no is None:
-            raise CheckpointError("the tokenizer has no 'yes'/'no' tokens, which the reranker head needs")
-        token_ids.update(yes=yes, no=no)
-        yes_no = (yes, no)
+    token_ids = {**tokenizer.special.as_dict(), **kind.head_token_ids(tokenizer)}
     template = _chat_template(ckpt)
     _prepare_dir(out, overwrite)
     started = time.perf_counter()
     steps = tqdm(total=3 if validate else 2, disable=not progress, unit="step")
     try:
-        seconds = (_build_fused if graph == "fused" else _export_graphs)(ckpt, out, spec, task, precision, yes_no,
-                                                                          steps)
+        build = _build_fused if graph == "fused" else _export_graphs
+        seconds = build(ckpt, out, spec, kind, precision, token_ids, steps)
         shutil.copyfile(ckpt / "tokenizer.json", out / "tokenizer.json")
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
         names = ["vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data", "tokenizer.json",
                  "chat_template.jinja"]
-        outputs = TEXT_OUTPUTS[task]
         manifest = Manifest(
-            task=task, spec=spec, token_ids=token_ids,
-            graphs={"vision": {"file": "vision.onnx", "precision": precision, "kind": graph,
-                               "outputs": ["visual_embeds", "deepstack_embeds"]},
-                    "text": {"file": "text.onnx", "precision": precision, "kind": graph, "outputs": list(outputs)}},
+            task=kind.name, spec=spec, token_ids=token_ids,
+            graphs={"vision": GraphEntry("vision.onnx", precision, graph, ["visual_embeds", "deepstack_embeds"]),  # type: ignore[arg-type]
+                    "text": GraphEntry("text.onnx", precision, graph, list(kind.outputs))},  # type: ignore[arg-type]
             preprocess={"patch_size": spec.vision.patch_size, "temporal_patch_size": spec.vision.temporal_patch_size,
                         "merge_size": spec.vision.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
             source=checkpoint_identity(ckpt), parity={"passed": None, "summary": "not validated (validate=False)"},
@@ -202,9 +189,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         if validate:
             steps.set_description("validation")
             _check_graphs(out)
-            from q3vl.export.parity import check
+            from q3vl.export.parity import check as parity_check
 
-            manifest.parity = check(out, ckpt, task, precision, backend="cuda" if precision == "bf16" else "cpu")
+            manifest.parity = parity_check(out, ckpt, kind.name, precision,
+                                           backend="cuda" if precision == "bf16" else "cpu")
             steps.update()
         manifest.extra["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest.write(out)
@@ -219,7 +207,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
 def summary(out: Path) -> str:
     """Human-readable summary of a bundle: files, sizes, parity."""
     m = Manifest.read(out)
-    lines = [f"bundle {out} ({m.task}, {m.graphs['text']['precision']})"]
+    lines = [f"bundle {out} ({m.task}, {m.precision})"]
     lines += [f"  {name:24s} {meta['size'] / 1e6:10.1f} MB" for name, meta in m.files.items()]
     lines.append(f"  total {sum(f['size'] for f in m.files.values()) / 1e6:.1f} MB")
     status = {True: "PASSED", False: "FAILED", None: "not run"}[m.parity.get("passed")]

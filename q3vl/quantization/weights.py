@@ -18,18 +18,17 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from q3vl.bundle import EMBEDDING, MANIFEST, SCORE, Manifest, describe_files, sha256
-from q3vl.errors import BundleError, ParityError
+from q3vl.bundle import MANIFEST, Manifest, describe_files, sha256
+from q3vl.errors import BundleError, OutputExistsError, ParityError
+from q3vl.precision import WEIGHT_FORMATS, check, weights_precision
 from q3vl.tolerances import tolerance
 
 log = logging.getLogger(__name__)
-WEIGHTS = ("int8", "int4", "fp16")
 
 
 def _matmul_weights(model: Any) -> set[str]:
@@ -108,32 +107,17 @@ def _convert(src: Path, dst: Path, weights: str, block_size: int) -> None:
         _fp16(src, dst)
 
 
-def compare_bundles(base: Path, quantized: Path, task: str) -> dict[str, Any]:
-    """Outputs of the quantized bundle against the fp32 bundle on the export-time parity cases."""
-    from q3vl.export.parity import cases
-    from q3vl.preprocess.items import Content, EmbedItem
-    from q3vl.runtime import Embedder, Reranker
+def compare_bundles(base: Path, quantized: Path, weights: str) -> dict[str, Any]:
+    """The quantized bundle against the fp32 bundle it came from, on the export-time cases."""
+    from q3vl.export.cases import run_cases
+    from q3vl.tasks import task_for
 
-    cls = Embedder if task == "embedding" else Reranker
-    a, b = cls(base), cls(quantized, allow_unverified=True)
-    rows: dict[str, Any] = {}
-    for name, contents in cases().items():
-        if task == "embedding":
-            seqs = [a.encoder.embedding(EmbedItem(c, None, None, None), "Represent the user's input.")
-                    for c in contents]
-        else:
-            q = Content(("which picture shows a gradient?",), (), ())
-            seqs = [a.encoder.rerank_pair(q, c, "Retrieve.", None, None) for c in contents]
-        blocks = [a.encoder.load(s.media) for s in seqs]
-        ra, rb = a.runner.run(seqs, blocks), b.runner.run(seqs, blocks)
-        if task == "embedding":
-            x, y = ra[EMBEDDING].astype(np.float64), rb[EMBEDDING].astype(np.float64)
-            cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-            rows[name] = {"embed_min_cos": float(cos.min()), "finite": bool(np.isfinite(y).all())}
-        else:
-            rows[name] = {"score_max_abs_diff": float(np.abs(ra[SCORE] - rb[SCORE]).max()),
-                          "finite": bool(np.isfinite(rb[SCORE]).all())}
-    return rows
+    task = task_for(Manifest.read(base).task)
+    ref, model = task.runtime(base), task.runtime(quantized, allow_unverified=True)
+    report = run_cases(model, ref.run_batch, tolerance(weights_precision(weights)), weights_precision(weights))
+    report["against"] = "fp32 bundle"
+    report["summary"] += " vs the fp32 bundle"
+    return report
 
 
 def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int8", *, block_size: int = 32,
@@ -151,15 +135,15 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
         The new bundle directory. Raises `ParityError` (the bundle stays, marked failed) when
         its outputs fall outside the stated tolerance for `weights`.
     """
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
+    check(weights, WEIGHT_FORMATS, "weights")
     src, out = Path(bundle), Path(out_dir)
     manifest = Manifest.read(src)
-    if any(g["precision"] != "fp32" for g in manifest.graphs.values()) or manifest.extra.get("quantization"):
+    if any(g.precision != "fp32" for g in manifest.graphs.values()) or manifest.extra.get("quantization"):
         raise BundleError(f"{src} is not a plain fp32 bundle; quantize the fp32 export")
     if out.exists() and any(out.iterdir()):
         if not overwrite or not (out / "q3vl.json").exists():
-            raise FileExistsError(f"output directory {out} is not empty (pass overwrite=True for an old bundle)")
+            raise OutputExistsError(f"output directory {out} is not empty (pass overwrite=True, --overwrite, to "
+                                    "replace an old bundle)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -167,27 +151,18 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
         shutil.copyfile(src / name, out / name)
     for graph, meta in manifest.graphs.items():
         log.info("quantizing %s graph to %s weights", graph, weights)
-        _convert(src / meta["file"], out / meta["file"], weights, block_size)
-        meta["precision"] = f"{weights}-weights"
+        _convert(src / meta.file, out / meta.file, weights, block_size)
+        meta.precision = weights_precision(weights)  # type: ignore[assignment]
     files = [n for n in manifest.files if (out / n).exists()]
     manifest.files = describe_files(out, files)
-    tol = tolerance(f"{weights}-weights")
     manifest.extra["quantization"] = {
         "weights": weights, "block_size": block_size if weights == "int4" else None,
         "source_bundle": str(src.resolve()), "source_manifest_sha256": sha256(src / MANIFEST),
         "seconds": round(time.perf_counter() - started, 1)}
     manifest.parity = {"passed": None, "summary": "measuring"}
     manifest.write(out)
-    rows = compare_bundles(src, out, manifest.task)
-    if manifest.task == "embedding":
-        key, worst = "embed_min_cos", min(r["embed_min_cos"] for r in rows.values())
-    else:
-        key, worst = "score_max_abs_diff", max(r["score_max_abs_diff"] for r in rows.values())
-    ok = (worst >= tol.embed_cos if key == "embed_min_cos" else worst <= tol.score_abs) and all(
-        r["finite"] for r in rows.values())
-    manifest.parity = {"passed": ok, "against": "fp32 bundle", "cases": rows, key: worst, "tolerance": asdict(tol),
-                       "summary": f"{key} {worst:.6f} vs the fp32 bundle ({weights} weights)"}
+    manifest.parity = compare_bundles(src, out, weights)
     manifest.write(out)
-    if not ok:
+    if not manifest.parity["passed"]:
         raise ParityError(f"{weights} bundle is outside tolerance: {manifest.parity['summary']}", manifest.parity)
     return out

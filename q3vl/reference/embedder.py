@@ -1,6 +1,6 @@
 """`ReferenceEmbedder`: the published `Qwen3VLEmbedder.process()` reproduced with torch + transformers.
 
-Behaviour follows REFERENCE.md section 1 (the wrapper as observed with transformers 4.57.3), on
+Behaviour follows docs/reference-behaviour.md#embedder (the wrapper as observed with transformers 4.57.3), on
 whichever transformers 4.57/5.x is installed. Additions over the published wrapper, all opt-in
 or diagnostic: `dtype`/`device`/`attn_implementation` arguments, `on_error` (the wrapper's silent
 "embed the whole batch as NULL" fallback is available as `on_error="wrapper"`), and `preprocess()`
@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.reference import _common as C
+from q3vl.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INSTRUCTION = "Represent the user's input."
+DEFAULT_INSTRUCTION = TASKS["embedding"].default_instruction
 
 
 class ReferenceEmbedder:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from q3vl.bundle import Manifest
+from q3vl.tasks import task_for
 from q3vl.tolerances import tolerance
 
 
@@ -48,42 +49,28 @@ def compare(checkpoint: Path, bundle: Path, inputs: list[tuple[str, dict[str, An
             batch_size: int = 8) -> list[ParityRow]:
     """Run both sides; one row per item (and per query for reranker bundles)."""
     manifest = Manifest.read(bundle)
-    tol = tolerance(manifest.graphs["text"]["precision"])
-    items = [item for _, item in inputs]
-    if manifest.task == "embedding":
-        from q3vl.reference import ReferenceEmbedder
-        from q3vl.runtime import Embedder
-
-        got = Embedder(bundle, batch_size=batch_size).process(items)
-        ref_model = ReferenceEmbedder(checkpoint)
-        ref = np.concatenate([ref_model.process([it]).numpy() for it in items])  # one item per pass: no padding
-        got, ref = got.astype(np.float64), ref.astype(np.float64)
-        cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
-        return [ParityRow(name, float(c), bool(c >= tol.embed_cos)) for (name, _), c in zip(inputs, cos)]
-    from q3vl.reference import ReferenceReranker
-    from q3vl.runtime import Reranker
-    from q3vl.testing.inputs import gradient_image
-
+    task = task_for(manifest.task)
+    tol = tolerance(manifest.precision)
+    runtime, reference = task.runtime(bundle, batch_size=batch_size), task.reference(checkpoint)
     rows = []
-    reranker, reference = Reranker(bundle, batch_size=batch_size), ReferenceReranker(checkpoint)
-    for qname, query in (("text query", {"text": "a red box moving over a gradient"}),
-                         ("image query", {"text": "like this", "image": gradient_image(128, 128, 3)})):
-        docs = [{k: v for k, v in it.items() if k in ("text", "image", "video")} for it in items]
-        got = np.array(reranker.process({"query": query, "documents": docs}))
-        ref = np.array(reference.process({"query": query, "documents": docs}))
-        for (name, _), g, r in zip(inputs, got, ref):
-            diff = abs(float(g) - float(r))
-            rows.append(ParityRow(f"{qname} / {name}", diff, diff <= tol.score_abs, f"score {g:.6f} ref {r:.6f}"))
+    for label, request in task.parity_requests([item for _, item in inputs]):
+        got, ref = task.values(runtime, request), task.reference_values(reference, request)
+        key = task.outputs[0]
+        figures = task.compare({key: got}, {key: ref})
+        for (name, _), f, g, r in zip(inputs, figures, got, ref):
+            detail = f"score {float(g):.6f} ref {float(r):.6f}" if np.ndim(g) == 0 else ""
+            rows.append(ParityRow(label + name, float(f), task.within(float(f), tol), detail))
     return rows
 
 
-def report(rows: list[ParityRow], task: str) -> str:
+def report(rows: list[ParityRow], task_name: str) -> str:
     """A fixed-width table plus a one-line summary."""
-    metric = "cosine" if task == "embedding" else "|score diff|"
+    task = task_for(task_name)
+    metric = task.metric_label
     width = max(len(r.name) for r in rows)
     lines = [f"{'item':{width}s}  {metric:>14s}  ok"]
     lines += [f"{r.name:{width}s}  {r.value:14.8f}  {'yes' if r.ok else 'NO'}  {r.detail}".rstrip() for r in rows]
-    worst = min(r.value for r in rows) if task == "embedding" else max(r.value for r in rows)
+    worst = task.worst([r.value for r in rows])
     fails = sum(not r.ok for r in rows)
     lines.append(f"{len(rows)} items, worst {metric} {worst:.8f}, {fails} below tolerance")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """`ReferenceReranker`: the published `Qwen3VLReranker.process()` reproduced with torch + transformers.
 
-Behaviour follows REFERENCE.md section 2. The published wrapper runs one (query, document) pair per
+Behaviour follows docs/reference-behaviour.md#reranker. The published wrapper runs one (query, document) pair per
 forward pass; `batch_size` > 1 pads pairs on the right and reads each pair's last valid position,
 which gives the same scores (tested) because causal attention never lets a valid token see a pad.
 """
@@ -12,8 +12,9 @@ from typing import Any
 
 from q3vl.reference import _common as C
 from q3vl.reference.embedder import pool_last
+from q3vl.tasks import TASKS
 
-DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+DEFAULT_INSTRUCTION = TASKS["reranker"].default_instruction
 SYSTEM_PROMPT = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
                  'provided. Note that the answer can only be "yes" or "no".')
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n

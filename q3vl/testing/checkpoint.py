@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.errors import missing_extra
+from q3vl.tasks import task_for
 from q3vl.testing.shapes import config_dict, processor_configs
 
 log = logging.getLogger(__name__)
 
-TASKS = ("embedding", "reranker")
 SHARD_BYTES = 2 * 1024**3
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -170,8 +170,7 @@ def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tin
         import torch
     except ImportError as e:
         raise missing_extra("torch", "export") from e
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    task_for(task)  # a ConfigError naming the known tasks
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
