@@ -3,3 +3,7 @@
 Images, videos, prompts and tokenization, M-RoPE positions and the vision graph's host inputs,
 reproducing qwen-vl-utils 0.0.14 + the transformers processor (REFERENCE.md section 3).
 """
+
+from q3vl.preprocess.media import MediaPolicy
+
+__all__ = ["MediaPolicy"]

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from q3vl.errors import InputError
-from q3vl.preprocess.image import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, open_image, patchify, resize_rgb, smart_resize
+from q3vl.preprocess.image import DEFAULT_TIMEOUT, patch_rows, probe_image, smart_resize
 from q3vl.preprocess.items import Content, EmbedItem
+from q3vl.preprocess.media import MediaAccess, MediaPolicy, media_errors
 from q3vl.preprocess.prompt import (
     VIDEO_SLOT,
     ChatTemplate,
@@ -40,7 +41,7 @@ TRUNCATION_MODES = ("text", "reference")
 class ImagePlan:
     """An image whose target size is known; pixels are decoded at load time."""
 
-    image: Any
+    image: Any  # an `ImageSource`: header read, no open file, no decoded pixels
     height: int
     width: int
 
@@ -64,7 +65,7 @@ class PreprocessConfig:
     max_frames: int = 64
     truncation: str = "text"
     timeout: float = DEFAULT_TIMEOUT
-    max_bytes: int = DEFAULT_MAX_BYTES
+    media_policy: MediaPolicy = field(default_factory=MediaPolicy)
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION_MODES:
@@ -96,32 +97,42 @@ class Encoder:
 
     # ------------------------------------------------------------ media
     def plan_media(self, c: Content, fps: float | None, max_frames: int | None) -> list[Media]:
-        """Videos then images (the wrapper's content order), each sized but not decoded."""
+        """Videos then images (the wrapper's content order), each sized but not decoded, read under the
+        media policy (inside a call wrapped by `media.per_call`, with that call's byte budget).
+        """
         cfg = self.config
+        access = MediaAccess.current(cfg.media_policy, cfg.timeout)
         media: list[Media] = []
         for v in c.videos:
-            if isinstance(v, str):
-                media.append(VideoFile.probe(v, fps or cfg.fps, max_frames or cfg.max_frames, cfg.timeout))
-            else:
-                media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, cfg.timeout))
+            with media_errors("video"):
+                if isinstance(v, str):
+                    media.append(VideoFile.probe(v, fps or cfg.fps, max_frames or cfg.max_frames, access=access))
+                else:
+                    media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, access=access))
         for src in c.images:
-            img = open_image(src, timeout=cfg.timeout, max_bytes=cfg.max_bytes)
-            h, w = smart_resize(img.height, img.width, 32, cfg.min_pixels, cfg.max_pixels)
-            media.append(ImagePlan(img, h, w))
+            with media_errors("image"):
+                img = probe_image(src, access)
+                h, w = smart_resize(img.height, img.width, 32, cfg.min_pixels, cfg.max_pixels)
+                media.append(ImagePlan(img, h, w))
         return media
 
     @staticmethod
     def load(media: list[Media]) -> list[VisionBlock]:
-        """Decode and patchify: one block per image and per video frame pair, in token order."""
+        """Decode and cut into patch rows: one block per image and per video frame pair, in token order.
+
+        One medium at a time, its source pixels dropped once its rows exist; rows stay uint8 until a
+        vision call normalises them. Any failure is the item's `InputError`.
+        """
         blocks: list[VisionBlock] = []
         for m in media:
-            if isinstance(m, ImagePlan):
-                rgb = resize_rgb(m.image, m.height, m.width)
-                blocks.append(VisionBlock(patchify(np.stack([rgb, rgb])), (m.height // 16, m.width // 16)))
-                continue
-            rows = patchify(m.load())
-            t, h, w = m.plan.grid
-            blocks.extend(VisionBlock(part, (h, w)) for part in np.split(rows, t))
+            with media_errors("image" if isinstance(m, ImagePlan) else "video"):
+                if isinstance(m, ImagePlan):
+                    rgb = m.image.resized(m.height, m.width)
+                    blocks.append(VisionBlock(patch_rows(np.stack([rgb, rgb])), (m.height // 16, m.width // 16)))
+                    continue
+                rows = patch_rows(m.load())
+                t, h, w = m.plan.grid
+                blocks.extend(VisionBlock(part, (h, w)) for part in np.split(rows, t))
         return blocks
 
     # ------------------------------------------------------------ prompts

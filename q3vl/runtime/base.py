@@ -19,6 +19,7 @@ import numpy as np
 from q3vl.bundle import Manifest, verify_files
 from q3vl.errors import BundleError, InputError
 from q3vl.preprocess.encode import Encoded, Encoder, PreprocessConfig
+from q3vl.preprocess.media import MediaPolicy, per_call
 from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer
 from q3vl.runtime.backends.base import create
 from q3vl.runtime.pipeline import GraphRunner
@@ -39,7 +40,9 @@ class BundleModel:
     survive; "reference": the wrapper's behaviour), `max_vision_patches` (patches per vision call),
     `timeout` (URL fetches), `verify` ("size", or "full" to hash the weight files too),
     `allow_unverified` (load a bundle that failed its export parity check), `prefetch` (load the next
-    micro-batch's media on a helper thread while the current one runs), `backend_options`.
+    micro-batch's media on a helper thread while the current one runs), `backend_options`,
+    `media_policy` (what media may be read and the per-item/per-call limits; default `MediaPolicy()`:
+    local files, data URIs and public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input).
     """
 
     task = ""
@@ -51,10 +54,11 @@ class BundleModel:
                  default_instruction: str | None = None, *, backend: str = "cpu", batch_size: int = 8,
                  max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
                  timeout: float = 10.0, verify: str = "size", allow_unverified: bool = False,
-                 prefetch: bool = True, backend_options: dict[str, Any] | None = None) -> None:
+                 prefetch: bool = True, backend_options: dict[str, Any] | None = None,
+                 media_policy: MediaPolicy | None = None) -> None:
         config = PreprocessConfig(max_length=max_length or self.DEFAULT_MAX_LENGTH, min_pixels=min_pixels,
                                   max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
-                                  truncation=truncation, timeout=timeout)
+                                  truncation=truncation, timeout=timeout, media_policy=media_policy or MediaPolicy())
         self.default_instruction = self.DEFAULT_INSTRUCTION if default_instruction is None else default_instruction
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -107,6 +111,7 @@ class BundleModel:
             raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
         errors: dict[int, InputError] = {}
         encoded: dict[int, Encoded] = {}
+        plan = per_call(plan, self.encoder.config.media_policy)  # one media byte budget and fetch cache per call
         for i in range(n):
             try:
                 encoded[i] = plan(i)
