@@ -44,7 +44,8 @@ def open_video(src: Source, deadline: Deadline, timeout: float) -> Iterator[Any]
             raise
         except Exception as e:  # FFmpeg errors, OSError, ValueError: a file FFmpeg cannot read as a video
             raise InputError(f"unreadable video {src.name}: not a video container q3vl accepts (mp4/mov, "
-                             f"mkv/webm, avi, mpeg-ts/ps, flv, ogg, asf, ivf, gif, nut) or corrupt ({e})") from e
+                             f"mkv/webm, avi, mpeg-ts/ps, flv, ogg, asf, ivf, gif, nut) or corrupt "
+                             f"({getattr(e, 'strerror', None) or e})") from e
         try:
             yield container
         finally:

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
 HEADERS = {"Accept": "*/*", "Accept-Encoding": "identity", "User-Agent": "q3vl", "Connection": "close"}
-REFUSED_ADDRESS = ("refused by the media policy (the host is not a public address); allow it with "
-                   "MediaPolicy(allow_private_networks=True) or MediaPolicy(allowed_networks=[...])")
+REFUSED_ADDRESS = ("refused by the media policy (the host is not a public address: loopback, private, link-local, "
+                   "multicast or reserved); allow it with MediaPolicy(allow_private_networks=True) or "
+                   "MediaPolicy(allowed_networks=[...])")
 
 
 def display_url(url: str) -> str:
@@ -132,8 +133,11 @@ class _PinnedTLS(_Pinned):
         self.sock = self.context.wrap_socket(self._tcp(), server_hostname=self.host)
 
 
-def fetch(url: str, policy: MediaPolicy, deadline: Deadline, timeout: float, cap: int) -> bytes:
-    """The body of `url` (at most `cap` bytes) under `policy`, within `deadline`; failures are `InputError`s."""
+def fetch(url: str, policy: MediaPolicy, deadline: Deadline, timeout: float, cap: int,
+          limit: str = "per-item limit (MediaPolicy.max_item_bytes)") -> bytes:
+    """The body of `url` (at most `cap` bytes, `limit` naming where the cap comes from) under `policy`,
+    within `deadline`; every failure is an `InputError`.
+    """
     name = display_url(url)
     current = url
     for _ in range(policy.max_redirects + 1):
@@ -143,7 +147,7 @@ def fetch(url: str, policy: MediaPolicy, deadline: Deadline, timeout: float, cap
         if not allowed:
             log.debug("media policy refused %s: %s resolves to %s", name, t.host, ips)
             raise InputError(f"unreachable URL {name}: {REFUSED_ADDRESS}")
-        status, location, body = _get(t, allowed, deadline, timeout, cap, name)
+        status, location, body = _get(t, allowed, deadline, timeout, (cap, limit), name)
         if status in REDIRECTS:
             if not location:
                 raise InputError(f"unreachable URL {name}: HTTP {status} without a Location")
@@ -156,7 +160,7 @@ def fetch(url: str, policy: MediaPolicy, deadline: Deadline, timeout: float, cap
                      "(MediaPolicy.max_redirects)")
 
 
-def _get(t: _Target, ips: list[str], deadline: Deadline, timeout: float, cap: int, name: str
+def _get(t: _Target, ips: list[str], deadline: Deadline, timeout: float, cap: tuple[int, str], name: str
          ) -> tuple[int, str | None, bytes]:
     """One GET to the first checked address that accepts; (status, Location, body)."""
     err: Exception | None = None
@@ -181,7 +185,9 @@ def _get(t: _Target, ips: list[str], deadline: Deadline, timeout: float, cap: in
     raise InputError(f"unreachable URL {name}: {_reason(err)}") from err
 
 
-def _exchange(conn: _Pinned, t: _Target, deadline: Deadline, cap: int, name: str) -> tuple[int, str | None, bytes]:
+def _exchange(conn: _Pinned, t: _Target, deadline: Deadline, cap_limit: tuple[int, str], name: str
+              ) -> tuple[int, str | None, bytes]:
+    cap, limit = cap_limit
     conn.request("GET", t.path, headers=HEADERS)
     resp = conn.getresponse()
     if resp.status in REDIRECTS:
@@ -190,8 +196,7 @@ def _exchange(conn: _Pinned, t: _Target, deadline: Deadline, cap: int, name: str
         return resp.status, None, b""
     length = resp.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > cap:
-        raise InputError(f"URL {name} is larger than the byte limit ({length} > {cap} bytes; "
-                         "MediaPolicy.max_item_bytes / max_call_bytes)")
+        raise InputError(f"URL {name} is larger than the byte limit: {length} bytes > {cap}, the {limit}")
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -202,8 +207,7 @@ def _exchange(conn: _Pinned, t: _Target, deadline: Deadline, cap: int, name: str
             return 200, None, b"".join(chunks)
         total += len(chunk)
         if total > cap:
-            raise InputError(f"URL {name} is larger than the {cap}-byte limit (MediaPolicy.max_item_bytes / "
-                             "max_call_bytes)")
+            raise InputError(f"URL {name} is larger than the byte limit: over {cap} bytes, the {limit}")
         chunks.append(chunk)
 
 

@@ -12,6 +12,7 @@ decoding one source image at a time and dropping it as soon as its resized pixel
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,10 +118,19 @@ def _check_size(width: int, height: int, name: str, policy: MediaPolicy) -> tupl
     return width, height
 
 
+@functools.lru_cache(maxsize=16)
+def _registered(formats: tuple[str, ...] | None) -> list[str] | None:
+    """The policy's formats that this Pillow can open (Pillow raises KeyError on a name it lacks)."""
+    if formats is None:
+        return None
+    Image.init()
+    return [f for f in formats if f in Image.OPEN]
+
+
 def _open_pil(fp: Any, formats: tuple[str, ...] | None, name: str) -> Image.Image:
     """`Image.open` restricted to `formats`; every failure is this image's `InputError`."""
     try:
-        return Image.open(fp, formats=list(formats) if formats is not None else None)
+        return Image.open(fp, formats=_registered(formats))
     except Image.DecompressionBombError as e:
         raise InputError(f"image {name} is over Pillow's decompression-bomb limit ({e}); downscale it") from e
     except UnidentifiedImageError as e:

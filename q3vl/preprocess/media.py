@@ -34,9 +34,9 @@ MIB = 1024**2
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS), stated here so a
 # process that raised or disabled Pillow's global limit still gets one.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
-# Pillow plugins that decode common web/camera images in-process. Left out on purpose: EPS/PS
-# (Pillow runs Ghostscript on them), and the long tail of rare formats nobody sends on purpose.
-SAFE_IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "TGA")
+# Pillow plugins that decode common web/camera images in-process (JPEG includes MPO camera files).
+# Left out on purpose: EPS/PS (Pillow runs Ghostscript on them), and the long tail of rare formats.
+SAFE_IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "TGA")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 T = TypeVar("T")
@@ -136,8 +136,9 @@ class MediaPolicy:
 
 def normalize_host(host: str) -> str:
     """Lower-case ASCII (IDNA) form without a trailing dot, so look-alike spellings compare equal."""
+    dot = "." if host.startswith(".") else ""  # an allowlist entry ".example.com" matches subdomains
     try:
-        return host.rstrip(".").encode("idna").decode("ascii").lower()
+        return dot + host.strip(".").encode("idna").decode("ascii").lower()
     except UnicodeError as e:
         raise InputError(f"invalid host name {host!r}: {e}") from e
 
@@ -171,9 +172,12 @@ class CallBudget:
         self.fetched: dict[str, Source | InputError] = {}
         self._lock = threading.Lock()
 
-    def room(self) -> int:
-        """The most bytes the next item may bring in."""
-        return max(0, min(self.policy.max_item_bytes, self.policy.max_call_bytes - self.used))
+    def room(self) -> tuple[int, str]:
+        """The most bytes the next item may bring in, and which limit that is."""
+        left = max(0, self.policy.max_call_bytes - self.used)
+        if left < self.policy.max_item_bytes:
+            return left, "per-call limit (MediaPolicy.max_call_bytes); split the call"
+        return self.policy.max_item_bytes, "per-item limit (MediaPolicy.max_item_bytes)"
 
     def charge(self, size: int, name: str) -> None:
         """Count `size` bytes against the item and call limits; over either is the item's error."""
@@ -312,7 +316,7 @@ class MediaAccess:
         cached = budget.fetched.get(url)
         if cached is None:
             try:
-                data = fetch(url, self.policy, deadline, self.timeout, budget.room())
+                data = fetch(url, self.policy, deadline, self.timeout, *budget.room())
                 budget.charge(len(data), f"URL {display_url(url)}")
                 cached = Source(display_url(url), data=data)
             except InputError as e:
