@@ -358,4 +358,4 @@ def media_errors(name: str) -> Iterator[None]:
     except InputError:
         raise
     except Exception as e:  # Pillow, PyAV, numpy, zlib, struct, MemoryError, ...: all mean "this item"
-        raise InputError(f"unreadable or corrupt media {name}: {type(e).__name__}: {_short(str(e), 200)}") from e
+        raise InputError(f"unreadable or corrupt {name}: {type(e).__name__}: {_short(str(e), 200)}") from e

@@ -49,17 +49,22 @@ def png_chunk_bomb(kind: bytes = b"zTXt", size: int = 50_000_000) -> bytes:
 
 
 def big_png(path: Path, size: int = 12000, mode: str = "RGB") -> Path:
-    """A `size` x `size` PNG of large flat tiles: a few hundred KB on disk, `size`^2 pixels decoded."""
+    """A `size` x `size` PNG of large flat tiles: a couple of MB or less on disk, `size`^2 pixels decoded."""
     from PIL import Image
 
     tiles = np.arange(size) // 1500
-    grey = ((tiles[:, None] * 30 + tiles[None, :] * 50) % 256).astype(np.uint8)
-    img = Image.fromarray(grey, "L")
     if mode == "RGB":
-        img = Image.merge("RGB", (img, img.transpose(Image.Transpose.TRANSPOSE), Image.new("L", img.size, 128)))
-    elif mode != "L":
-        img = img.convert(mode)
-    img.save(path, compress_level=1 if mode == "1" else 6)
+        rgb = np.empty((size, size, 3), np.uint8)
+        rgb[..., 0] = ((tiles * 30) % 256)[:, None]
+        rgb[..., 1] = ((tiles * 50) % 256)[None, :]
+        rgb[..., 2] = 128
+        img = Image.fromarray(rgb)
+        del rgb
+    else:
+        grey = ((tiles[:, None] * 30 + tiles[None, :] * 50) % 256).astype(np.uint8)
+        img = Image.fromarray(grey, "L")
+        img = img if mode == "L" else img.convert(mode)
+    img.save(path, compress_level=1)
     return path
 
 
@@ -253,13 +258,13 @@ def silent() -> Route:
     return route
 
 
-def endless(chunk: bytes) -> Route:
-    """A never-ending 200 body (e.g. an MPEG-TS stream): `chunk` repeated until the client leaves."""
+def endless(chunk: bytes, interval: float = 0.0) -> Route:
+    """A never-ending 200 body (a live MPEG-TS stream): `chunk` every `interval` s until the client leaves."""
     def route(h: _Handler, stop: threading.Event) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "video/mp2t")
         h.end_headers()
-        while not stop.is_set():
+        while not stop.wait(interval):
             h.wfile.write(chunk)
     return route
 
