@@ -298,3 +298,29 @@ def test_local_refusal_in_a_batch(tiny_embedding_bundle, tmp_path):
     assert_only_that_item_fails(model, {"image": str(tmp_path / "a.png")}, model.process(GOOD),
                                 "local file access is refused")
     assert os.path.exists(tmp_path / "a.png")
+
+
+def test_a_stalled_query_url_is_fetched_once_per_call(tiny_reranker_bundle):
+    """The reranker plans the query with every document; the call's fetch cache makes that one request."""
+    from q3vl import Reranker
+
+    rr = Reranker(tiny_reranker_bundle, media_policy=MediaPolicy(**{**vars_of(ALLOW), "deadline": 1.5}))
+    with HostileServer({"/slow.png": drip(0.3), "/q.png": serve(PNG)}, host=ALLOWED) as srv:
+        docs = [{"text": f"doc {i}"} for i in range(4)]
+        t = time.monotonic()
+        got = rr.process({"query": {"image": srv.url("/slow.png")}, "documents": docs}, on_error="skip")
+        assert time.monotonic() - t < 3.5 and np.isnan(got).all()
+        good = rr.process({"query": {"image": srv.url("/q.png")}, "documents": docs})
+        assert srv.hits == ["/slow.png", "/q.png"] and not np.isnan(good).any()
+
+
+def test_same_bytes_or_data_uri_are_charged_once_per_call():
+    uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    policy = MediaPolicy(max_call_bytes=len(PNG) * 2)
+    with media_call(policy):
+        access = MediaAccess.current(policy, 10.0)
+        for _ in range(5):
+            probe_image(uri, access)
+            probe_image(PNG, access)
+        with pytest.raises(InputError, match="per-call limit"):
+            probe_image(png_bytes(64, 64, seed=1), access)

@@ -164,13 +164,29 @@ class Deadline:
 
 
 class CallBudget:
-    """Bytes brought in by one call, and the fetches already made in it (a URL is fetched once per call)."""
+    """Bytes brought in by one call, and the in-memory sources already made in it: a URL, data URI or
+    bytes object used by several items (a reranker query, a repeated frame) is fetched, decoded and
+    charged once per call.
+    """
 
     def __init__(self, policy: MediaPolicy) -> None:
         self.policy = policy
         self.used = 0
-        self.fetched: dict[str, Source | InputError] = {}
+        self.sources: dict[tuple[str, str | bytes], Source | InputError] = {}
         self._lock = threading.Lock()
+
+    def cached(self, key: tuple[str, str | bytes], make: Callable[[], Source]) -> Source:
+        """`make()` once per key in this call; a failure is remembered too (a stalled URL stalls once)."""
+        found = self.sources.get(key)
+        if found is None:
+            try:
+                found = make()
+            except InputError as e:
+                found = e
+            self.sources[key] = found
+        if isinstance(found, InputError):
+            raise InputError(found.reason) from found
+        return found
 
     def room(self) -> tuple[int, str]:
         """The most bytes the next item may bring in, and which limit that is."""
@@ -256,19 +272,19 @@ class MediaAccess:
     def source(self, ref: Any, kind: str, deadline: Deadline) -> Source:
         """Check `ref` (path, URL, data URI or encoded bytes) against the policy and make it readable."""
         budget = self.calls_budget()
-        if isinstance(ref, (bytes, bytearray, memoryview)):
-            data = bytes(ref)
-            budget.charge(len(data), f"encoded {kind}")
-            return Source(f"encoded {kind} bytes", data=data)
+        if isinstance(ref, bytes):
+            return budget.cached((kind, ref), lambda: self._bytes(ref, kind, budget))
+        if isinstance(ref, (bytearray, memoryview)):
+            return self._bytes(bytes(ref), kind, budget)
         ref = os.fspath(ref) if isinstance(ref, Path) else ref
         if not isinstance(ref, str):
             raise InputError(f"{kind} source must be a path, URL, data URI or bytes, not {type(ref).__name__}")
         scheme = _SCHEME.match(ref)
         name = scheme.group(1).lower() if scheme else ""
         if ref.startswith("data:"):
-            return self._data(ref, kind, budget)
+            return budget.cached((kind, ref), lambda: self._data(ref, kind, budget))
         if name in ("http", "https"):
-            return self._fetch(ref, deadline, budget)
+            return budget.cached(("url", ref), lambda: self._fetch(ref, deadline, budget))
         if name == "file":
             if not self.policy.allow_file_uri:
                 raise InputError(f"file:// URIs are refused by the media policy ({ref}); send the {kind} as bytes "
@@ -281,6 +297,11 @@ class MediaAccess:
             raise InputError(f"local file access is refused by the media policy ({ref}); send the {kind} as "
                              "bytes or a data URI, or allow local files with MediaPolicy(allow_local=True)")
         return Source(ref, path=self._local(ref, kind))
+
+    @staticmethod
+    def _bytes(data: bytes, kind: str, budget: CallBudget) -> Source:
+        budget.charge(len(data), f"encoded {kind}")
+        return Source(f"encoded {kind} bytes", data=data)
 
     def _local(self, path: str, kind: str) -> str:
         """The resolved path if it stays inside `local_root`; nothing here tells a missing file apart."""
@@ -300,31 +321,25 @@ class MediaAccess:
         head, sep, payload = uri.partition(",")
         if not sep or not head.startswith(f"data:{kind}") or not head.endswith(";base64"):
             raise InputError(f"data URI must look like data:{kind}/<type>;base64,<payload>")
-        budget.charge(len(payload) * 3 // 4, f"{kind} data URI")
+        if len(payload) // 4 * 3 > self.policy.max_item_bytes + 3:  # refused before decoding anything
+            raise InputError(f"{kind} data URI is larger than the {self.policy.max_item_bytes}-byte per-item "
+                             "limit (MediaPolicy.max_item_bytes)")
         try:
-            return Source("data URI", data=base64.b64decode(payload, validate=True))
+            data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
             raise InputError(f"data URI has invalid base64: {e}") from e
+        budget.charge(len(data), f"{kind} data URI")
+        return Source("data URI", data=data)
 
     def _fetch(self, url: str, deadline: Deadline, budget: CallBudget) -> Source:
-        """Fetch once per call: the same URL in several items (a reranker query) is one request."""
         from q3vl.preprocess.fetch import display_url, fetch
 
         if not self.policy.allow_http:
             raise InputError(f"unreachable URL {display_url(url)}: http(s) URLs are refused by the media policy; "
                              "send the bytes instead, or allow them with MediaPolicy(allow_http=True)")
-        cached = budget.fetched.get(url)
-        if cached is None:
-            try:
-                data = fetch(url, self.policy, deadline, self.timeout, *budget.room())
-                budget.charge(len(data), f"URL {display_url(url)}")
-                cached = Source(display_url(url), data=data)
-            except InputError as e:
-                cached = e
-            budget.fetched[url] = cached
-        if isinstance(cached, InputError):
-            raise InputError(cached.reason) from cached
-        return cached
+        data = fetch(url, self.policy, deadline, self.timeout, *budget.room())
+        budget.charge(len(data), f"URL {display_url(url)}")
+        return Source(display_url(url), data=data)
 
 
 def _open_regular(path: str, name: str, kind: str = "media") -> IO[bytes]:
