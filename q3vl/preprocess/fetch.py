@@ -102,26 +102,35 @@ def _resolve(t: _Target, deadline: Deadline, timeout: float, name: str) -> list[
 
 
 class _Pinned(http.client.HTTPConnection):
-    """An HTTP connection to an already-checked address; Host stays the URL's host."""
+    """An HTTP connection to an already-checked address; Host stays the URL's host.
+
+    `raw` keeps the socket: http.client drops `sock` once a response owns the connection, and the
+    watchdog must still be able to shut it.
+    """
 
     def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self.ip = ip
         self.aborted = False
+        self.raw: socket.socket | None = None
 
     def _tcp(self) -> socket.socket:
         return socket.create_connection((self.ip, self.port), self.timeout)
 
     def connect(self) -> None:
-        self.sock = self._tcp()
+        self.sock = self.raw = self._tcp()
 
     def abort(self) -> None:
         """Called by the deadline watchdog: wake any blocked read by shutting the socket."""
         self.aborted = True
-        sock = self.sock
-        if sock is not None:
+        if self.raw is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(self.raw, socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        if self.raw is not None:
+            self.raw.close()
 
 
 class _PinnedTLS(_Pinned):
@@ -130,7 +139,7 @@ class _PinnedTLS(_Pinned):
     context = ssl.create_default_context()
 
     def connect(self) -> None:
-        self.sock = self.context.wrap_socket(self._tcp(), server_hostname=self.host)
+        self.sock = self.raw = self.context.wrap_socket(self._tcp(), server_hostname=self.host)
 
 
 def fetch(url: str, policy: MediaPolicy, deadline: Deadline, timeout: float, cap: int,
