@@ -12,6 +12,8 @@ decoding one source image at a time and dropping it as soon as its resized pixel
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import math
 from dataclasses import dataclass
@@ -26,6 +28,27 @@ from q3vl.preprocess.media import Deadline, MediaAccess, MediaPolicy, Source, me
 
 MAX_RATIO = 200
 DEFAULT_TIMEOUT = 10.0
+TRIM_PIXELS = 16_000_000  # sources this large hand their freed pages back to the OS right away
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to do
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc `malloc_trim`).
+
+    A decoded source image is freed as soon as it is resized, but glibc keeps freed blocks, and in a
+    helper thread's arena they fragment: without this, eight 12000x12000 PNGs decoded on the prefetch
+    thread held 1.2 GB at the peak instead of one image's worth.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pixels: float) -> tuple[int, int]:
@@ -80,6 +103,9 @@ class ImageSource:
                     raise InputError(f"image {self.name} changed after it was planned "
                                      f"({self.width}x{self.height} -> {image.width}x{image.height})")
                 out = resize_rgb(image, height, width)
+            del image
+        if self.width * self.height >= TRIM_PIXELS:
+            release_free_memory()
         deadline.check(f"decoding image {self.name}")
         return out
 

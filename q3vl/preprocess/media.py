@@ -318,14 +318,15 @@ class MediaAccess:
         if not self.policy.allow_data_uri:
             raise InputError(f"data: URIs are refused by the media policy; allow them with "
                              f"MediaPolicy(allow_data_uri=True) or send the {kind} another way")
-        head, sep, payload = uri.partition(",")
-        if not sep or not head.startswith(f"data:{kind}") or not head.endswith(";base64"):
+        comma = uri.find(",", 0, 256)
+        head = uri[:comma]
+        if comma < 0 or not head.startswith(f"data:{kind}") or not head.endswith(";base64"):
             raise InputError(f"data URI must look like data:{kind}/<type>;base64,<payload>")
-        if len(payload) // 4 * 3 > self.policy.max_item_bytes + 3:  # refused before decoding anything
+        if (len(uri) - comma - 1) // 4 * 3 > self.policy.max_item_bytes + 3:  # refused before copying anything
             raise InputError(f"{kind} data URI is larger than the {self.policy.max_item_bytes}-byte per-item "
                              "limit (MediaPolicy.max_item_bytes)")
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = base64.b64decode(uri[comma + 1:], validate=True)
         except (binascii.Error, ValueError) as e:
             raise InputError(f"data URI has invalid base64: {e}") from e
         budget.charge(len(data), f"{kind} data URI")

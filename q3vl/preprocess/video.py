@@ -28,7 +28,7 @@ import numpy as np
 
 from q3vl.errors import InputError
 from q3vl.preprocess.container import check_stream, count_frames, open_video
-from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, probe_image, smart_resize
+from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, probe_image, release_free_memory, smart_resize
 from q3vl.preprocess.media import Deadline, MediaAccess, MediaPolicy, Source, media_errors
 from q3vl.preprocess.resample import resize_bicubic_aa
 
@@ -143,6 +143,7 @@ class VideoFile:
                     found += len(wanted[pos])
                 if pos >= self.indices[-1]:
                     break
+        release_free_memory()  # decoded frames were freed one by one; hand the pages back now
         if found < len(self.indices):
             raise InputError(f"broken video {self.source.name}: fewer decodable frames than its header's {self.total}")
         return out
@@ -196,4 +197,5 @@ class FrameList:
                 continue
             frame = im.resized(fh, fw, deadline)
             out[k] = resize_bicubic_aa(frame[None], self.plan.height, self.plan.width)[0]
+        release_free_memory()
         return out
