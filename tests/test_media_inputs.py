@@ -129,3 +129,19 @@ def test_jpeg_draft_would_change_the_pixels(image_files):
     assert drafted.size != (768, 512)  # the decoder really scaled
     assert not np.array_equal(np.asarray(full), np.asarray(drafted.convert("RGB").resize((192, 128),
                                                                                          Image.Resampling.BICUBIC)))
+
+
+def test_ffmpeg_scaling_would_change_the_pixels(tmp_path):
+    """Why video frames are not scaled inside the decoder: FFmpeg's bicubic differs from torchvision's
+    antialiased bicubic that the reference applies to the decoded frame.
+    """
+    import av
+
+    from q3vl.preprocess.resample import resize_bicubic_aa
+    from q3vl.testing.hostile import encode_video
+
+    with av.open(io.BytesIO(encode_video(2, 640, 360, 10))) as c:
+        frame = next(c.decode(video=0))
+        ours = resize_bicubic_aa(frame.to_ndarray(format="rgb24")[None], 192, 320)[0]
+        scaled = frame.reformat(width=320, height=192, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    assert scaled.shape == ours.shape and not np.array_equal(scaled, ours)

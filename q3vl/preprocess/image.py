@@ -91,7 +91,11 @@ class ImageSource:
     seconds: float = 60.0  # what planning left of the item's deadline
 
     def resized(self, height: int, width: int, deadline: Deadline | None = None) -> np.ndarray:
-        """Decode, convert to RGB and resize (PIL bicubic): uint8 `[height, width, 3]`."""
+        """Decode, convert to RGB and resize (PIL bicubic): uint8 `[height, width, 3]`.
+
+        Pillow decodes in one C call that cannot be interrupted, so the deadline is checked after it;
+        `max_image_pixels` is what bounds that call's time and memory.
+        """
         deadline = deadline or Deadline(self.seconds)
         with media_errors(f"image {self.name}"):
             if self.source is None:
