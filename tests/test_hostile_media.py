@@ -33,6 +33,15 @@ from q3vl.testing.hostile import (
 from tests.conftest import noise_image
 
 GOOD = [{"text": "fine"}, {"image": noise_image(64, 64)}]
+
+
+class Hostile:
+    """An object whose repr and str raise."""
+
+    def __repr__(self):
+        raise RuntimeError("repr bomb")
+
+    __str__ = __repr__
 LOOP2 = "127.0.0.2"
 
 
@@ -119,6 +128,9 @@ CASES = [
     ("bad array", lambda d: {"image": np.zeros((8, 8, 4), np.uint8)}, "H x W x 3 uint8"),
     ("float array", lambda d: {"image": np.zeros((8, 8, 3), np.float32)}, "H x W x 3 uint8"),
     ("garbage bytes", lambda d: {"image": b"\x00garbage" * 10}, "unreadable or corrupt image"),
+    ("fps whose repr raises", lambda d: {"video": str(d / "clip.mp4"), "fps": Hostile()}, "fps must be"),
+    ("video whose repr raises", lambda d: {"video": Hostile()}, "video must be a path/URL"),
+    ("image whose repr raises", lambda d: {"image": Hostile()}, "image must be a path"),
 ]
 
 

@@ -93,7 +93,7 @@ def _videos(value: Any) -> tuple[Any, ...]:
     if isinstance(value, (str, Path)):
         return (str(value),)
     if not isinstance(value, list) or not value:
-        raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {value!r:.60}")
+        raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {_show(value)}")
     if _is_image_ref(value[0]):  # one video given as frames
         return (_frames(value),)
     videos: list[Any] = []
@@ -119,11 +119,19 @@ def content(obj: dict[str, Any]) -> Content:
     return Content(_texts(obj.get("text")), _images(obj.get("image")), _videos(obj.get("video")))
 
 
+def _show(value: Any) -> str:
+    """A short repr for a message; a user object whose repr raises must not escape as its own error."""
+    try:
+        return repr(value)[:60]
+    except Exception:
+        return f"a {type(value).__name__}"
+
+
 def _fps(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
-        raise InputError(f"fps must be a finite number > 0, not {value!r}")
+        raise InputError(f"fps must be a finite number > 0, not {_show(value)}")
     return float(value)
 
 
@@ -132,7 +140,7 @@ def _max_frames(value: Any) -> int | None:
         return None
     integral = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
     if isinstance(value, bool) or not integral or int(value) < 2:
-        raise InputError(f"max_frames must be a whole number >= 2 (frames are sampled in pairs), not {value!r}")
+        raise InputError(f"max_frames must be a whole number >= 2 (frames are sampled in pairs), not {_show(value)}")
     return int(value)
 
 
