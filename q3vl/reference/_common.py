@@ -9,6 +9,8 @@ comparing the two proves something.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -72,6 +74,10 @@ def _prefer_decord() -> None:
         vp.VIDEO_READER_BACKENDS["pyav"] = read_video_pyav
         vp.FORCE_QWENVL_VIDEO_READER = "pyav"
     vp.get_video_reader_backend.cache_clear()
+    # the first call prints its choice to stderr (between q3vl's own lines); make it once, quietly
+    with contextlib.redirect_stderr(io.StringIO()):
+        backend = vp.get_video_reader_backend()
+    log.debug("qwen-vl-utils reads videos with %s", backend)
 
 
 def as_list(value: Any) -> list[Any]:
