@@ -118,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_third_parties(verbose)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("q3vl").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if threading_main():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading_main() else None
     try:
         return int(args.func(args))
     except (Q3VLError, OSError) as e:  # a user mistake or an unusable file: one line, no traceback
@@ -130,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("q3vl: interrupted\n")
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:  # `main` called from Python (tests) leaves the caller's handler in place
+            signal.signal(signal.SIGTERM, previous)
 
 
 def threading_main() -> bool:

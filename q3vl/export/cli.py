@@ -34,6 +34,7 @@ def _check_export(a: argparse.Namespace, graph: str) -> None:
     from q3vl.export.weights import check_checkpoint
     from q3vl.outputs import check_output
 
+    require("export")
     check_checkpoint(a.checkpoint)
     if graph == "fused" and a.precision == "bf16":
         raise ConfigError("--precision bf16 needs --graph plain (fused graphs are built in fp32 or fp16)")
@@ -42,7 +43,6 @@ def _check_export(a: argparse.Namespace, graph: str) -> None:
                           "ONNX Runtime contrib ops")
     check_output(a.output, overwrite=a.overwrite, directory=True, replaceable=looks_like_bundle,
                  what="bundle directory")
-    require("export")
     if a.tensorrt:
         from q3vl.tensorrt.build import require_tensorrt
 
@@ -78,10 +78,10 @@ def _parity(a: argparse.Namespace) -> int:
     from q3vl.checks import positive, require
     from q3vl.export.weights import check_checkpoint
 
+    require("export", ["torch", "transformers", "torchvision", "qwen_vl_utils"])
     positive(batch_size=a.batch_size)
     check_checkpoint(a.checkpoint)
     manifest = Manifest.read(a.bundle)
-    require("export", ["torch", "transformers", "torchvision", "qwen_vl_utils"])
     from q3vl.reference.parity import check_source, load_inputs, run
 
     records = load_inputs(a.inputs, None) if a.inputs else None  # every line checked before a model loads

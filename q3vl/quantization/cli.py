@@ -37,11 +37,11 @@ def _quantize(a: argparse.Namespace) -> int:
     from q3vl.outputs import check_output
     from q3vl.quantization.weights import check_quantizable, quantize_bundle
 
+    require("export", ["onnx"])
     positive(block_size=a.block_size)
     check_quantizable(a.bundle)
     check_output(a.output, overwrite=a.overwrite, directory=True, replaceable=looks_like_bundle,
                  what="bundle directory")
-    require("export", ["onnx"])
     from q3vl.export.exporter import summary
 
     out = quantize_bundle(a.bundle, a.output, a.weights, block_size=a.block_size, overwrite=a.overwrite,
@@ -116,9 +116,9 @@ def _index_build(a: argparse.Namespace) -> int:
     from q3vl.runtime.cli import check_runtime_options, run_items
     from q3vl.runtime.inputs import ids, read_items
 
+    require("index")
     manifest = bundle_for(a.bundle, "embedding")
     check_dim(a.dim, manifest, a.bundle)
-    require("index")
     check_output(a.output, overwrite=a.overwrite, directory=True, what="index directory",
                  replaceable=lambda p: (p / "index.json").is_file())
     a.on_error = "raise"
