@@ -53,17 +53,23 @@ class SourceCheck:
 
 
 def check_source(checkpoint: Path, manifest: Manifest) -> SourceCheck:
-    """Compare `checkpoint`'s identity hash with the bundle's recorded source; warn when they differ."""
+    """Compare `checkpoint`'s identity with the bundle's recorded source; warn when they differ.
+
+    The content hash (weights sampled) is compared when the bundle records one; older bundles
+    record only the header hash, which cannot tell two checkpoints of the same shape apart.
+    """
     from q3vl.export.weights import checkpoint_identity
 
-    recorded = manifest.source.get("sha256")
-    if not recorded:
+    recorded = manifest.source
+    key = "content_sha256" if recorded.get("content_sha256") else "sha256"
+    if not recorded.get(key):
         return SourceCheck(None, "checkpoint: the bundle records no source hash; cannot tell whether it is its source")
-    actual = checkpoint_identity(checkpoint)["sha256"]
-    if actual == recorded:
-        return SourceCheck(True, f"checkpoint: the bundle's source (sha256 {actual[:12]})")
-    line = (f"checkpoint: NOT the bundle's source: {checkpoint} has sha256 {actual[:12]}, the bundle was exported "
-            f"from {manifest.source.get('path', '?')} (sha256 {recorded[:12]}); differences below are expected")
+    actual = checkpoint_identity(checkpoint)[key]
+    if actual == recorded[key]:
+        weak = "" if key == "content_sha256" else "; header hash only: the bundle predates content hashes"
+        return SourceCheck(True, f"checkpoint: the bundle's source ({key} {actual[:12]}{weak})")
+    line = (f"checkpoint: NOT the bundle's source: {checkpoint} has {key} {actual[:12]}, the bundle was exported "
+            f"from {recorded.get('path', '?')} ({key} {recorded[key][:12]}); differences below are expected")
     log.warning("%s", line)
     return SourceCheck(False, line)
 
