@@ -116,12 +116,14 @@ class Outcome:
     deferred: list[Block] = field(default_factory=list)  # slow blocks, not run this time
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    durations: dict[str, float] = field(default_factory=dict)  # where -> seconds, of the blocks that ran
 
     def summary(self) -> str:
         reasons = sorted({b.reason for b in self.skipped})
+        slowest = sorted(self.durations.items(), key=lambda kv: -kv[1])[:3]
         return (f"docs snippets: {len(self.ran)} blocks run, {len(self.skipped)} skipped, {len(self.shown)} shown "
-                f"(text/output), {len(self.deferred)} slow not run, in {self.seconds:.0f} s; skip reasons: "
-                + "; ".join(reasons))
+                f"(text/output), {len(self.deferred)} slow not run, in {self.seconds:.0f} s (slowest: "
+                + ", ".join(f"{w} {s:.0f} s" for w, s in slowest) + "); skip reasons: " + "; ".join(reasons))
 
 
 class Runner:
@@ -218,7 +220,9 @@ def run_all(paths: list[Path], workdir: Path, slow: bool, env: dict[str, str] | 
             elif block.kind == "slow" and not slow:
                 outcome.deferred.append(block)
             elif not outcome.failures:  # later blocks build on earlier ones: stop at the first failure
+                t0 = time.monotonic()
                 failure = runner.run(block, n)
+                outcome.durations[block.where] = time.monotonic() - t0
                 outcome.ran.append(block)
                 if failure:
                     outcome.failures.append(failure)

@@ -108,6 +108,13 @@ def test_cli_outputs_carry_the_ids(tiny_embedding_bundle, tiny_reranker_bundle, 
                                cwd=tmp_path))
     assert line == f"q3vl: error: {bad} line 2 (id 'gone'): image file not found: {media}/missing.png"
     assert not (tmp_path / "b.npy").exists()
+    r = q3vl("embed", str(tiny_embedding_bundle), str(bad), "-o", str(tmp_path / "b.jsonl"), "--on-error", "skip",
+             cwd=tmp_path)
+    assert r.returncode == 0 and "embedded 1/2 items" in r.stderr
+    assert f"skipped {bad} line 2 (id 'gone'): image file not found: {media}/missing.png" in r.stderr
+    assert "skipping input" not in r.stderr  # reported once, by line and id
+    assert [json.loads(x)["embedding"] is None for x in (tmp_path / "b.jsonl").read_text().splitlines()] == [
+        False, True]
 
 
 # ---------------------------------------------------------------- parity on user inputs

@@ -66,14 +66,31 @@ def check_runtime_options(a: argparse.Namespace) -> None:
         raise ConfigError(f"--backend {a.backend} is not one of {sorted(BACKENDS)}")
 
 
-def run_items(model: Any, records: list[Record], a: argparse.Namespace, **kw: Any) -> Any:
-    """`model.process` over the records' items; runtime errors name the line and id."""
+class _RuntimeSkips(logging.Filter):
+    """Drops the runtime's own "skipping input N" lines: the command reports them by line and id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("skipping ")
+
+
+def run_items(model: Any, records: list[Record], a: argparse.Namespace, request: Any = None, **kw: Any) -> Any:
+    """`model.process_details` over the records' items (or `request`, for a reranker); errors, raised
+    or skipped, name the line and id of their item.
+    """
     from q3vl.runtime.inputs import locate
 
+    runtime_log, quiet = logging.getLogger("q3vl.runtime.base"), _RuntimeSkips()
+    runtime_log.addFilter(quiet)
     try:
-        return model.process([r.item for r in records], on_error=a.on_error, progress=not a.no_progress, **kw)
+        details = model.process_details([r.item for r in records] if request is None else request,
+                                        on_error=a.on_error, progress=not a.no_progress, **kw)
     except InputError as e:
         raise locate(e, records) from None
+    finally:
+        runtime_log.removeFilter(quiet)
+    for err in details.errors.values():
+        log.warning("skipped %s", locate(err, records))
+    return details.values
 
 
 @command("embed", _embed_args)
@@ -159,15 +176,10 @@ def _rerank(a: argparse.Namespace) -> int:
     records = read_items(a.documents, "document")
     from q3vl.runtime import Reranker
 
+    request = {"query": query, "documents": [r.item for r in records],
+               **({"instruction": instruction} if instruction else {})}
     with Reranker(a.bundle, batch_size=a.batch_size, backend=a.backend, allow_unverified=a.allow_unverified) as m:
-        request = {"query": query, "documents": [r.item for r in records],
-                   **({"instruction": instruction} if instruction else {})}
-        try:
-            scores = m.process(request, on_error=a.on_error, progress=not a.no_progress)
-        except InputError as e:
-            from q3vl.runtime.inputs import locate
-
-            raise locate(e, records) from None
+        scores = run_items(m, records, a, request)
     lines = "".join(json.dumps({"id": r.id, "index": i, "score": None if s != s else s}) + "\n"
                     for i, (r, s) in enumerate(zip(records, scores)))
     if a.output is None:

@@ -29,7 +29,7 @@ DOCUMENTS: list[dict[str, Any]] = [
     {"id": "dog", "text": "golden retriever running on the sand at sunset"},
     {"id": "report", "text": "quarterly revenue grew by four percent"},
     {"id": "skyline", "image": "skyline.jpg"},
-    {"id": "clip", "video": "clip.mp4", "fps": 2},
+    {"id": "clip", "video": "clip.mp4"},  # a document takes text/image/video; fps is per request
 ]
 
 
