@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--branch", default="issue15-newcomer")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "newcomer-check.md")
     p.add_argument("--no-tests", action="store_true", help="skip the README's test command")
+    p.add_argument("--exclude", action="append", default=[],
+                   help="do not run README blocks containing this text (e.g. when the disk is too small); reported")
     a = p.parse_args()
     base = Path(tempfile.mkdtemp(prefix="q3vl-newcomer-"))
     clone, work, log = base / "q3vl", base / "work", base / "stderr.log"
@@ -58,8 +60,12 @@ def main() -> int:
     sys.path.insert(0, str(clone))
     from tests.snippets import RUNNERS, parse
 
+    excluded = []
     for block in parse(clone / "README.md"):
         if block.kind == "skip" or not block.runs or "git clone" in block.code:
+            continue
+        if any(x in block.code for x in a.exclude):
+            excluded.append(f"README.md:{block.line}")
             continue
         script = work / f".block-{block.line}"
         if RUNNERS[block.lang] == "python":
@@ -80,7 +86,8 @@ def main() -> int:
               "| step | exit code | wall s |", "|---|---|---|"]
     report += [f"| {name} | {rc} | {s:.0f} |" for name, rc, s in rows]
     report += ["", f"- tracebacks in stderr: {tracebacks}", f"- carriage returns in stderr: {returns}",
-               f"- non-zero exit codes: {sum(rc != 0 for _, rc, _ in rows)}", ""]
+               f"- non-zero exit codes: {sum(rc != 0 for _, rc, _ in rows)}",
+               f"- README blocks not run (--exclude {a.exclude}): {', '.join(excluded) or 'none'}", ""]
     a.out.write_text("\n".join(report))
     print("\n".join(report))
     print(f"logs: {log} and {log.with_suffix('.stdout')}")
