@@ -49,12 +49,14 @@ def matrix(labels: list[str], values: np.ndarray) -> str:
 def _checkpoint(workdir: Path, shape: str, task: str, given: Path | None) -> Path:
     if given is not None:
         return given
+    from q3vl.outputs import staged_dir
     from q3vl.testing import make_checkpoint
 
     path = workdir / f"{shape}-{task}"
     if not (path / "config.json").exists():
         log.info("making a random-weight %s %s checkpoint in %s", shape, task, path)
-        make_checkpoint(path, task=task, shape=shape)
+        with staged_dir(path, overwrite=True) as tmp:  # an interrupted demo leaves no half checkpoint
+            make_checkpoint(tmp, task=task, shape=shape)
     return path
 
 
