@@ -100,7 +100,10 @@ class Manifest:
                 "source": self.source, "parity": self.parity, "files": self.files, **self.extra}
 
     def write(self, directory: Path) -> None:
-        (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        """Write `q3vl.json` atomically (a new file renamed over the old: a kill never leaves half a manifest)."""
+        tmp = directory / f".{MANIFEST}.partial-{os.getpid()}"
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, directory / MANIFEST)
 
     @property
     def precision(self) -> str:
@@ -215,6 +218,11 @@ def check_graph_io(graph: str, expected: dict[str, tuple[int | None, ...]], actu
         if len(got) != len(want) or any(a != g for a, g in static):
             raise BundleError(f"the {graph} graph's {name} has shape {list(got)}, the manifest's model facts imply "
                               f"{[a if a is not None else '*' for a in want]}: graph and manifest disagree")
+
+
+def looks_like_bundle(path: Path) -> bool:
+    """Whether `path` holds a bundle (or the remains of one): what `--overwrite` may replace."""
+    return (path / MANIFEST).is_file() or any(path.glob("*.onnx"))
 
 
 def inside(directory: Path, name: str) -> Path:

@@ -12,6 +12,7 @@ The classes also derive from the builtin a caller would have caught before q3vl 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -93,6 +94,24 @@ class ParityError(Q3VLError, AssertionError):
     def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
         self.report = report or {}
         super().__init__(message)
+
+
+def option(api: str, flag: str) -> str:
+    """How a message names an option: the Python API's words with the CLI flag in parentheses,
+    e.g. `option("overwrite=True", "--overwrite")` -> "overwrite=True (--overwrite)".
+
+    Why: the same error reaches Python callers and command-line users; `cli_words` keeps only the
+    flag when the CLI prints it, so neither audience reads the other's vocabulary.
+    """
+    return f"{api} ({flag})"
+
+
+_OPTION = re.compile(r"[A-Za-z_][\w.]*=(?:'[^']*'|\"[^\"]*\"|[\w.+-]+) \((-{1,2}[^()]*)\)")
+
+
+def cli_words(message: str) -> str:
+    """`message` for a command-line user: every `option(api, flag)` becomes just the flag."""
+    return _OPTION.sub(r"\1", message)
 
 
 # The optional-dependency groups of pyproject.toml; `missing_extra` only names these (tested).

@@ -132,6 +132,7 @@ def main(spec_path: str, out_path: str) -> None:
     model, count = load_system(spec["system"], timer)
     result: dict[str, Any] = {"system": spec["system"]["name"], "load_s": time.perf_counter() - t,
                               "rss_after_load_mb": _rss_mb(), "workloads": []}
+    sys.stderr.write(f"{result['system']}: loaded in {result['load_s']:.1f} s\n")
     media = Path(spec["media"])
     for wd in spec["workloads"]:
         w = Workload(**wd)

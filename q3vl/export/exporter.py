@@ -10,16 +10,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from q3vl.bundle import MANIFEST, GraphEntry, Manifest, describe_files
-from q3vl.errors import CheckpointError, ConfigError, OutputExistsError, ParityError, missing_extra
+from q3vl.bundle import GraphEntry, Manifest, describe_files, looks_like_bundle
+from q3vl.errors import CheckpointError, ConfigError, ParityError, missing_extra, option
 from q3vl.export.onnx_export import export_graph, text_example, vision_example
 from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity
+from q3vl.outputs import check_output, staged_dir
 from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, check
+from q3vl.progress import Progress
 from q3vl.spec import ModelSpec
 from q3vl.tasks import TASKS, Task, task_for
 
 log = logging.getLogger(__name__)
 PRECISIONS, GRAPHS = GRAPH_PRECISIONS, GRAPH_KINDS  # what `export_bundle` accepts
+TASK_EMBEDDING, TASK_RERANKER, GRAPH_PLAIN = "task='embedding'", "task='reranker'", "graph='plain'"
 
 
 def detect_task(checkpoint: Path) -> Task:
@@ -29,7 +32,8 @@ def detect_task(checkpoint: Path) -> Task:
     found = [t for t in TASKS.values() if t.name_hint in names]
     if len(found) != 1:
         raise CheckpointError(f"cannot tell whether {checkpoint} is an embedding or a reranker checkpoint "
-                              "from its name; pass task='embedding' or task='reranker' (--task)")
+                              f"from its name; pass {option(TASK_EMBEDDING, '--task embedding')} or "
+                              f"{option(TASK_RERANKER, '--task reranker')}")
     return found[0]
 
 
@@ -46,24 +50,14 @@ def _chat_template(checkpoint: Path) -> str:
     raise CheckpointError(f"checkpoint {checkpoint} has no chat template (chat_template.jinja/.json)")
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"output directory {out} is not empty; pass overwrite=True (--overwrite)")
-        if not (out / MANIFEST).is_file() and not any(out.glob("*.onnx")):
-            raise OutputExistsError(f"refusing to overwrite {out}: it does not look like a q3vl bundle")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _require_bf16_kernels() -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise ConfigError("bf16 graphs need an ONNX Runtime provider with bf16 kernels (CUDA); this "
                          "onnxruntime has only the CPU provider, which cannot run or validate them. Export "
-                         "fp16 instead, or pass validate=False (--no-validate) to write an unvalidated bf16 "
-                         "bundle for the CUDA backend")
+                         f"fp16 instead, or pass {option('validate=False', '--no-validate')} to write an "
+                         "unvalidated bf16 bundle for the CUDA backend")
 
 
 def _torch_dtype(precision: str) -> Any:
@@ -73,17 +67,17 @@ def _torch_dtype(precision: str) -> Any:
 
 
 def _build_fused(ckpt: Path, out: Path, spec: ModelSpec, task: Task, precision: str,
-                 token_ids: dict[str, int], steps: Any) -> dict[str, float]:
+                 token_ids: dict[str, int], steps: Progress) -> dict[str, float]:
     from q3vl.export.fused_text import TextGraph
     from q3vl.export.fused_vision import VisionGraph
 
     weights, seconds = Weights(ckpt), {}
-    steps.set_description("vision graph")
+    steps.step("vision graph")
     t0 = time.perf_counter()
     VisionGraph(spec, weights, out / "vision.onnx", precision).build()
     seconds["vision"] = time.perf_counter() - t0
     steps.update()
-    steps.set_description("text graph")
+    steps.step("text graph")
     t0 = time.perf_counter()
     TextGraph(spec, weights, out / "text.onnx", task, token_ids, precision).build()
     seconds["text"] = time.perf_counter() - t0
@@ -92,11 +86,11 @@ def _build_fused(ckpt: Path, out: Path, spec: ModelSpec, task: Task, precision: 
 
 
 def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: Task, precision: str,
-                   token_ids: dict[str, int], steps: Any) -> dict[str, float]:
+                   token_ids: dict[str, int], steps: Progress) -> dict[str, float]:
     from q3vl.export.modules import TextEncoder, VisionEncoder
 
     weights, dtype, seconds = Weights(ckpt), _torch_dtype(precision), {}
-    steps.set_description("vision graph")
+    steps.step("vision graph")
     t0 = time.perf_counter()
     vision = VisionEncoder(spec, weights, dtype).eval()
     export_graph(vision, vision_example(spec.vision.patch_dim, round(spec.vision.num_position_embeddings**0.5)),
@@ -105,7 +99,7 @@ def _export_graphs(ckpt: Path, out: Path, spec: ModelSpec, task: Task, precision
     gc.collect()
     seconds["vision"] = time.perf_counter() - t0
     steps.update()
-    steps.set_description("text graph")
+    steps.step("text graph")
     t0 = time.perf_counter()
     text = TextEncoder(spec, weights, task, token_ids, dtype).eval()
     export_graph(text, text_example(spec.text.hidden_size, spec.num_deepstack, spec.image_token_id),
@@ -130,7 +124,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
 
     Args:
         checkpoint: Hugging Face format directory (config.json, safetensors, tokenizer files).
-        out_dir: bundle directory to create (must be empty unless `overwrite`).
+        out_dir: bundle directory to create (must be absent or empty unless `overwrite`). It is
+            written beside itself under a hidden name and renamed when complete, so a failed or
+            interrupted export leaves no `out_dir` behind.
         precision: "fp32", "fp16" or "bf16" for the graphs' weights and matmuls (norms, softmax,
             residual stream and heads stay float32).
         task: "embedding", "reranker" or "auto" (from the checkpoint's name).
@@ -138,10 +134,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
             or "plain" (traced with torch.onnx, standard ops only: the parity baseline, and what
             runtimes without ORT's contrib ops need). Both are held to the same parity tests.
         validate: run onnx.checker, load in ONNX Runtime and check parity against transformers; the
-            report goes into the manifest and a failure raises `ParityError`. When False, the
-            manifest says parity was skipped.
+            report goes into the manifest and a failure raises `ParityError` (the bundle is kept,
+            marked failed). When False, the manifest says parity was skipped.
         overwrite: replace `out_dir` if it already holds a bundle.
-        progress: show a progress bar over the export steps.
+        progress: report the export steps (a bar on a terminal, log lines otherwise).
 
     Returns:
         The bundle directory.
@@ -150,8 +146,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         import torch  # noqa: F401
     except ImportError as e:
         raise missing_extra("torch", "export") from e
-    from tqdm.auto import tqdm
-
     from q3vl.preprocess.prompt import TextTokenizer
 
     ckpt, out = Path(checkpoint), Path(out_dir)
@@ -160,48 +154,54 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     check(graph, GRAPH_KINDS, "graph")
     check(precision, GRAPH_PRECISIONS, "precision")
     if graph == "fused" and precision == "bf16":
-        raise ConfigError("fused graphs are built in fp32 or fp16; export bf16 with graph='plain' (--graph plain)")
+        raise ConfigError(f"fused graphs are built in fp32 or fp16; export bf16 with "
+                          f"{option(GRAPH_PLAIN, '--graph plain')}")
     if precision == "bf16" and validate:
         _require_bf16_kernels()
     kind = task_for(task) if task != "auto" else detect_task(ckpt)
+    check_output(out, overwrite=overwrite, directory=True, replaceable=looks_like_bundle, what="bundle directory")
     tokenizer = TextTokenizer(ckpt / "tokenizer.json")
     token_ids = {**tokenizer.special.as_dict(), **kind.head_token_ids(tokenizer)}
     template = _chat_template(ckpt)
-    _prepare_dir(out, overwrite)
-    started = time.perf_counter()
-    steps = tqdm(total=3 if validate else 2, disable=not progress, unit="step")
-    try:
-        build = _build_fused if graph == "fused" else _export_graphs
-        seconds = build(ckpt, out, spec, kind, precision, token_ids, steps)
-        shutil.copyfile(ckpt / "tokenizer.json", out / "tokenizer.json")
-        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
-        names = ["vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data", "tokenizer.json",
-                 "chat_template.jinja"]
-        manifest = Manifest(
-            task=kind.name, spec=spec, token_ids=token_ids,
-            graphs={"vision": GraphEntry("vision.onnx", precision, graph, ["visual_embeds", "deepstack_embeds"]),  # type: ignore[arg-type]
-                    "text": GraphEntry("text.onnx", precision, graph, list(kind.outputs))},  # type: ignore[arg-type]
-            preprocess={"patch_size": spec.vision.patch_size, "temporal_patch_size": spec.vision.temporal_patch_size,
-                        "merge_size": spec.vision.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
-            source=checkpoint_identity(ckpt), parity={"passed": None, "summary": "not validated (validate=False)"},
-            files=describe_files(out, names), extra={"export": {"seconds": seconds}})
-        manifest.write(out)
-        if validate:
-            steps.set_description("validation")
-            _check_graphs(out)
-            from q3vl.export.parity import check as parity_check
-
-            manifest.parity = parity_check(out, ckpt, kind.name, precision,
-                                           backend="cuda" if precision == "bf16" else "cpu")
-            steps.update()
-        manifest.extra["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
-        manifest.write(out)
-    finally:
-        steps.close()
+    with Progress(3 if validate else 2, "export", unit="step", enabled=progress) as steps, \
+            staged_dir(out, overwrite=overwrite) as tmp:
+        manifest = _write_bundle(ckpt, tmp, spec, kind, precision, graph, token_ids, template, validate, steps)
     if validate and not manifest.parity["passed"]:
         raise ParityError(f"exported graphs do not match transformers: {manifest.parity['summary']}",
                           manifest.parity)
     return out
+
+
+def _write_bundle(ckpt: Path, out: Path, spec: ModelSpec, kind: Task, precision: str, graph: str,
+                  token_ids: dict[str, int], template: str, validate: bool, steps: Progress) -> Manifest:
+    """Graphs, tokenizer, template and manifest into `out` (the staging directory), then validation."""
+    started = time.perf_counter()
+    build = _build_fused if graph == "fused" else _export_graphs
+    seconds = build(ckpt, out, spec, kind, precision, token_ids, steps)
+    shutil.copyfile(ckpt / "tokenizer.json", out / "tokenizer.json")
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    names = ["vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data", "tokenizer.json",
+             "chat_template.jinja"]
+    manifest = Manifest(
+        task=kind.name, spec=spec, token_ids=token_ids,
+        graphs={"vision": GraphEntry("vision.onnx", precision, graph, ["visual_embeds", "deepstack_embeds"]),  # type: ignore[arg-type]
+                "text": GraphEntry("text.onnx", precision, graph, list(kind.outputs))},  # type: ignore[arg-type]
+        preprocess={"patch_size": spec.vision.patch_size, "temporal_patch_size": spec.vision.temporal_patch_size,
+                    "merge_size": spec.vision.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        source=checkpoint_identity(ckpt), parity={"passed": None, "summary": "not validated (validate=False)"},
+        files=describe_files(out, names), extra={"export": {"seconds": seconds}})
+    manifest.write(out)
+    if validate:
+        steps.step("validation against transformers")
+        _check_graphs(out)
+        from q3vl.export.parity import check as parity_check
+
+        manifest.parity = parity_check(out, ckpt, kind.name, precision,
+                                       backend="cuda" if precision == "bf16" else "cpu")
+        steps.update()
+    manifest.extra["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
+    manifest.write(out)
+    return manifest
 
 
 def summary(out: Path) -> str:

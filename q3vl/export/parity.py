@@ -70,8 +70,10 @@ def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: st
     from transformers import Qwen3VLForConditionalGeneration
 
     from q3vl.export.cases import run_cases
+    from q3vl.reference._common import bars_only_on_a_terminal
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    with bars_only_on_a_terminal():
+        model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     rt = task_for(task).runtime(bundle, allow_unverified=True, backend=backend)
     pad, spec, token_ids = rt.encoder.tokenizer.special.endoftext, rt.manifest.spec, rt.manifest.token_ids
 

@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.bundle import MANIFEST, Manifest, describe_files, sha256
-from q3vl.errors import BundleError, OutputExistsError, ParityError
+from q3vl.bundle import MANIFEST, Manifest, describe_files, looks_like_bundle, sha256
+from q3vl.errors import BundleError, ParityError, missing_extra
+from q3vl.outputs import check_output, staged_dir
 from q3vl.precision import WEIGHT_FORMATS, check, weights_precision
+from q3vl.progress import Progress
 from q3vl.tolerances import tolerance
 
 log = logging.getLogger(__name__)
@@ -121,15 +123,17 @@ def compare_bundles(base: Path, quantized: Path, weights: str) -> dict[str, Any]
 
 
 def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int8", *, block_size: int = 32,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, progress: bool = True) -> Path:
     """Write a weight-quantized copy of an fp32 bundle and measure its parity against it.
 
     Args:
         bundle: an fp32 bundle made by `export_bundle`.
-        out_dir: the new bundle (must be empty unless `overwrite`).
+        out_dir: the new bundle (must be absent or empty unless `overwrite`); written beside itself
+            and renamed when complete, so a failure or an interruption leaves no `out_dir`.
         weights: "int8", "int4" or "fp16".
         block_size: int4 quantization block (32 keeps more accuracy, 128 is smaller).
         overwrite: replace `out_dir` if it is a bundle already.
+        progress: report the steps (a bar on a terminal, log lines otherwise).
 
     Returns:
         The new bundle directory. Raises `ParityError` (the bundle stays, marked failed) when
@@ -137,22 +141,44 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
     """
     check(weights, WEIGHT_FORMATS, "weights")
     src, out = Path(bundle), Path(out_dir)
+    manifest = check_quantizable(src)
+    check_output(out, overwrite=overwrite, directory=True, replaceable=looks_like_bundle, what="bundle directory")
+    require_onnx()
+    with Progress(len(manifest.graphs) + 1, f"quantize {weights}", unit="step", enabled=progress) as steps, \
+            staged_dir(out, overwrite=overwrite) as tmp:
+        _write_quantized(src, tmp, manifest, weights, block_size, steps)
+    if not manifest.parity["passed"]:
+        raise ParityError(f"{weights} bundle is outside tolerance: {manifest.parity['summary']}", manifest.parity)
+    return out
+
+
+def check_quantizable(src: Path) -> Manifest:
+    """The source bundle's manifest, if it is a plain fp32 bundle (what weight quantization starts from)."""
     manifest = Manifest.read(src)
     if any(g.precision != "fp32" for g in manifest.graphs.values()) or manifest.extra.get("quantization"):
         raise BundleError(f"{src} is not a plain fp32 bundle; quantize the fp32 export")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite or not (out / "q3vl.json").exists():
-            raise OutputExistsError(f"output directory {out} is not empty (pass overwrite=True, --overwrite, to "
-                                    "replace an old bundle)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    return manifest
+
+
+def require_onnx() -> None:
+    """The onnx package (the export extra) rewrites the graphs; say so before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise missing_extra("onnx", "export")
+
+
+def _write_quantized(src: Path, out: Path, manifest: Manifest, weights: str, block_size: int,
+                     steps: Progress) -> None:
+    """Quantize each graph of `src` into `out` (the staging directory), then measure parity."""
     started = time.perf_counter()
     for name in ("tokenizer.json", "chat_template.jinja"):
         shutil.copyfile(src / name, out / name)
     for graph, meta in manifest.graphs.items():
-        log.info("quantizing %s graph to %s weights", graph, weights)
+        steps.step(f"{graph} graph to {weights} weights")
         _convert(src / meta.file, out / meta.file, weights, block_size)
         meta.precision = weights_precision(weights)  # type: ignore[assignment]
+        steps.update()
     files = [n for n in manifest.files if (out / n).exists()]
     manifest.files = describe_files(out, files)
     manifest.extra["quantization"] = {
@@ -161,8 +187,7 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
         "seconds": round(time.perf_counter() - started, 1)}
     manifest.parity = {"passed": None, "summary": "measuring"}
     manifest.write(out)
+    steps.step("parity against the fp32 bundle")
     manifest.parity = compare_bundles(src, out, weights)
     manifest.write(out)
-    if not manifest.parity["passed"]:
-        raise ParityError(f"{weights} bundle is outside tolerance: {manifest.parity['summary']}", manifest.parity)
-    return out
+    steps.update()

@@ -9,8 +9,11 @@ comparing the two proves something.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +47,30 @@ def load(path: str | Path, dtype: str, device: str, attn_implementation: str,
     except ImportError as e:
         raise missing_extra("transformers", "export") from e
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model: Any = Qwen3VLForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch_dtype, attn_implementation=attn_implementation)
+    with bars_only_on_a_terminal():
+        model: Any = Qwen3VLForConditionalGeneration.from_pretrained(
+            str(path), dtype=torch_dtype, attn_implementation=attn_implementation)
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(str(path), padding_side=padding_side)
     _prefer_decord()
     return model, processor
+
+
+@contextlib.contextmanager
+def bars_only_on_a_terminal() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar off a terminal: in a log its carriage returns make one long line."""
+    from transformers.utils import logging as hf_logging
+
+    from q3vl.progress import on_terminal
+
+    hide = hf_logging.is_progress_bar_enabled() and not on_terminal()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def _prefer_decord() -> None:
@@ -72,6 +93,10 @@ def _prefer_decord() -> None:
         vp.VIDEO_READER_BACKENDS["pyav"] = read_video_pyav
         vp.FORCE_QWENVL_VIDEO_READER = "pyav"
     vp.get_video_reader_backend.cache_clear()
+    # the first call prints its choice to stderr (between q3vl's own lines); make it once, quietly
+    with contextlib.redirect_stderr(io.StringIO()):
+        backend = vp.get_video_reader_backend()
+    log.debug("qwen-vl-utils reads videos with %s", backend)
 
 
 class Wrapper:

@@ -10,7 +10,6 @@ an `InputError` for that item at whichever step sees it, whatever library raised
 from __future__ import annotations
 
 import logging
-import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,11 +19,12 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from q3vl.bundle import Manifest, check_graph_io, expected_io, verify_files
-from q3vl.errors import BundleError, ConfigError, InputError, LimitError, QueryError, UnknownOptionError
+from q3vl.errors import BundleError, ConfigError, InputError, LimitError, QueryError, UnknownOptionError, option
 from q3vl.preprocess.encode import Encoded, Encoder, PreprocessConfig
 from q3vl.preprocess.media import MediaPolicy, media_call
 from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer, check_text
 from q3vl.preprocess.vision import Geometry
+from q3vl.progress import Progress, on_terminal
 from q3vl.runtime.backends.base import ShapeLimits, create
 from q3vl.runtime.batch import BatchPolicy, Loaded, Plan
 from q3vl.runtime.pipeline import GraphRunner
@@ -145,7 +145,7 @@ class BundleModel:
         parity = self.manifest.parity
         if parity.get("passed") is False and not allow_unverified:
             raise BundleError(f"{self.path} failed its export-time parity check ({parity.get('summary')}); "
-                              "pass allow_unverified=True to load it anyway")
+                              f"pass {option('allow_unverified=True', '--allow-unverified')} to load it anyway")
 
     def _vision_budget(self, max_vision_patches: int) -> int:
         return max_vision_patches if self.limits is None else min(max_vision_patches, self.limits.max_patches)
@@ -297,14 +297,12 @@ def _positive_ints(**values: Any) -> None:
             raise ConfigError(f"{name} must be an integer >= 1, not {value!r}")
 
 
-def _progress(progress: bool | None, total: int, desc: str) -> Any:
-    """A tqdm bar when asked, or by default on a TTY for more than one batch of work."""
-    show = progress if progress is not None else (sys.stderr.isatty() and total > 32)
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="item")
+def _progress(progress: bool | None, total: int, desc: str) -> Progress | None:
+    """Progress when asked (a bar on a terminal, log lines elsewhere), or by default a bar on a
+    terminal for more than a few batches of work (a library stays quiet in logs unless asked).
+    """
+    show = progress if progress is not None else (on_terminal() and total > 32)
+    return Progress(total, desc) if show else None
 
 
 def check_kwargs(kwargs: dict[str, Any], allowed: Sequence[str], where: str) -> None:

@@ -188,5 +188,5 @@ def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tin
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2))
     _write_tokenizer(out)
-    log.info("checkpoint %s (%s, %s) written to %s", shape, task, dtype, out)
+    log.debug("checkpoint %s (%s, %s) written to %s", shape, task, dtype, out)
     return out
