@@ -3,6 +3,8 @@
 `text` and `image` are a scalar or a list; `video` is one video (a path/URL, or a list of frames
 whose first element is a PIL image, an image-file path or an image data URI) or a list of videos.
 Unknown keys are rejected (a typo like "images" would otherwise embed the item as "NULL").
+`min_pixels` / `max_pixels` / `total_pixels` on an item (or a rerank request) override the
+constructor's values for that item only, so one server process can honour each request's own limits.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from q3vl.errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".svg"}
 CONTENT_KEYS = ("text", "image", "video")
-EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames")
-RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames")
+PIXEL_KEYS = ("min_pixels", "max_pixels", "total_pixels")
+EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames", *PIXEL_KEYS)
+RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames", *PIXEL_KEYS)
+Pixels = tuple[tuple[str, int], ...]  # (name, value) of the pixel limits an item sets itself
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,19 @@ def _positive(value: Any, name: str, cast: type) -> Any:
     return cast(value)
 
 
+def pixel_limits(obj: dict[str, Any]) -> Pixels:
+    """The pixel limits an item or request sets itself (integers >= 1), in `PIXEL_KEYS` order."""
+    out = []
+    for name in PIXEL_KEYS:
+        value = obj.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, not {value!r:.40}")
+        out.append((name, value))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class EmbedItem:
     """One validated embedding input."""
@@ -125,6 +142,7 @@ class EmbedItem:
     instruction: str | None
     fps: float | None
     max_frames: int | None
+    pixels: Pixels = ()
 
 
 def embed_item(obj: Any) -> EmbedItem:
@@ -134,7 +152,7 @@ def embed_item(obj: Any) -> EmbedItem:
     if instruction is not None and not isinstance(instruction, str):
         raise InputError(f"instruction must be a str, not {type(instruction).__name__}")
     return EmbedItem(content(obj), instruction, _positive(obj.get("fps"), "fps", float),
-                     _positive(obj.get("max_frames"), "max_frames", int))
+                     _positive(obj.get("max_frames"), "max_frames", int), pixel_limits(obj))
 
 
 @dataclass(frozen=True)
@@ -149,6 +167,7 @@ class RerankRequest:
     instruction: str | None
     fps: float | None
     max_frames: int | None
+    pixels: Pixels = ()
 
 
 def rerank_request(obj: Any) -> RerankRequest:
@@ -173,4 +192,5 @@ def rerank_request(obj: Any) -> RerankRequest:
         if val is not None and not isinstance(val, str):
             raise InputError(f"{name} must be a str, not {type(val).__name__}")
     return RerankRequest(content(query), query_instruction, is_tuple, given, tuple(documents), instruction,
-                         _positive(obj.get("fps"), "fps", float), _positive(obj.get("max_frames"), "max_frames", int))
+                         _positive(obj.get("fps"), "fps", float), _positive(obj.get("max_frames"), "max_frames", int),
+                         pixel_limits(obj))
