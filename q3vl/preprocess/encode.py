@@ -136,7 +136,7 @@ class Encoder:
         self._variants_lock = threading.Lock()
 
     def configured(self, pixels: Pixels) -> Encoder:
-        """The encoder for an item that sets its own an item's own `min_pixels`/`max_pixels`/`total_pixels`.
+        """The encoder for an item that sets its own `min_pixels`/`max_pixels`/`total_pixels` (else self).
 
         Only planning reads those limits (loading follows the plan), so a planned item needs nothing
         else. A few variants are cached; a caller sending endless distinct values gets fresh ones.
