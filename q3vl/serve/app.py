@@ -6,7 +6,7 @@ Middleware order, outermost first: metrics (counts every response, 401s and 413s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -20,12 +20,12 @@ from q3vl.serve.service import Service
 PROBES = {"/health", "/metrics"}
 
 
-def create_app(svc: Service) -> FastAPI:
-    """The app for a loaded `Service`; it starts the queues and the warm-up when it starts."""
+def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The app for a `Service`; starting it starts loading the models (`on_failure` if they cannot load)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc.start()
+        svc.start(on_failure)
         try:
             yield
         finally:
@@ -35,11 +35,12 @@ def create_app(svc: Service) -> FastAPI:
                   description="Qwen3-VL-Embedding / Qwen3-VL-Reranker bundles behind the OpenAI, Cohere and "
                               "vLLM embedding and rerank APIs.")
     install_handlers(app)
-    app.include_router(build_router(svc))
+    router = build_router(svc)
+    app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=svc.config.max_request_bytes)
     if svc.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=svc.config.api_key,
                            open_paths=set() if svc.config.auth_probes else PROBES)
-    routes = {getattr(r, "path", "") for r in app.routes}
+    routes = {getattr(r, "path", "") for r in router.routes} | {"/openapi.json", "/docs", "/redoc"}
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics, routes=routes)
     return app

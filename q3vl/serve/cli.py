@@ -2,8 +2,8 @@
 
 SIGTERM (or Ctrl-C) drains: the server keeps listening but answers 503 to new requests (so `/ready`
 tells a load balancer to stop sending), lets every accepted request finish (up to --drain-timeout),
-then stops uvicorn, whose own graceful shutdown and the queues' close finish anything left. A second
-signal exits at once.
+then stops uvicorn, whose own graceful shutdown and the queues' close finish anything left, and exits
+0. A second signal is uvicorn's: shut down now (and exit by that signal).
 """
 
 from __future__ import annotations
@@ -97,13 +97,19 @@ def _serve(a: argparse.Namespace) -> int:
 
     config = config_from(a)
     svc = Service(config)
-    svc.load()
+    server: Any = None
+
+    def stop(error: BaseException) -> None:  # a bundle that cannot load: exit with its error
+        server.should_exit = True
+
     server = _draining_server(uvicorn)(uvicorn.Config(
-        create_app(svc), host=config.host, port=config.port, log_level="warning", access_log=False,
+        create_app(svc, stop), host=config.host, port=config.port, log_level="warning", access_log=False,
         timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on"), svc)
     log.info("serving %s on http://%s:%d", ", ".join(f"{t} {n!r}" for t, n in svc.names.items()),
              config.host, config.port)
     server.run()
+    if svc.failure is not None:
+        raise svc.failure
     return 0
 
 
@@ -117,19 +123,19 @@ def _draining_server(uvicorn: Any) -> Any:
             self._drain_started = False
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if self._drain_started or self.svc.draining:
+            if self._drain_started:  # a second signal: uvicorn's own (graceful, then forced) exit
                 super().handle_exit(sig, frame)
                 return
             self._drain_started = True
             self.svc.drain()
             log.info("signal %d: draining (new requests get 503; %d in flight)", sig, self.svc.active)
-            asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(sig, frame)))
+            asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
-        async def _drain(self, sig: int, frame: Any) -> None:
+        async def _drain(self) -> None:
             deadline = time.monotonic() + self.svc.config.drain_timeout
             while self.svc.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            log.info("drained; shutting down")
-            super().handle_exit(sig, frame)
+            log.info("drained (%d still in flight); shutting down", self.svc.active)
+            self.should_exit = True  # not handle_exit: a completed drain exits 0, not by the signal
 
     return DrainingServer

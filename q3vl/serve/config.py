@@ -59,6 +59,9 @@ class ServeConfig:
         for name in ("batch_size", "max_batch_tokens", "max_client_batch_size", "max_request_bytes",
                      "max_queue_items", "media_item_bytes", "media_request_bytes"):
             _at_least(name, getattr(self, name), 1)
+        if self.max_queue_items < self.max_client_batch_size:
+            raise ConfigError(f"max_queue_items ({self.max_queue_items}) must be at least max_client_batch_size "
+                              f"({self.max_client_batch_size}): a full-size request must fit in an empty queue")
         _at_least("max_batch_requests", self.max_batch_requests, 0)
         _at_least("max_redirects", self.max_redirects, 0)
         _at_least("port", self.port, 0)

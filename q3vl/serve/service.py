@@ -1,9 +1,9 @@
 """The served models and what every route shares: loading, warm-up, readiness, planning and queueing.
 
-`Service.load()` opens the bundles (a broken bundle stops `q3vl serve` before it listens);
-`start()` starts the queues and warms each model up on a thread (every graph runs once) while the
-server already answers `/health`; `/ready` and the API routes say 503 until then and again while
-draining. `submit()` is a request's path through the runtime's batch API: plan on a worker thread,
+`start()` opens the bundles, starts the queues and warms each model up (every graph runs once) on a
+thread, while the server already answers `/health`; `/ready` and the API routes say 503 until then
+and again while draining. A bundle that fails to load stops the server (`on_failure`) and `q3vl
+serve` exits with its error. `submit()` is a request's path through the runtime's batch API: plan on a worker thread,
 turn per-item errors into 400s naming the item, then wait on the model's queue.
 """
 
@@ -73,6 +73,7 @@ class Service:
         self.models: dict[str, Any] = {}
         self.queues: dict[str, ModelQueue] = {}
         self.ready = threading.Event()
+        self.failure: BaseException | None = None
         self.draining = False
         self.active = 0  # requests between planning and their last row (event-loop only)
         self.created = int(time.time())
@@ -99,25 +100,32 @@ class Service:
             raise ConfigError(f"--calibration is for {self.calibration.dim} dimensions, which the embedding "
                               "bundle does not have")
 
-    def start(self) -> None:
-        """Start the queues, then warm up on a thread; `ready` is set when every graph has run once."""
-        for queue in self.queues.values():
-            queue.start()
-        threading.Thread(target=self._warm_up, name="q3vl-serve-warmup", daemon=True).start()
+    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """Load, start the queues and warm up on a thread; `ready` is set once every graph ran once."""
+        threading.Thread(target=self._start, args=(on_failure,), name="q3vl-serve-start", daemon=True).start()
 
-    def _warm_up(self) -> None:
+    def _start(self, on_failure: Callable[[BaseException], None] | None) -> None:
         start = time.monotonic()
-        image = Image.fromarray(np.full((64, 64, 3), 127, np.uint8))
         try:
-            if "embedding" in self.models:
-                self.models["embedding"].process([{"text": "warm up"}, {"image": image}])
-            if "reranker" in self.models:
-                self.models["reranker"].process({"query": {"text": "warm up"}, "documents": [{"image": image}]})
-        except Exception:
-            log.exception("warm-up failed; the server stays not ready")
+            self.load()
+            for queue in self.queues.values():
+                queue.start()
+            self._warm_up()
+        except Exception as e:
+            log.error("the server cannot start: %s", e)
+            self.failure = e
+            if on_failure is not None:
+                on_failure(e)
             return
         self.ready.set()
-        log.info("warm-up done in %.2f s: ready", time.monotonic() - start)
+        log.info("loaded and warmed up in %.2f s: ready", time.monotonic() - start)
+
+    def _warm_up(self) -> None:
+        image = Image.fromarray(np.full((64, 64, 3), 127, np.uint8))
+        if "embedding" in self.models:
+            self.models["embedding"].process([{"text": "warm up"}, {"image": image}])
+        if "reranker" in self.models:
+            self.models["reranker"].process({"query": {"text": "warm up"}, "documents": [{"image": image}]})
 
     def drain(self) -> None:
         """Stop taking new requests (503); queued and running ones still finish."""
@@ -137,7 +145,7 @@ class Service:
         if self.draining:
             raise UnavailableError("the server is draining before it exits", retry_after=5)
         if not self.ready.is_set():
-            raise UnavailableError("the server is warming up; retry shortly", retry_after=2)
+            raise UnavailableError("the server is loading its models; retry shortly", retry_after=2)
         if task not in self.models:
             raise UnknownModelError(f"this server serves no {task} model (served: {sorted(self.names.values())})",
                                     "model")
