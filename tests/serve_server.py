@@ -28,7 +28,9 @@ def free_port() -> int:
 class Server:
     """`q3vl serve ARGS --port <free>`, logging to a file; `stop()` sends SIGTERM and waits."""
 
-    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.headers = headers or {}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"serve-{self.port}.log"
@@ -37,16 +39,16 @@ class Server:
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
 
-    def wait_ready(self, timeout: float = 180.0) -> list[int]:
-        """Poll /ready until 200; the statuses seen on the way (connection refused is not one)."""
-        seen: list[int] = []
+    def wait_ready(self, timeout: float = 180.0) -> list[tuple[int, Any]]:
+        """Poll /ready until 200; the (status, body) answers seen on the way (connection refused is not one)."""
+        seen: list[tuple[int, Any]] = []
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                status, _, _ = request(self.base, "GET", "/ready", timeout=5)
-                seen.append(status)
+                status, _, body = request(self.base, "GET", "/ready", headers=self.headers, timeout=5)
+                seen.append((status, body))
                 if status == 200:
                     return seen
             except OSError:

@@ -137,7 +137,7 @@ def build_router(svc: Service) -> APIRouter:
         if svc.draining:
             raise UnavailableError("draining before exit", retry_after=5)
         if not svc.ready.is_set():
-            raise UnavailableError("warming up", retry_after=2)
+            raise UnavailableError("loading the models and warming up", retry_after=2)
         return {"status": "ready"}
 
     @router.get("/metrics", tags=["service"])

@@ -145,7 +145,7 @@ class Service:
         if self.draining:
             raise UnavailableError("the server is draining before it exits", retry_after=5)
         if not self.ready.is_set():
-            raise UnavailableError("the server is loading its models; retry shortly", retry_after=2)
+            raise UnavailableError("the server is loading the models and warming up; retry shortly", retry_after=2)
         if task not in self.models:
             raise UnknownModelError(f"this server serves no {task} model (served: {sorted(self.names.values())})",
                                     "model")
