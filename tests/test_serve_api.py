@@ -191,3 +191,43 @@ def test_models_health_metrics(server):
     status, _, schema = request(server.base, "GET", "/openapi.json")
     assert status == 200 and {"/v1/embeddings", "/v2/embed", "/v1/rerank", "/rerank", "/v2/rerank"} <= set(
         schema["paths"])
+
+
+def run_schemathesis(base: str, examples: int) -> int:
+    """Positive and negative cases for every operation of the server's own OpenAPI document; each
+    response must pass schemathesis' `not_a_server_error`. Returns the number of calls made.
+    """
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(base + "/openapi.json")
+    calls = 0
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                nonlocal calls
+                calls += 1
+                response = case.call(base_url=base, timeout=60)
+                case.validate_response(response, checks=[not_a_server_error])
+
+            try:
+                check()
+            except Unsatisfiable:  # no invalid request exists for an operation without inputs (GET /health)
+                assert mode == schemathesis.GenerationMode.NEGATIVE and op.method.upper() == "GET"
+    return calls
+
+
+def test_schemathesis_finds_no_server_error(server):
+    calls = run_schemathesis(server.base, examples=6)
+    assert calls >= 60 and server.proc.poll() is None  # every operation exercised, the server still up
+
+
+@pytest.mark.slow
+def test_schemathesis_long_run(server):
+    assert run_schemathesis(server.base, examples=200) >= 1000 and server.proc.poll() is None
