@@ -148,7 +148,7 @@ class Encoder:
         if found is not None:
             return found
         try:
-            config = dataclasses.replace(self.config, **dict(pixels))
+            config = dataclasses.replace(self.config, **dict[str, Any](pixels))
         except ConfigError as e:
             raise InputError(str(e)) from None
         variant = Encoder(self.tokenizer, self.template, config, self.geometry)
