@@ -65,3 +65,15 @@ def test_bad_pixel_limits_are_the_items_error(tiny_embedding_bundle, bad):
         plans = e.plan([{"text": "fine"}, {"text": "x", **bad}])
     assert not isinstance(plans[0], InputError)
     assert isinstance(plans[1], InputError) and plans[1].index == 1 and "pixels" in plans[1].reason
+
+
+def test_text_items_load_without_the_pool(tiny_embedding_bundle, media):
+    """A plan without media is loaded at once (a server's text requests skip two thread switches)."""
+    with Embedder(tiny_embedding_bundle) as e:
+        plans = e.plan([{"text": "no media"}, {"image": str(media / "small.png")}])
+        futures = e.submit_load(plans)
+        assert futures[0].done() and futures[0].result().blocks == []
+        loaded = [f.result() for f in futures]
+        got = e.vectors(e.run_batch(loaded))
+        want = e.process([{"text": "no media"}, {"image": str(media / "small.png")}])
+    assert np.abs(got - want).max() <= 1e-6
