@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,10 +192,21 @@ class Service:
         if not plans:
             return Outcome(plans, None, took)
         try:
-            job = await self.queues[task].run(plans, receive)
+            job = await self.queues[task].run(plans, _disconnect_of(receive))
         except InputError as e:  # found while loading media
             raise RequestError(e.reason, params[e.index or 0]) from e
         return Outcome(plans, job, took)
+
+
+def _disconnect_of(receive: Any) -> Callable[[], Awaitable[None]]:
+    """A waiter that returns when the client disconnects (the body was read: the server's `receive`
+    says nothing else until then).
+    """
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
 
 
 def _calibration(config: ServeConfig) -> Calibration | None:
