@@ -155,27 +155,27 @@ def test_cohere_rerank_and_raw_multimodal_rerank(server, offline, media):
         assert status == 200 and len(same["results"]) == 1 and "document" not in same["results"][0]
 
 
-def test_item_options_over_http_equal_process(server, offline, tiny_embedding_bundle, media):
-    """The same video item with fps 1 and 4: different frame counts, each equal to process() with that fps."""
+def test_item_options_over_http_equal_process(server, offline, media):
+    """The same video item with fps 1 and 4: different frame counts, each equal to process() with that fps
+    (per-item values equal constructor values: tests/test_serve_options.py).
+    """
     inputs = [{"content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}}], "fps": fps} for fps in (1, 4)]
     status, _, res = request(server.base, "POST", "/v2/embed", {"model": "emb", "inputs": inputs,
                                                                 "input_type": "search_document"})
     assert status == 200, res
     clip = str(media / "clip.mp4")
-    for k, fps in enumerate((1.0, 4.0)):
-        with Embedder(tiny_embedding_bundle, fps=fps) as e:
-            close(np.asarray(res["embeddings"]["float"][k])[None], e.process([{"video": clip}]))
-    one = offline[0].process_details([{"video": clip, "fps": 1}])
-    four = offline[0].process_details([{"video": clip, "fps": 4}])
-    assert four.vision_tokens[0] > one.vision_tokens[0]
-    assert res["meta"]["billed_units"]["input_tokens"] == one.total_tokens + four.total_tokens
-    pixels = {"min_pixels": 8192, "max_pixels": 20000}
+    want = offline[0].process_details([{"video": clip, "fps": 1}, {"video": clip, "fps": 4}])
+    close(res["embeddings"]["float"], want.values)
+    assert want.vision_tokens[1] > want.vision_tokens[0]
+    assert res["meta"]["billed_units"]["input_tokens"] == want.total_tokens
+    pixels = {"min_pixels": 32768, "max_pixels": 65536}  # photo.png (96x128) grows
     part = {"type": "image_url", "image_url": {"url": "photo.png"}}
+    want = offline[0].process_details([{"image": str(media / "photo.png"), **pixels}])
+    assert want.tokens[0] != offline[0].process_details([{"image": str(media / "photo.png")}]).tokens[0]
     for body in ({"inputs": [{"content": [part], **pixels}]}, {"inputs": [{"content": [part]}], **pixels}):
         status, _, res = request(server.base, "POST", "/v2/embed", {"model": "emb", **body})  # item or request level
         assert status == 200, res
-        with Embedder(tiny_embedding_bundle, **pixels) as e:
-            close(res["embeddings"]["float"], e.process([{"image": str(media / "photo.png")}]))
+        close(res["embeddings"]["float"], want.values)
 
 
 def test_models_health_metrics(server):

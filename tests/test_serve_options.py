@@ -16,6 +16,12 @@ PIXELS = {"min_pixels": 8192, "max_pixels": 40_000, "total_pixels": 200_000}
 
 
 @pytest.fixture(scope="module")
+def default(tiny_embedding_bundle):
+    with Embedder(tiny_embedding_bundle) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("options")
     gradient_image(300, 500, seed=1).save(d / "wide.png")
@@ -24,13 +30,13 @@ def media(tmp_path_factory):
     return d
 
 
-def test_item_pixel_limits_equal_constructor_values(tiny_embedding_bundle, media):
+def test_item_pixel_limits_equal_constructor_values(tiny_embedding_bundle, default, media):
     items = [{"image": str(media / "wide.png")}, {"image": str(media / "small.png"), "text": "tiny"},
              {"video": [str(media / "wide.png")] * 3}, {"video": str(media / "clip.mp4")}]
-    with Embedder(tiny_embedding_bundle) as default, Embedder(tiny_embedding_bundle, **PIXELS) as custom:
+    with Embedder(tiny_embedding_bundle, **PIXELS) as custom:
         want = custom.process_details(items)
-        got = default.process_details([{**it, **PIXELS} for it in items])
-        plain = default.process_details(items)
+    got = default.process_details([{**it, **PIXELS} for it in items])
+    plain = default.process_details(items)
     assert np.abs(got.values - want.values).max() <= 1e-6
     assert got.tokens.tolist() == want.tokens.tolist()
     # the limits matter: the image items change size (the video file ignores total_pixels, as the wrapper)
@@ -49,10 +55,10 @@ def test_reranker_request_pixel_limits_equal_constructor_values(tiny_reranker_bu
     assert got.tokens.tolist() == want.tokens.tolist() != plain.tokens.tolist()
 
 
-def test_fps_per_item_changes_frames_and_equals_process(tiny_embedding_bundle, media):
+def test_fps_per_item_changes_frames_and_equals_process(tiny_embedding_bundle, default, media):
     clip = str(media / "clip.mp4")
-    with Embedder(tiny_embedding_bundle) as e, Embedder(tiny_embedding_bundle, fps=4.0) as e4:
-        both = e.process_details([{"video": clip, "fps": 1}, {"video": clip, "fps": 4}])
+    both = default.process_details([{"video": clip, "fps": 1}, {"video": clip, "fps": 4}])
+    with Embedder(tiny_embedding_bundle, fps=4.0) as e4:
         alone = e4.process_details([{"video": clip}])
     assert both.vision_tokens[1] > both.vision_tokens[0]
     assert np.abs(both.values[1] - alone.values[0]).max() <= 1e-6
@@ -60,20 +66,19 @@ def test_fps_per_item_changes_frames_and_equals_process(tiny_embedding_bundle, m
 
 @pytest.mark.parametrize("bad", [{"max_pixels": 0}, {"min_pixels": 2.5}, {"max_pixels": True},
                                  {"min_pixels": 50_000, "max_pixels": 40_000}])
-def test_bad_pixel_limits_are_the_items_error(tiny_embedding_bundle, bad):
-    with Embedder(tiny_embedding_bundle) as e:
-        plans = e.plan([{"text": "fine"}, {"text": "x", **bad}])
+def test_bad_pixel_limits_are_the_items_error(default, bad):
+    plans = default.plan([{"text": "fine"}, {"text": "x", **bad}])
     assert not isinstance(plans[0], InputError)
     assert isinstance(plans[1], InputError) and plans[1].index == 1 and "pixels" in plans[1].reason
 
 
-def test_text_items_load_without_the_pool(tiny_embedding_bundle, media):
+def test_text_items_load_without_the_pool(default, media):
     """A plan without media is loaded at once (a server's text requests skip two thread switches)."""
-    with Embedder(tiny_embedding_bundle) as e:
-        plans = e.plan([{"text": "no media"}, {"image": str(media / "small.png")}])
-        futures = e.submit_load(plans)
-        assert futures[0].done() and futures[0].result().blocks == []
-        loaded = [f.result() for f in futures]
-        got = e.vectors(e.run_batch(loaded))
-        want = e.process([{"text": "no media"}, {"image": str(media / "small.png")}])
+    e = default
+    plans = e.plan([{"text": "no media"}, {"image": str(media / "small.png")}])
+    futures = e.submit_load(plans)
+    assert futures[0].done() and futures[0].result().blocks == []
+    loaded = [f.result() for f in futures]
+    got = e.vectors(e.run_batch(loaded))
+    want = e.process([{"text": "no media"}, {"image": str(media / "small.png")}])
     assert np.abs(got - want).max() <= 1e-6

@@ -35,7 +35,8 @@ def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None 
                   description="Qwen3-VL-Embedding / Qwen3-VL-Reranker bundles behind the OpenAI, Cohere and "
                               "vLLM embedding and rerank APIs.")
     install_handlers(app)
-    router = build_router(svc)
+    app.state.svc = svc
+    router = build_router()
     app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=svc.config.max_request_bytes)
     if svc.config.api_key:
