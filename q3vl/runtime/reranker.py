@@ -41,18 +41,19 @@ class Reranker(BundleModel):
         # the wrapper: a (instruction, text) query tuple replaces the request's instruction
         instruction = (req.query_instruction if req.query_is_tuple else req.instruction) or self.default_instruction
         encoder = self.encoder.configured(req.pixels)  # the request's own pixel limits, if it sets any
-        shared = encoder.plan_query(req.query, instruction, req.fps, req.max_frames)
+        with self.media_call():
+            shared = encoder.plan_query(req.query, instruction, req.fps, req.max_frames)
+            return self._plan_each(len(req.documents), lambda i: self._plan_pair(encoder, req, shared, instruction, i))
 
-        def plan(i: int) -> Any:
-            doc = req.documents[i]
-            if not isinstance(doc, dict):
-                raise InputError(f"document must be a dict, not {type(doc).__name__}")
-            extra = sorted(set(doc) - set(DOCUMENT_KEYS))
-            if extra:
-                raise InputError(f"document has unknown keys {extra}; allowed: {list(DOCUMENT_KEYS)}")
-            return encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames, shared)
-
-        return self._plan_each(len(req.documents), plan)
+    @staticmethod
+    def _plan_pair(encoder: Any, req: Any, shared: Any, instruction: str, i: int) -> Any:
+        doc = req.documents[i]
+        if not isinstance(doc, dict):
+            raise InputError(f"document must be a dict, not {type(doc).__name__}")
+        extra = sorted(set(doc) - set(DOCUMENT_KEYS))
+        if extra:
+            raise InputError(f"document has unknown keys {extra}; allowed: {list(DOCUMENT_KEYS)}")
+        return encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames, shared)
 
     def process_details(self, inputs: dict[str, Any], *, on_error: str = "raise",
                         progress: bool | None = None) -> Details:
