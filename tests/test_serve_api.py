@@ -8,7 +8,9 @@ Every vector and score is compared with `Embedder.process` / `Reranker.process` 
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -59,7 +61,8 @@ def calibration(offline, tmp_path_factory):
 def server(tiny_embedding_bundle, tiny_reranker_bundle, media, calibration, tmp_path_factory):
     srv = Server(["--embedding", str(tiny_embedding_bundle), "--reranker", str(tiny_reranker_bundle),
                   "--embedding-name", "emb", "--reranker-name", "rr", "--media-root", str(media),
-                  "--calibration", str(calibration)], tmp_path_factory.mktemp("serve-log"))
+                  "--calibration", str(calibration), "--allow-private-urls", "--allowed-hosts", "127.0.0.1"],
+                 tmp_path_factory.mktemp("serve-log"))
     srv.wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log()
@@ -176,6 +179,49 @@ def test_item_options_over_http_equal_process(server, offline, media):
         status, _, res = request(server.base, "POST", "/v2/embed", {"model": "emb", **body})  # item or request level
         assert status == 200, res
         close(res["embeddings"]["float"], want.values)
+
+
+def test_media_sources_under_the_policy(server, offline, media):
+    """With --media-root, --allow-private-urls and --allowed-hosts 127.0.0.1: a loopback URL, a path and
+    file:// inside the root and a video data URI are read (and equal process()); outside the root or
+    another host is refused.
+    """
+    photo = (media / "photo.png").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(photo)))
+            self.end_headers()
+            self.wfile.write(photo)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    (media / "escape.png").unlink(missing_ok=True)
+    (media / "escape.png").symlink_to("/etc/hostname")
+    video = "data:video/mp4;base64," + base64.b64encode((media / "clip.mp4").read_bytes()).decode()
+    try:
+        good = [f"http://127.0.0.1:{httpd.server_port}/photo.png", "photo.png", f"file://{media}/photo.png"]
+        body = {"inputs": [{"content": [{"type": "image_url", "image_url": {"url": u}}]} for u in good]
+                + [{"content": [{"type": "video_url", "video_url": {"url": video}}]}]}
+        status, _, res = request(server.base, "POST", "/v2/embed", body)
+        assert status == 200, res
+        want = offline[0].process([{"image": str(media / "photo.png")}] * 3 + [{"video": str(media / "clip.mp4")}])
+        close(res["embeddings"]["float"], want)
+        for ref, param in ((f"http://localhost:{httpd.server_port}/photo.png", "inputs[0]"),
+                           ("../outside.png", "inputs[0].content[0].image_url.url"),
+                           ("escape.png", "inputs[0].content[0].image_url.url"),
+                           ("file:///etc/hostname", "inputs[0].content[0].image_url.url")):
+            body = {"inputs": [{"content": [{"type": "image_url", "image_url": {"url": ref}}]}]}
+            status, _, res = request(server.base, "POST", "/v2/embed", body)
+            assert status == 400 and res["error"]["param"] == param, (ref, res)
+    finally:
+        httpd.shutdown()
+        (media / "escape.png").unlink()
 
 
 def test_models_health_metrics(server):

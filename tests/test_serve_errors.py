@@ -174,7 +174,10 @@ def test_media_policy_without_media_root(server, tmp_path):
         for ref in refs:
             body = {"inputs": [{"content": [{"type": "text", "text": "ok"}]},
                               {"content": [{"type": "image_url", "image_url": {"url": ref}}]}]}
-            err = assert_error(post(server, "/v2/embed", body), 400, "inputs[1].content[0].image_url.url")
+            # local and data: references are refused before planning (naming the field), URLs by the
+            # runtime's MediaPolicy while planning (naming the item)
+            param = "inputs[1]" if ref.startswith("http") else "inputs[1].content[0].image_url.url"
+            err = assert_error(post(server, "/v2/embed", body), 400, param)
             assert "media" in err["message"] or "scheme" in err["message"] or "limit" in err["message"], err
     finally:
         httpd.shutdown()

@@ -1,4 +1,4 @@
-"""The server's side of media access: which references a request may carry, checked before planning.
+"""The server's media rules: the runtime's `MediaPolicy` it runs under, and the API-level checks.
 
 A request's media references (image_url / video_url / Cohere `images`) are strings. The server's rules
 (safe by default, loosened by flags):
@@ -6,12 +6,15 @@ A request's media references (image_url / video_url / Cohere `images`) are strin
 - `data:` URIs: always, within the per-item byte cap (`--max-media-bytes`);
 - local paths and `file://`: refused unless `--media-root DIR`; then a relative path is read relative
   to DIR, and any path (after resolving `..` and symlinks) must stay inside it;
-- http(s) URLs: fetched by the runtime under its media policy (public addresses only unless
-  `--allow-private-urls`, `--allowed-hosts`, redirect limit, byte caps, deadline); until that policy
-  is available to the runtime the server refuses them;
+- http(s) URLs: public addresses only (loopback, private and link-local ones need
+  `--allow-private-urls`), only `--allowed-hosts` when given, `--max-redirects`, the byte caps and
+  `--media-deadline`, every redirect hop checked, the checked address connected to;
 - any other scheme: refused.
 
-A refusal is a `RequestError` naming the field (`inputs[2].content[0].image_url.url`), a 400.
+`policy()` is the `MediaPolicy.strict(...)` the models read every source under: it enforces all of
+this when media is planned and decoded. `MediaGate` checks a reference before planning, so a refusal
+names the exact field (`inputs[2].content[0].image_url.url`) and a relative path means "under the
+media root", not "under the server's working directory".
 """
 
 from __future__ import annotations
@@ -20,10 +23,24 @@ import os
 import re
 from dataclasses import dataclass
 
-from q3vl.errors import RequestError
+from q3vl.errors import ConfigError, RequestError
+from q3vl.preprocess.media import MediaPolicy
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def policy(root: str | os.PathLike[str] | None, allowed_hosts: tuple[str, ...] | None, allow_private: bool,
+           max_redirects: int, item_bytes: int, request_bytes: int, deadline: float) -> MediaPolicy:
+    """The runtime media policy for the server's flags (strict: no local files without a root)."""
+    try:
+        return MediaPolicy.strict(allow_local=root is not None, allow_file_uri=root is not None,
+                                  local_root=os.fspath(root) if root is not None else None,
+                                  allowed_hosts=allowed_hosts, allow_private_networks=allow_private,
+                                  max_redirects=max_redirects, max_item_bytes=item_bytes,
+                                  max_call_bytes=request_bytes, deadline=deadline)
+    except (ValueError, TypeError) as e:  # e.g. an allowed host that is not a valid name
+        raise ConfigError(f"media policy flags: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -32,11 +49,10 @@ class MediaGate:
 
     root: str | None  # realpath of --media-root, or None: no local files at all
     item_bytes: int
-    allow_http: bool = False  # True once the runtime's MediaPolicy enforces the network rules
 
     @classmethod
-    def create(cls, root: str | os.PathLike[str] | None, item_bytes: int, allow_http: bool = False) -> MediaGate:
-        return cls(os.path.realpath(root) if root is not None else None, item_bytes, allow_http)
+    def create(cls, root: str | os.PathLike[str] | None, item_bytes: int) -> MediaGate:
+        return cls(os.path.realpath(root) if root is not None else None, item_bytes)
 
     def check(self, ref: str, kind: str, param: str) -> str:
         """The reference the runtime should read (a local path resolved under the root), or a refusal."""
@@ -47,10 +63,7 @@ class MediaGate:
         if name == "data":
             return self._data(ref, kind, param)
         if name in ("http", "https"):
-            if not self.allow_http:
-                raise RequestError(f"http(s) {kind} URLs are refused by this server's media policy; send the {kind} "
-                                   "as a data: URI", param)
-            return ref
+            return ref  # the runtime's MediaPolicy decides (addresses, hosts, redirects, bytes, deadline)
         if name == "file":
             return self._local(ref[len("file://"):] if ref.startswith(("file://", "FILE://")) else ref[5:],
                                kind, param, "file:// URIs")

@@ -31,6 +31,7 @@ from q3vl.errors import (
 )
 from q3vl.quantization.embeddings import Calibration
 from q3vl.runtime import Embedder, Plan, Reranker
+from q3vl.serve import media
 from q3vl.serve.config import ServeConfig
 from q3vl.serve.media import MediaGate
 from q3vl.serve.metrics import Metrics
@@ -69,6 +70,9 @@ class Service:
         self.names = config.model_names()
         self.metrics = Metrics()
         self.gate = MediaGate.create(config.media_root, config.media_item_bytes)
+        self.media_policy = media.policy(config.media_root, config.allowed_hosts, config.allow_private_urls,
+                                         config.max_redirects, config.media_item_bytes, config.media_request_bytes,
+                                         config.media_deadline)
         self.calibration = _calibration(config)
         self.models: dict[str, Any] = {}
         self.queues: dict[str, ModelQueue] = {}
@@ -84,7 +88,8 @@ class Service:
         c = self.config
         common: dict[str, Any] = {
             "backend": c.backend, "batch_size": c.batch_size, "max_batch_tokens": c.max_batch_tokens,
-            "timeout": c.media_deadline, "loader_threads": c.loader_threads, "prefetch": False}
+            "timeout": min(10.0, c.media_deadline), "loader_threads": c.loader_threads, "prefetch": False,
+            "media_policy": self.media_policy}
         for task, path, cls in (("embedding", c.embedding, Embedder), ("reranker", c.reranker, Reranker)):
             if path is None:
                 continue
