@@ -106,17 +106,25 @@ class ModelQueue:
     def start(self) -> None:
         self._thread.start()
 
+    def check_room(self, n: int) -> None:
+        """Refuse (429/503) a request of `n` items now, before it is planned, if it could not be queued."""
+        with self._cond:
+            self._refuse(n, 0)
+
+    def _refuse(self, n: int, tokens: int) -> None:
+        if self._closing:
+            raise UnavailableError("the server is draining before it exits; retry on another replica")
+        if self._queued + n > self.limits.max_items:
+            raise OverloadedError(f"the {self.name} queue is full ({self._queued} items waiting, limit "
+                                  f"{self.limits.max_items}); retry later", self._retry_after(tokens))
+
     def submit(self, plans: list[Plan]) -> Job:
         """Queue a request's planned items; 429 (`OverloadedError`) when the queue is full."""
         loop = asyncio.get_running_loop()
         job = Job(list(plans), loop, loop.create_future())
         tokens = sum(p.tokens for p in plans)
         with self._cond:
-            if self._closing:
-                raise UnavailableError("the server is draining before it exits; retry on another replica")
-            if self._queued + len(plans) > self.limits.max_items:
-                raise OverloadedError(f"the {self.name} queue is full ({self._queued} items waiting, limit "
-                                      f"{self.limits.max_items}); retry later", self._retry_after(tokens))
+            self._refuse(len(plans), tokens)
             job.pending.extend(plans)
             self._jobs.append(job)
             self._queued += len(plans)
@@ -281,7 +289,7 @@ class ModelQueue:
                 continue
             job.rows[x.plan.index] = {k: v[row] for k, v in out.items()}
             if job.finished:
-                job.loop.call_soon_threadsafe(_resolve, job.future, job, None)
+                _post(job, job, None)
 
     def _observe(self, live: list[tuple[Job, Loaded]], took: float) -> None:
         tokens = sum(x.plan.tokens for _, x in live)
@@ -300,7 +308,7 @@ class ModelQueue:
             job.error = err
             dropped = self._drop(job)
         self.metrics.failed_items.labels(self.name, reason).inc(1 + dropped)
-        job.loop.call_soon_threadsafe(_resolve, job.future, None, err)
+        _post(job, None, err)
 
     def _drop(self, job: Job) -> int:
         """Remove a request's waiting items (lock held); how many there were."""
@@ -319,6 +327,14 @@ class ModelQueue:
         if not self._rate:
             return 1
         return int(min(600, (self._queued_tokens + tokens) / self._rate)) + 1
+
+
+def _post(job: Job, result: Job | None, err: BaseException | None) -> None:
+    """From the scheduler thread: resolve a request's future on its event loop (gone at shutdown: nothing to do)."""
+    try:
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, err)
+    except RuntimeError:  # the loop is closed
+        log.debug("request finished after its event loop closed")
 
 
 def _resolve(future: asyncio.Future[Job], job: Job | None, err: BaseException | None) -> None:

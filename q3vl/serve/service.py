@@ -180,6 +180,7 @@ class Service:
     async def _submit(self, task: str, inputs: Any, params: list[str], receive: Any,
                       check: Callable[[list[Plan]], None] | None) -> Outcome:
         model = self.models[task]
+        self.queues[task].check_room(len(params))  # a full queue refuses before any planning work
         start = time.monotonic()
         try:
             planned = await anyio.to_thread.run_sync(model.plan, inputs)
