@@ -153,8 +153,29 @@ def run_level(server: Server, bodies: list[tuple[str, bytes]], clients: int, per
     for t in threads:
         t.join()
     wall = time.monotonic() - start
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "wall_s": round(wall, 3),
-            **stats(lat), "rps": round(len(lat) / wall, 2)}
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "wall_s": round(wall, 3), "lat": lat}
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """Sums and counts of the server's batch histograms (for mean batch size, requests, graph time)."""
+    _, text = call(server.connect(), "GET", "/metrics", None)
+    out: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        for name in ("q3vl_batch_size", "q3vl_batch_requests", "q3vl_inference_duration_seconds"):
+            for kind in ("_sum", "_count"):
+                if line.startswith(name + kind + "{"):
+                    out[name + kind] = out.get(name + kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def batching(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean items and requests per micro-batch, and mean graph time per micro-batch, between two scrapes."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    n = d.get("q3vl_batch_size_count", 0.0) or 1.0
+    return {"batches": int(d.get("q3vl_batch_size_count", 0)),
+            "items_per_batch": round(d["q3vl_batch_size_sum"] / n, 2),
+            "requests_per_batch": round(d["q3vl_batch_requests_sum"] / n, 2),
+            "graph_ms_per_batch": round(1000 * d["q3vl_inference_duration_seconds_sum"] / n, 2)}
 
 
 def stats(lat: list[float]) -> dict[str, float]:
@@ -163,7 +184,7 @@ def stats(lat: list[float]) -> dict[str, float]:
             "mean_ms": round(float(ms.mean()), 2)}
 
 
-def in_process(bundle: Path, name: str, n: int) -> dict[str, Any]:
+def in_process(bundle: Path, name: str, n: int) -> list[float]:
     """`process()` of the same requests, one after another in this process: the latency baseline."""
     from q3vl.runtime import Embedder
 
@@ -176,7 +197,17 @@ def in_process(bundle: Path, name: str, n: int) -> dict[str, Any]:
             t0 = time.monotonic()
             emb.process(items)
             lat.append(time.monotonic() - t0)
-    return {**stats(lat), "rps": round(len(lat) / sum(lat), 2)}
+    return lat
+
+
+def pooled(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level over all rounds: latencies pooled, req/s the median of the rounds', batch means averaged."""
+    lat = [x for p in parts for x in p["lat"]]
+    mean = {k: round(float(np.mean([p[k] for p in parts])), 2)
+            for k in ("items_per_batch", "requests_per_batch", "graph_ms_per_batch")}
+    return {"clients": parts[0]["clients"], "requests": len(lat), "errors": sum(p["errors"] for p in parts),
+            **stats(lat), "rps": round(float(np.median([p["requests"] / p["wall_s"] for p in parts])), 2),
+            "rps_rounds": [round(p["requests"] / p["wall_s"], 2) for p in parts], **mean}
 
 
 # ---------------------------------------------------------------- the run
@@ -192,26 +223,42 @@ def machine() -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, variant: str, bundle: Path, log: Path) -> tuple[list[dict], list[dict]]:
-    base, runs = [], []
-    for name in args.workloads:
-        base.append({"variant": variant, "workload": name, **in_process(bundle, name, PLAN[name][1])})
-        print(f"{variant} {name} in-process: {base[-1]}", flush=True)
-    for mode, extra in MODES.items():
-        server = Server(bundle, extra, log)
-        try:
-            for name in args.workloads:
-                n = max(PLAN[name][c] * c for c in LEVELS)
-                bodies = [(p, json.dumps({"model": "bench", **b}).encode()) for p, b, _ in
-                          (workload(name, k) for k in range(n))]
-                run_level(server, bodies[:3], 1, 3, 60)  # warm the server's caches and connections
-                for clients in LEVELS:
-                    per = max(1, int(PLAN[name][clients] * args.scale))
-                    r = run_level(server, bodies, clients, per, args.cap_s)
-                    runs.append({"variant": variant, "workload": name, "mode": mode, **r})
-                    print(f"{variant} {name} batching {mode} x{clients}: {r}", flush=True)
-        finally:
-            server.stop()
-    return base, runs
+    """`args.rounds` rounds, on and off alternating first, so a load change on this shared machine hits both."""
+    base: dict[str, list[float]] = {name: [] for name in args.workloads}
+    raw: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for rnd in range(args.rounds):
+        for name in args.workloads:
+            base[name] += in_process(bundle, name, PLAN[name][1])
+        for mode in (list(MODES) if rnd % 2 == 0 else list(reversed(MODES))):
+            server = Server(bundle, MODES[mode], log)
+            try:
+                for name in args.workloads:
+                    for clients, r in levels(args, server, name):
+                        raw.setdefault((name, mode, clients), []).append(r)
+                        print(f"round {rnd} {variant} {name} batching {mode} x{clients}: "
+                              f"{ {k: v for k, v in r.items() if k != 'lat'} }", flush=True)
+            finally:
+                server.stop()
+    baseline = [{"variant": variant, "workload": name, **stats(lat), "rps": round(len(lat) / sum(lat), 2)}
+                for name, lat in base.items()]
+    runs = [{"variant": variant, "workload": name, "mode": mode, **pooled(parts)}
+            for (name, mode, _), parts in raw.items()]
+    return baseline, runs
+
+
+def levels(args: argparse.Namespace, server: Server, name: str) -> list[tuple[int, dict[str, Any]]]:
+    """Every concurrency level of one workload against one server."""
+    n = max(PLAN[name][c] * c for c in LEVELS)
+    bodies = [(p, json.dumps({"model": "bench", **b}).encode()) for p, b, _ in (workload(name, k) for k in range(n))]
+    run_level(server, bodies[:3], 1, 3, 60)  # warm the server's caches and connections
+    out = []
+    for clients in LEVELS:
+        per = max(1, int(PLAN[name][clients] * args.scale))
+        before = scrape(server)
+        r = run_level(server, bodies, clients, per, args.cap_s)
+        r.update(batching(before, scrape(server)))
+        out.append((clients, r))
+    return out
 
 
 def report(result: dict[str, Any]) -> str:
@@ -220,20 +267,25 @@ def report(result: dict[str, Any]) -> str:
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores; load average before "
              f"{result['load_before']}, after {result['load_after']} (shared machine); "
              f"onnxruntime {result['machine']['onnxruntime']}. Loopback HTTP, one keep-alive connection per "
-             "client, requests back to back. `off` = `--max-batch-requests 1` (no cross-request batching).", ""]
+             "client, requests back to back. `off` = `--max-batch-requests 1` (no cross-request batching). "
+             f"{result['rounds']} rounds, on/off order alternating; req/s is the median of the rounds, "
+             "latencies are pooled.", ""]
     for b in result["baseline"]:
         v, w = b["variant"], b["workload"]
         rows = {(r["mode"], r["clients"]): r for r in result["runs"] if r["variant"] == v and r["workload"] == w}
         lines += [f"## {v}, {w}", "", f"In-process `process()` of the same requests, one at a time: p50 "
                   f"{b['p50_ms']} ms, p99 {b['p99_ms']} ms ({b['rps']} req/s).", "",
                   "| clients | on req/s | on p50 ms | on p99 ms | off req/s | off p50 ms | off p99 ms | on/off req/s |"
-                  " p50 vs in-process |", "|---|---|---|---|---|---|---|---|---|"]
+                  " p50 vs in-process | items/batch on (off) | graph ms/batch on (off) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in LEVELS:
             on, off = rows.get(("on", c)), rows.get(("off", c))
             if not on or not off:
                 continue
             lines.append(f"| {c} | {on['rps']} | {on['p50_ms']} | {on['p99_ms']} | {off['rps']} | {off['p50_ms']} | "
-                         f"{off['p99_ms']} | {on['rps'] / off['rps']:.2f}x | {on['p50_ms'] / b['p50_ms']:.2f}x |")
+                         f"{off['p99_ms']} | {on['rps'] / off['rps']:.2f}x | {on['p50_ms'] / b['p50_ms']:.2f}x | "
+                         f"{on['items_per_batch']} ({off['items_per_batch']}) | "
+                         f"{on['graph_ms_per_batch']} ({off['graph_ms_per_batch']}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -246,13 +298,14 @@ def main() -> int:
     p.add_argument("--workloads", default="single-text,mixed")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the requests per client")
     p.add_argument("--cap-s", type=float, default=120.0, help="time cap per level")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; on/off order alternates between them")
     p.add_argument("--out", type=Path, help="results prefix (default benchmarks/results/serve-<shape>)")
     args = p.parse_args()
     args.workloads = args.workloads.split(",")
     args.workdir.mkdir(parents=True, exist_ok=True)
     out = args.out or ROOT / "benchmarks" / "results" / f"serve-{args.shape}"
     result: dict[str, Any] = {"shape": args.shape, "machine": machine(), "load_before": os.getloadavg(),
-                              "baseline": [], "runs": []}
+                              "rounds": args.rounds, "baseline": [], "runs": []}
     for variant, bundle in bundles(args.workdir, args.shape, args.variants.split(",")).items():
         base, runs = measure(args, variant, bundle, args.workdir / "serve.log")
         result["baseline"] += base
