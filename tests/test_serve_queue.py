@@ -1,5 +1,6 @@
-"""The cross-request queue with a recording stand-in model: round-robin fairness, token and request
-caps, no waiting when idle, dropped items of cancelled and failed requests, and the 429.
+"""The cross-request queue with a recording stand-in model: fairness (a large request interleaves with
+small ones, equal requests finish in order), token and request caps, no waiting when idle, dropped
+items of cancelled and failed requests, and the 429.
 
 The stand-in has the runtime's batch API (`batches` is the real `BatchPolicy`), so what is checked
 here is exactly what the queue hands the runtime.
@@ -85,6 +86,27 @@ def test_large_request_interleaves_with_small_ones():
     assert all(j.outputs()["out"].shape == (len(j.plans), 1) for j in jobs)
     flat = [t for b in ran for t in b]
     assert sorted(flat) == sorted([f"big{i}" for i in range(12)] + ["s0", "s1", "s2"])
+
+
+def test_equal_requests_complete_in_arrival_order():
+    """Shortest-remaining-first after the oldest's share: whole requests per round, not a slice of each."""
+    async def main():
+        model = Model(batch_size=8)
+        model.gate.clear()
+        queue = make(model)
+        hold = asyncio.ensure_future(queue.run([plan(0, 10, "hold")], None))
+        await asyncio.sleep(0.1)
+        reqs = []
+        for k in range(4):
+            reqs.append(asyncio.ensure_future(queue.run([plan(i, 10, f"r{k}.{i}") for i in range(4)], None)))
+            await asyncio.sleep(0.02)  # arrival order r0, r1, r2, r3
+        model.gate.set()
+        await asyncio.gather(hold, *reqs)
+        queue.close(5)
+        return model.ran
+
+    ran = asyncio.run(main())
+    assert [sorted({t.split(".")[0] for t in b}) for b in ran[1:]] == [["r0", "r1"], ["r2", "r3"]], ran
 
 
 def test_token_budget_and_request_cap():
