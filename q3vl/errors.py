@@ -114,6 +114,49 @@ def cli_words(message: str) -> str:
     return _OPTION.sub(r"\1", message)
 
 
+class RequestError(InputError):
+    """A field of an HTTP request to `q3vl serve` is unusable; `param` names it the way the API does
+    (`input[3]`, `inputs[0].content[1].image_url.url`, `dimensions`), so a client can point at it.
+    """
+
+    def __init__(self, reason: str, param: str | None = None, index: int | None = None) -> None:
+        self.param = param
+        super().__init__(reason, index)
+
+    def at(self, index: int) -> InputError:
+        err = type(self)(self.reason, self.param, index)
+        err.__cause__ = self.__cause__
+        return err
+
+
+class UnknownModelError(RequestError):
+    """A request names a model the server does not serve (HTTP 404); the message lists the served ones."""
+
+
+class RequestTooLargeError(RequestError, LimitError):
+    """A request is over a server-wide size limit: items per request or body bytes (HTTP 413)."""
+
+
+class AuthenticationError(Q3VLError, PermissionError):
+    """A request lacks the server's API key, or sends a wrong one (HTTP 401)."""
+
+
+class OverloadedError(Q3VLError, RuntimeError):
+    """The server's queue is full (HTTP 429); `retry_after` is the estimated wait in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message)
+
+
+class UnavailableError(Q3VLError, RuntimeError):
+    """The server cannot take requests now: still warming up, or draining before exit (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message)
+
+
 # The optional-dependency groups of pyproject.toml; `missing_extra` only names these (tested).
 EXTRAS = ("export", "index", "serve", "ray", "bench", "dev")
 

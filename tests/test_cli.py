@@ -74,7 +74,8 @@ def test_int8_without_calibration_fails_at_once_and_embeds_nothing(tiny_embeddin
     ("checkpoint", "is a model checkpoint, not a q3vl bundle: export it first with `q3vl export"),
     ("reranker-bundle", "is a reranker bundle, not an embedding bundle: use it with `q3vl rerank`"),
     ("batch-size", "--batch-size must be greater than 0, not 0"),
-    ("bad-line", "{tmp}/items.jsonl line 2 (id 'b'): image must be a path, URL, data URI or PIL.Image, an H x W x 3 uint8 array or encoded bytes, not int"),
+    ("bad-line", "{tmp}/items.jsonl line 2 (id 'b'): image must be a path, URL, data URI or PIL.Image, "
+                 "an H x W x 3 uint8 array or encoded bytes, not int"),
 ])
 def test_embed_refuses_before_loading_a_model(case, message, tiny_embedding_bundle, tiny_reranker_bundle,
                                               tiny_embedding, items, tmp_path, monkeypatch, capsys):

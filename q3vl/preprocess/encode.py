@@ -8,6 +8,7 @@ whichever step sees the problem, with an `InputError` naming what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import unicodedata
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 
 from q3vl.errors import ConfigError, InputError, LimitError, QueryError
 from q3vl.preprocess.image import DEFAULT_TIMEOUT, patch_rows, probe_image, smart_resize
-from q3vl.preprocess.items import Content, EmbedItem
+from q3vl.preprocess.items import Content, EmbedItem, Pixels
 from q3vl.preprocess.media import MediaAccess, MediaPolicy, media_errors
 from q3vl.preprocess.prompt import (
     MARK,
@@ -37,6 +38,7 @@ RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the
                  'provided. Note that the answer can only be "yes" or "no".')
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n
 TRUNCATION_MODES = ("text", "reference")
+MAX_VARIANTS = 64  # encoders kept for items' own pixel limits; more distinct sets are built per item
 DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16, temporal 2, merge 2
 
 
@@ -132,6 +134,30 @@ class Encoder:
         self.tokenizer, self.template, self.config, self.geometry = tokenizer, template, config, geometry
         sp = tokenizer.special
         self.pad_ids = (sp.image_pad, sp.video_pad)
+        self._variants: dict[Pixels, Encoder] = {}
+        self._variants_lock = threading.Lock()
+
+    def configured(self, pixels: Pixels) -> Encoder:
+        """The encoder for an item that sets its own `min_pixels`/`max_pixels`/`total_pixels` (else self).
+
+        Only planning reads those limits (loading follows the plan), so a planned item needs nothing
+        else. A few variants are cached; a caller sending endless distinct values gets fresh ones.
+        """
+        if not pixels:
+            return self
+        with self._variants_lock:
+            found = self._variants.get(pixels)
+        if found is not None:
+            return found
+        try:
+            config = dataclasses.replace(self.config, **dict[str, Any](pixels))
+        except ConfigError as e:
+            raise InputError(str(e)) from None
+        variant = Encoder(self.tokenizer, self.template, config, self.geometry)
+        with self._variants_lock:
+            if len(self._variants) < MAX_VARIANTS:
+                self._variants[pixels] = variant
+        return variant
 
     # ------------------------------------------------------------ media
     def plan_media(self, c: Content, fps: float | None, max_frames: int | None) -> list[Media]:
@@ -233,6 +259,8 @@ class Encoder:
 
     def embedding(self, item: EmbedItem, default_instruction: str) -> Encoded:
         """Plan one embedding input (docs/reference-behaviour.md#embedder-prompt)."""
+        if item.pixels:
+            return self.configured(item.pixels).embedding(dataclasses.replace(item, pixels=()), default_instruction)
         instruction = item.instruction
         if instruction:
             instruction = instruction.strip()

@@ -6,6 +6,8 @@ or an image data URI) or a list of videos. An image is a path, URL, data URI, PI
 uint8 RGB array or encoded bytes. Unknown keys are rejected (a typo like "images" would otherwise
 embed the item as "NULL"); `fps` must be a finite positive number and `max_frames` an integer >= 2
 (JSON parsers accept NaN and Infinity, and a fractional count must not be silently rounded).
+`min_pixels` / `max_pixels` / `total_pixels` on an item (or a rerank request) override the
+constructor's values for that item only, so one server process can honour each request's own limits.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from q3vl.errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".svg"}
 CONTENT_KEYS = ("text", "image", "video")
-EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames")
-RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames")
+PIXEL_KEYS = ("min_pixels", "max_pixels", "total_pixels")
+EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames", *PIXEL_KEYS)
+RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames", *PIXEL_KEYS)
+Pixels = tuple[tuple[str, int], ...]  # (name, value) of the pixel limits an item sets itself
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,19 @@ def _max_frames(value: Any) -> int | None:
     return int(value)
 
 
+def pixel_limits(obj: dict[str, Any]) -> Pixels:
+    """The pixel limits an item or request sets itself (integers >= 1), in `PIXEL_KEYS` order."""
+    out = []
+    for name in PIXEL_KEYS:
+        value = obj.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, not {_show(value)}")
+        out.append((name, value))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class EmbedItem:
     """One validated embedding input."""
@@ -152,6 +169,7 @@ class EmbedItem:
     instruction: str | None
     fps: float | None
     max_frames: int | None
+    pixels: Pixels = ()
 
 
 def embed_item(obj: Any) -> EmbedItem:
@@ -160,7 +178,8 @@ def embed_item(obj: Any) -> EmbedItem:
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise InputError(f"instruction must be a str, not {type(instruction).__name__}")
-    return EmbedItem(content(obj), instruction, _fps(obj.get("fps")), _max_frames(obj.get("max_frames")))
+    return EmbedItem(content(obj), instruction, _fps(obj.get("fps")), _max_frames(obj.get("max_frames")),
+                     pixel_limits(obj))
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,7 @@ class RerankRequest:
     instruction: str | None
     fps: float | None
     max_frames: int | None
+    pixels: Pixels = ()
 
 
 def rerank_request(obj: Any) -> RerankRequest:
@@ -199,4 +219,4 @@ def rerank_request(obj: Any) -> RerankRequest:
         if val is not None and not isinstance(val, str):
             raise InputError(f"{name} must be a str, not {type(val).__name__}")
     return RerankRequest(content(query), query_instruction, is_tuple, given, tuple(documents), instruction,
-                         _fps(obj.get("fps")), _max_frames(obj.get("max_frames")))
+                         _fps(obj.get("fps")), _max_frames(obj.get("max_frames")), pixel_limits(obj))

@@ -40,18 +40,20 @@ class Reranker(BundleModel):
             return []
         # the wrapper: a (instruction, text) query tuple replaces the request's instruction
         instruction = (req.query_instruction if req.query_is_tuple else req.instruction) or self.default_instruction
+        encoder = self.encoder.configured(req.pixels)  # the request's own pixel limits, if it sets any
         with self.media_call():
-            shared = self.encoder.plan_query(req.query, instruction, req.fps, req.max_frames)
-            return self._plan_each(len(req.documents), lambda i: self._plan_pair(req, shared, instruction, i))
+            shared = encoder.plan_query(req.query, instruction, req.fps, req.max_frames)
+            return self._plan_each(len(req.documents), lambda i: self._plan_pair(encoder, req, shared, instruction, i))
 
-    def _plan_pair(self, req: Any, shared: Any, instruction: str, i: int) -> Any:
+    @staticmethod
+    def _plan_pair(encoder: Any, req: Any, shared: Any, instruction: str, i: int) -> Any:
         doc = req.documents[i]
         if not isinstance(doc, dict):
             raise InputError(f"document must be a dict, not {type(doc).__name__}")
         extra = sorted(set(doc) - set(DOCUMENT_KEYS))
         if extra:
             raise InputError(f"document has unknown keys {extra}; allowed: {list(DOCUMENT_KEYS)}")
-        return self.encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames, shared)
+        return encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames, shared)
 
     def process_details(self, inputs: dict[str, Any], *, on_error: str = "raise",
                         progress: bool | None = None) -> Details:
@@ -67,7 +69,8 @@ class Reranker(BundleModel):
         """One float score in [0, 1] per document, in order; `[]` for an empty query or no documents.
 
         Args:
-            inputs: {"query": {...}, "documents": [{...}, ...], "instruction"?, "fps"?, "max_frames"?}.
+            inputs: {"query": {...}, "documents": [{...}, ...], "instruction"?, "fps"?, "max_frames"?,
+                "min_pixels"?, "max_pixels"?, "total_pixels"?} (the last three override the constructor's).
             on_error: "raise" (an `InputError` naming the document index) or "skip" (that score is NaN).
             progress: show a progress bar (default: on a TTY for large inputs).
         """
