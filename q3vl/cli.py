@@ -106,7 +106,7 @@ def _register_more() -> None:
     import importlib
 
     for module in ("q3vl.export.cli", "q3vl.runtime.cli", "q3vl.quantization.cli", "q3vl.bench.cli",
-                   "q3vl.tensorrt.cli"):
+                   "q3vl.tensorrt.cli", "q3vl.ray.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
