@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # resumed run must repeat).
 NEUTRAL_OPTIONS = ("batch_size", "max_batch_tokens", "prefetch", "loader_threads", "backend_options", "verify",
                    "timeout", "media_policy", "allow_unverified")
+TASK_RETRIES = 3
+LIGHT_CPUS = 0.25  # what the read and id stages reserve per task
 CARRY_TYPES = ("string", "large_string", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                "float", "double", "bool")
 
@@ -110,16 +112,36 @@ def check_columns(src: Source, codes: Sequence[str]) -> None:
 
 def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus_per_worker: float,
                    cpus_per_worker: float, rows_per_call: int, embed: dict[str, Any]) -> Any:
-    """Read -> repartition (small blocks, so every worker gets work) -> ids (skip done) -> embed."""
-    ds = src.dataset.repartition(target_num_rows_per_block=rows_per_call)
-    ds = ds.map_batches(assign_ids, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"columns": src.columns, "id_column": src.id_column, "done": done})
+    """Read -> ids (skip done) in blocks of `rows_per_call` rows (so every worker gets work) -> embed.
+
+    The id stage reserves `LIGHT_CPUS`: with actors that reserve every CPU of the cluster, stages that
+    asked for a whole CPU could never be scheduled and the pipeline would wait forever.
+    """
+    ds = src.dataset.map_batches(assign_ids, batch_format="pyarrow", batch_size=rows_per_call, num_cpus=LIGHT_CPUS,
+                                 fn_kwargs={"columns": src.columns, "id_column": src.id_column, "done": done})
+    ds = ds.repartition(target_num_rows_per_block=rows_per_call)  # fused into the id stage
     backend = embed["backend"] or ("cuda" if gpus_per_worker else "cpu")
     kwargs = {"columns": src.columns, "base_dir": src.base_dir, "dim": embed["dim"], "normalize": embed["normalize"],
               "codes": tuple(embed["codes"]), "calibration": embed["calibration"], "backend": backend,
               "keep_columns": [*carried_columns(src), ID], **embed["model_options"]}
-    return embed_stage(ds, bundle, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+    cpus = actor_cpus(workers, cpus_per_worker)
+    return embed_stage(ds, bundle, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus,
                        rows_per_call=rows_per_call, **kwargs)
+
+
+def actor_cpus(workers: int, cpus_per_worker: float) -> float:
+    """The CPUs each embedding actor reserves: as asked, but leaving one CPU of the cluster to the
+    read, listing and id tasks. Actors holding every CPU token would leave those tasks unscheduled and
+    the pipeline waiting forever (a reservation is a scheduling token: the runtime's threads are not
+    limited by it).
+    """
+    total = float(_ray().cluster_resources().get("CPU", 0))
+    if total and workers * cpus_per_worker > total - 1:
+        fitted = max(total - 1, 0.5) / workers
+        log.info("%d workers x %g CPUs would hold all %g CPUs of the cluster; reserving %.2f per worker so the "
+                 "read stages keep one", workers, cpus_per_worker, total, fitted)
+        return fitted
+    return cpus_per_worker
 
 
 def embed_stage(ds: Any, bundle: str | Path, *, workers: int = 1, gpus_per_worker: float = 0.0,
@@ -127,12 +149,16 @@ def embed_stage(ds: Any, bundle: str | Path, *, workers: int = 1, gpus_per_worke
     """`ds` with the `EmbedBatch` stage appended: a pool of `workers` actors, each loading the bundle
     once and reserving `gpus_per_worker` GPUs and `cpus_per_worker` CPUs; `embed_kwargs` are
     `EmbedBatch`'s arguments (pass backend="cuda" with GPUs).
+
+    A dead actor is restarted and its batch retried, `TASK_RETRIES` times: enough for a lost node or
+    an OOM kill, while a row that crashes the process itself (not an exception, which is that row's
+    error) stops the job instead of looping on it forever.
     """
     ray = _ray()
     return ds.map_batches(EmbedBatch, fn_constructor_args=(str(bundle),), fn_constructor_kwargs=embed_kwargs,
                           batch_size=rows_per_call, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
-                          num_gpus=gpus_per_worker or None)
+                          num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=TASK_RETRIES)
 
 
 class Progress:

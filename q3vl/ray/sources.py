@@ -76,7 +76,7 @@ def open_input(path: str | Path, fmt: str = "auto", columns: ColumnMap | None = 
     if fmt == "parquet":
         import ray
 
-        ds = ray.data.read_parquet(str(path))
+        ds = ray.data.read_parquet(str(path), num_cpus=0.25)  # beside actors that may hold every CPU
         names = list(ds.schema().names)
         return Source(ds, path, fmt, base, cmap, _default_id(id_column, names), names, ds.count())
     if fmt == "jsonl":
