@@ -8,6 +8,7 @@ of the output directory (`store.py` explains why that makes a killed run's re-ru
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import sys
@@ -77,8 +78,9 @@ def settings(src: Source, bundle: Path, embed: dict[str, Any]) -> dict[str, Any]
     options = {"dim": embed["dim"], "normalize": embed["normalize"], "codes": sorted(embed["codes"]),
                "calibration_sha256": file_sha256(calib) if calib else None, "columns": src.columns.as_dict(),
                "id_column": src.id_column, **{f"model.{k}": v for k, v in sorted(model.items())}}
-    return {"bundle": {"path": str(bundle.resolve()), "sha256": file_sha256(bundle / "q3vl.json")},
-            "input": {"path": str(src.path), "format": src.format}, "options": options}
+    out = {"bundle": {"path": str(bundle.resolve()), "sha256": file_sha256(bundle / "q3vl.json")},
+           "input": {"path": str(src.path), "format": src.format}, "options": options}
+    return json.loads(json.dumps(out))  # as the manifest will hold them (tuples become lists)
 
 
 def carried_columns(src: Source) -> list[str]:
