@@ -17,7 +17,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--workers", type=int, default=1, help="embedding actors")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (> 0: backend cuda)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs each actor reserves, and the CPU backend's threads (default: reserve 1, use all cores)")
     p.add_argument("--backend", help="cpu | cuda | tensorrt-ep | tensorrt (default: cuda with GPUs, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="items per model micro-batch")
     p.add_argument("--rows-per-call", type=int, help="rows per actor call (default: 4 x batch size)")

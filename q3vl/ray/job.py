@@ -113,7 +113,7 @@ def check_columns(src: Source, codes: Sequence[str]) -> None:
 
 
 def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus_per_worker: float,
-                   cpus_per_worker: float, rows_per_call: int, embed: dict[str, Any]) -> Any:
+                   cpus_per_worker: float | None, rows_per_call: int, embed: dict[str, Any]) -> Any:
     """Read -> ids (skip done) in blocks of `rows_per_call` rows (so every worker gets work) -> embed.
 
     The id stage reserves `LIGHT_CPUS`: with actors that reserve every CPU of the cluster, stages that
@@ -123,10 +123,13 @@ def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus
                                  fn_kwargs={"columns": src.columns, "id_column": src.id_column, "done": done})
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)  # fused into the id stage
     backend = embed["backend"] or ("cuda" if gpus_per_worker else "cpu")
+    model = dict(embed["model_options"])
+    if backend == "cpu" and cpus_per_worker is not None and "backend_options" not in model:
+        model["backend_options"] = {"threads": max(1, int(cpus_per_worker))}  # actors sharing a node's cores
     kwargs = {"columns": src.columns, "base_dir": src.base_dir, "dim": embed["dim"], "normalize": embed["normalize"],
               "codes": tuple(embed["codes"]), "calibration": embed["calibration"], "backend": backend,
-              "keep_columns": [*carried_columns(src), ID], **embed["model_options"]}
-    cpus = actor_cpus(workers, cpus_per_worker)
+              "keep_columns": [*carried_columns(src), ID], **model}
+    cpus = actor_cpus(workers, 1.0 if cpus_per_worker is None else cpus_per_worker)
     return embed_stage(ds, bundle, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus,
                        rows_per_call=rows_per_call, **kwargs)
 
@@ -236,7 +239,7 @@ def write_stream(ds: Any, out: OutputDir, rows_per_shard: int, progress: Progres
 def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, *, input_format: str = "auto",
                  columns: ColumnMap | None = None, id_column: str | None = None, dim: int | None = None,
                  normalize: bool = True, codes: Sequence[str] = (), calibration: str | Path | None = None,
-                 workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                 workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None,
                  rows_per_call: int | None = None, rows_per_shard: int = 10_000, backend: str | None = None,
                  address: str | None = None, num_cpus: int | None = None, progress: bool | None = None,
                  **model_options: Any) -> dict[str, Any]:
@@ -244,10 +247,11 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
     `output_dir`, resumably and exactly once per row id; returns this run's record (also in the manifest).
 
     `workers` embedding actors, each with `gpus_per_worker` GPUs (backend "cuda" unless `backend`
-    says otherwise) and `cpus_per_worker` CPUs; `rows_per_call` rows per actor call (default 4 x the
-    model's batch size); a shard is written every `rows_per_shard` rows. Without a running Ray session
-    a local one is started (`num_cpus`), or the cluster at `address` joined. `model_options` go to
-    `Embedder` (batch_size, max_pixels, ...).
+    says otherwise); `cpus_per_worker` is what each reserves (default 1) and, when given, the CPU
+    backend's thread count (default: every core of its node, right for one actor per node);
+    `rows_per_call` rows per actor call (default 4 x the model's batch size); a shard is written every
+    `rows_per_shard` rows. Without a running Ray session a local one is started (`num_cpus`), or the
+    cluster at `address` joined. `model_options` go to `Embedder` (batch_size, max_pixels, ...).
     """
     bundle = Path(bundle)
     batch = model_options.get("batch_size", 8)
