@@ -172,10 +172,26 @@ def test_skip_mode_keeps_the_rest_whatever_raises(embedder, media, tmp_path, mon
 
     real_open = av.open
 
-    def odd_open(source, *a, **kw):
-        if str(source).endswith("odd.mp4"):
-            raise ZeroDivisionError("the demuxer divided by zero")
-        return real_open(source, *a, **kw)
+    class OddContainer:
+        """A real container whose decoder raises mid-stream, with an exception type nobody catches on purpose."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def decode(self, *a, **kw):
+            raise ZeroDivisionError("the decoder divided by zero")
+
+    def odd_open(source, *a, **kw):  # the good items hold no video: every container opened is the odd one
+        return OddContainer(real_open(source, *a, **kw))
 
     (tmp_path / "odd.mp4").write_bytes(clip)
     monkeypatch.setattr(av, "open", odd_open)

@@ -103,6 +103,26 @@ def test_truncation_of_many_texts_is_linear(tokenizer):
         assert took < 5.0, (n, took)
 
 
+def test_reranker_truncation_cuts_document_text_then_query_text(tokenizer):
+    enc = Encoder(tokenizer, ChatTemplate(chat_template()), PreprocessConfig(max_length=300))
+    query, doc = content({"text": [f"q{k} " for k in range(3000)]}), content({"text": [f"d{k} " for k in range(5000)]})
+    t0 = time.perf_counter()
+    out = enc.rerank_pair(query, doc, "I", None, None)
+    assert time.perf_counter() - t0 < 5.0 and 290 <= len(out.ids) <= 300
+    kept = tokenizer.decode(out.ids.tolist())
+    assert "d0 " not in kept and "q0 q1 " in kept and kept.endswith("<|im_start|>assistant\n")
+    short = enc.rerank_pair(content({"text": "q"}), content({"text": "d " * 2000}), "I", None, None)
+    assert len(short.ids) == 300 and "<Query>:q\n<Document>:d d" in tokenizer.decode(short.ids.tolist())
+
+
+def test_millions_of_tiny_strings_are_refused_at_once(tokenizer):
+    enc = Encoder(tokenizer, ChatTemplate(chat_template()), PreprocessConfig(max_length=512))
+    t0 = time.perf_counter()
+    with pytest.raises(LimitError, match="max_parts=16384"):
+        enc.embedding(embed_item({"text": ["a"] * 1_000_000}), "x")
+    assert time.perf_counter() - t0 < 5.0
+
+
 def test_text_length_is_capped_before_tokenizing(tokenizer):
     enc = Encoder(tokenizer, ChatTemplate(chat_template()), PreprocessConfig(max_length=512, max_text_chars=1000))
     with pytest.raises(LimitError, match="max_text_chars=1000"):

@@ -3,3 +3,7 @@
 Images, videos, prompts and tokenization, M-RoPE positions and the vision graph's host inputs,
 reproducing qwen-vl-utils 0.0.14 + the transformers processor (docs/reference-behaviour.md#preprocessing).
 """
+
+from q3vl.preprocess.media import MediaPolicy
+
+__all__ = ["MediaPolicy"]

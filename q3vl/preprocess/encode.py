@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError, LimitError, QueryError
-from q3vl.preprocess.image import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, open_image, patchify, resize_rgb, smart_resize
+from q3vl.preprocess.image import DEFAULT_TIMEOUT, patch_rows, probe_image, smart_resize
 from q3vl.preprocess.items import Content, EmbedItem
+from q3vl.preprocess.media import MediaAccess, MediaPolicy, media_errors
 from q3vl.preprocess.prompt import (
     MARK,
     VIDEO_SLOT,
@@ -43,7 +44,7 @@ DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16
 class ImagePlan:
     """An image whose target size is known; pixels are decoded at load time."""
 
-    image: Any
+    image: Any  # an `ImageSource`: header read, no open file, no decoded pixels
     height: int
     width: int
     grid: tuple[int, int, int]  # (1, h, w) in patches
@@ -71,8 +72,9 @@ class PreprocessConfig:
     max_frames: int = 64
     truncation: str = "text"
     timeout: float = DEFAULT_TIMEOUT
-    max_bytes: int = DEFAULT_MAX_BYTES
     max_text_chars: int = 1 << 20  # raw characters of text (+ instruction) per item, checked before tokenizing
+    max_parts: int = 16384  # text, image and video elements per item (or per rerank side)
+    media_policy: MediaPolicy = field(default_factory=MediaPolicy)
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION_MODES:
@@ -133,33 +135,44 @@ class Encoder:
 
     # ------------------------------------------------------------ media
     def plan_media(self, c: Content, fps: float | None, max_frames: int | None) -> list[Media]:
-        """Videos then images (the wrapper's content order), each sized but not decoded."""
+        """Videos then images (the wrapper's content order), each sized but not decoded, read under the
+        media policy (inside a call wrapped by `media.media_call`, with that call's byte budget).
+        """
         cfg, g = self.config, self.geometry
+        access = MediaAccess.current(cfg.media_policy, cfg.timeout)
         media: list[Media] = []
         for v in c.videos:
-            if isinstance(v, str):
-                media.append(VideoFile.probe(v, fps or cfg.fps, max_frames or cfg.max_frames, cfg.timeout))
-            else:
-                media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, cfg.timeout))
+            with media_errors("video"):
+                if isinstance(v, str):
+                    media.append(VideoFile.probe(v, fps or cfg.fps, max_frames or cfg.max_frames, access=access,
+                                                 geometry=g))
+                else:
+                    media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, access=access, geometry=g))
         for src in c.images:
-            img = open_image(src, timeout=cfg.timeout, max_bytes=cfg.max_bytes)
-            h, w = smart_resize(img.height, img.width, g.factor, cfg.min_pixels, cfg.max_pixels)
-            media.append(ImagePlan(img, h, w, (1, h // g.patch, w // g.patch)))
+            with media_errors("image"):
+                img = probe_image(src, access)
+                h, w = smart_resize(img.height, img.width, g.factor, cfg.min_pixels, cfg.max_pixels)
+                media.append(ImagePlan(img, h, w, (1, h // g.patch, w // g.patch)))
         return media
 
     def load(self, media: list[Media]) -> list[VisionBlock]:
-        """Decode and patchify: one block per image and per video frame pair, in token order."""
+        """Decode and cut into patch rows: one block per image and per video frame pair, in token order.
+
+        One medium at a time, its source pixels dropped once its rows exist; rows stay uint8 until a
+        vision call normalises them. Any failure is the item's `InputError`.
+        """
         g = self.geometry
         blocks: list[VisionBlock] = []
         for m in media:
-            if isinstance(m, ImagePlan):
-                rgb = resize_rgb(m.image, m.height, m.width)
-                rows = patchify(np.stack([rgb] * g.temporal), g.patch, g.temporal, g.merge)
-                blocks.append(VisionBlock(rows, m.grid[1:]))
-                continue
-            rows = patchify(m.load(), g.patch, g.temporal, g.merge)
-            t, h, w = m.plan.grid
-            blocks.extend(VisionBlock(part, (h, w)) for part in np.split(rows, t))
+            with media_errors("image" if isinstance(m, ImagePlan) else "video"):
+                if isinstance(m, ImagePlan):
+                    rgb = m.image.resized(m.height, m.width)
+                    rows = patch_rows(np.stack([rgb] * g.temporal), g.patch, g.temporal, g.merge)
+                    blocks.append(VisionBlock(rows, m.grid[1:]))
+                    continue
+                rows = patch_rows(m.load(), g.patch, g.temporal, g.merge)
+                t, h, w = m.plan.grid
+                blocks.extend(VisionBlock(part, (h, w)) for part in np.split(rows, t))
         return blocks
 
     def blocks(self, enc: Encoded) -> list[VisionBlock]:
@@ -203,15 +216,20 @@ class Encoder:
         merge = self.geometry.merge
         return Encoded(ids, media, rope_positions(ids, self.pad_ids, grids, merge), grids, shared, merge)
 
-    def _check_texts(self, texts: tuple[str, ...] | list[str], instruction: str | None) -> None:
-        for t in texts:
-            check_text(t)
-        if instruction:
-            check_text(instruction, "instruction")
+    def _check_texts(self, texts: tuple[str, ...] | list[str], instruction: str | None, *sides: Content) -> None:
+        """Bounds first (element count, characters), then valid Unicode: all before any tokenizing."""
+        parts = max((len(c.texts) + len(c.images) + len(c.videos) for c in sides), default=0)
+        if parts > self.config.max_parts:
+            raise LimitError(f"item has {parts} text/image/video elements; the limit is max_parts="
+                             f"{self.config.max_parts} (join the texts, or split the item)")
         chars = sum(map(len, texts)) + len(instruction or "")
         if chars > self.config.max_text_chars:
             raise LimitError(f"item has {chars} characters of text; the limit is max_text_chars="
                              f"{self.config.max_text_chars} (split the text or raise the limit)")
+        for t in texts:
+            check_text(t)
+        if instruction:
+            check_text(instruction, "instruction")
 
     def embedding(self, item: EmbedItem, default_instruction: str) -> Encoded:
         """Plan one embedding input (docs/reference-behaviour.md#embedder-prompt)."""
@@ -221,7 +239,7 @@ class Encoder:
             if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
                 instruction += "."
         c = item.content
-        self._check_texts(c.texts, instruction)
+        self._check_texts(c.texts, instruction, c)
         media = self.plan_media(c, item.fps, item.max_frames)
         slots, counts = self._slots(media)
 
@@ -235,14 +253,14 @@ class Encoder:
         if self.config.truncation == "reference":
             ids = _truncate_right(build(texts), self.config.max_length, sum(counts), self.pad_ids)
         else:
-            ids = fit_texts(build, texts, range(len(texts) - 1, -1, -1), self.config.max_length, self.tokenizer)
+            ids = fit_texts(build, texts, [range(len(texts))], self.config.max_length, self.tokenizer)
         return self._finish(ids, media)
 
     def plan_query(self, query: Content, instruction: str, fps: float | None, max_frames: int | None
                    ) -> SharedMedia:
         """A rerank query's media, planned once for all of a call's documents (errors are the query's)."""
         try:
-            self._check_texts(query.texts, instruction)
+            self._check_texts(query.texts, instruction, query)
             return SharedMedia(self.plan_media(query, fps, max_frames), self.load)
         except InputError as e:
             raise QueryError(f"query: {e.reason}") from e
@@ -254,7 +272,7 @@ class Encoder:
         `shared`: the query's media from `plan_query`, shared by every pair of a call (planned here if absent).
         """
         shared = shared or self.plan_query(query, instruction, fps, max_frames)
-        self._check_texts([*query.texts, *doc.texts], instruction)
+        self._check_texts([*query.texts, *doc.texts], instruction, query, doc)
         q_media, d_media = shared.media, self.plan_media(doc, fps, max_frames)
         q_slots, q_counts = self._slots(q_media)
         d_slots, d_counts = self._slots(d_media)
@@ -274,9 +292,9 @@ class Encoder:
         texts = [*query.texts, *doc.texts]
         if self.config.truncation == "reference":
             ids = _truncate_keep_special(build(texts), self.config.max_length, self.tokenizer.special.all_special)
-        else:  # document text first (last item first), then query text
-            order = [*range(len(texts) - 1, nq - 1, -1), *range(nq - 1, -1, -1)]
-            ids = fit_texts(build, texts, order, self.config.max_length, self.tokenizer)
+        else:  # document text first, then query text
+            groups = [range(nq, len(texts)), range(nq)]
+            ids = fit_texts(build, texts, groups, self.config.max_length, self.tokenizer)
         return self._finish(ids, [*q_media, *d_media], shared if q_media else None)
 
 

@@ -1,18 +1,24 @@
 """The user's input dicts, validated and normalised the way the published wrappers read them.
 
-`text` and `image` are a scalar or a list; `video` is one video (a path/URL, or a list of frames
-whose first element is a PIL image, an image-file path or an image data URI) or a list of videos.
-Unknown keys are rejected (a typo like "images" would otherwise embed the item as "NULL").
+`text` and `image` are a scalar or a list; `video` is one video (a path/URL/data URI, or a list of
+frames whose first element is a PIL image, an image array, encoded image bytes, an image-file path
+or an image data URI) or a list of videos. An image is a path, URL, data URI, PIL image, H x W x 3
+uint8 RGB array or encoded bytes. Unknown keys are rejected (a typo like "images" would otherwise
+embed the item as "NULL"); `fps` must be a finite positive number and `max_frames` an integer >= 2
+(JSON parsers accept NaN and Infinity, and a fractional count must not be silently rounded).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 from PIL import Image
 
 from q3vl.errors import InputError
@@ -45,8 +51,11 @@ def _check_keys(obj: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]
     return obj
 
 
+IN_MEMORY = (Image.Image, np.ndarray, bytes, bytearray, memoryview)
+
+
 def _is_image_ref(x: Any) -> bool:
-    if isinstance(x, Image.Image):
+    if isinstance(x, IN_MEMORY):
         return True
     if isinstance(x, Path):
         x = str(x)
@@ -59,7 +68,7 @@ def _is_image_ref(x: Any) -> bool:
 
 
 def _image_like(x: Any) -> bool:
-    return isinstance(x, (str, Path, Image.Image))
+    return isinstance(x, (str, Path, *IN_MEMORY))
 
 
 def _texts(value: Any) -> tuple[str, ...]:
@@ -73,7 +82,8 @@ def _images(value: Any) -> tuple[Any, ...]:
     items = [] if value is None else value if isinstance(value, list) else [value]
     bad = [type(x).__name__ for x in items if not _image_like(x)]
     if bad:
-        raise InputError(f"image must be a path, URL, data URI or PIL.Image, not {bad[0]}")
+        raise InputError(f"image must be a path, URL, data URI or PIL.Image, an H x W x 3 uint8 array or encoded "
+                         f"bytes, not {bad[0]}")
     return tuple(items)
 
 
@@ -83,7 +93,7 @@ def _videos(value: Any) -> tuple[Any, ...]:
     if isinstance(value, (str, Path)):
         return (str(value),)
     if not isinstance(value, list) or not value:
-        raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {value!r:.60}")
+        raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {_show(value)}")
     if _is_image_ref(value[0]):  # one video given as frames
         return (_frames(value),)
     videos: list[Any] = []
@@ -100,7 +110,7 @@ def _videos(value: Any) -> tuple[Any, ...]:
 def _frames(frames: list[Any]) -> tuple[Any, ...]:
     bad = [type(f).__name__ for f in frames if not _image_like(f)]
     if bad:
-        raise InputError(f"video frames must be image paths, URLs or PIL images, not {bad[0]}")
+        raise InputError(f"video frames must be image paths, URLs, PIL images, arrays or bytes, not {bad[0]}")
     return tuple(frames)
 
 
@@ -109,12 +119,29 @@ def content(obj: dict[str, Any]) -> Content:
     return Content(_texts(obj.get("text")), _images(obj.get("image")), _videos(obj.get("video")))
 
 
-def _positive(value: Any, name: str, cast: type) -> Any:
+def _show(value: Any) -> str:
+    """A short repr for a message; a user object whose repr raises must not escape as its own error."""
+    try:
+        return repr(value)[:60]
+    except Exception:
+        return f"a {type(value).__name__}"
+
+
+def _fps(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InputError(f"{name} must be a positive number, not {value!r}")
-    return cast(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+        raise InputError(f"fps must be a finite number > 0, not {_show(value)}")
+    return float(value)
+
+
+def _max_frames(value: Any) -> int | None:
+    if value is None:
+        return None
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
+    if isinstance(value, bool) or not integral or int(value) < 2:
+        raise InputError(f"max_frames must be a whole number >= 2 (frames are sampled in pairs), not {_show(value)}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -133,8 +160,7 @@ def embed_item(obj: Any) -> EmbedItem:
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise InputError(f"instruction must be a str, not {type(instruction).__name__}")
-    return EmbedItem(content(obj), instruction, _positive(obj.get("fps"), "fps", float),
-                     _positive(obj.get("max_frames"), "max_frames", int))
+    return EmbedItem(content(obj), instruction, _fps(obj.get("fps")), _max_frames(obj.get("max_frames")))
 
 
 @dataclass(frozen=True)
@@ -173,4 +199,4 @@ def rerank_request(obj: Any) -> RerankRequest:
         if val is not None and not isinstance(val, str):
             raise InputError(f"{name} must be a str, not {type(val).__name__}")
     return RerankRequest(content(query), query_instruction, is_tuple, given, tuple(documents), instruction,
-                         _positive(obj.get("fps"), "fps", float), _positive(obj.get("max_frames"), "max_frames", int))
+                         _fps(obj.get("fps")), _max_frames(obj.get("max_frames")))

@@ -242,36 +242,32 @@ def expand_pads(ids: list[int], pad_ids: tuple[int, int], counts: Sequence[int])
     return np.repeat(arr, reps)
 
 
-def fit_texts(build: Callable[[list[str]], np.ndarray], texts: list[str], order: Sequence[int],
+def fit_texts(build: Callable[[list[str]], np.ndarray], texts: list[str], groups: Sequence[Sequence[int]],
               max_length: int, tokenizer: TextTokenizer) -> np.ndarray:
-    """q3vl's truncation: shorten user texts (in `order`) until `build(texts)` fits `max_length`.
+    """q3vl's truncation: shorten user texts until `build(texts)` fits `max_length`.
 
-    Texts are dropped whole, in `order`, while the excess covers their token count, then the first
-    text the excess does not cover is cut at a token boundary; the prompt is then built again (a
-    handful of rounds at most, since tokens at text boundaries can merge), so 12,000 short texts cost a
-    few renders, not 12,000. The template, every vision block and the template tail always survive;
-    the pooled token stays the final template token. Raises InputError when nothing but template and
-    vision is left and it still does not fit.
+    `groups` lists runs of texts that the template concatenates (an embedding's texts; a reranker's
+    document texts, then its query texts), in the order they give way: the joined text of a group is
+    cut from its end at a token boundary, the next group is cut once the first is empty. Each round
+    tokenizes a group once and builds the prompt once, and rounds repeat only while tokens merging
+    across the cut leave the prompt a little long, so 12,000 short texts cost a few renders, not
+    12,000. The template, every vision block and the template tail always survive; the pooled token
+    stays the final template token. Raises InputError when nothing but template and vision is left
+    and it still does not fit.
     """
     texts = list(texts)
     ids = build(texts)
-    pending = [i for i in order if texts[i]]
-    k = 0  # pending[k] is the next text to shorten
-    while len(ids) > max_length and k < len(pending):
-        excess = len(ids) - max_length
-        while k < len(pending) and excess > 0:
-            i = pending[k]
-            offs = tokenizer.offsets(texts[i])
-            if len(offs) <= excess:  # the whole text goes
-                texts[i] = ""
-                excess -= len(offs)
-                k += 1
-                continue
-            cut = offs[len(offs) - excess][0]
-            texts[i] = texts[i][:min(cut, len(texts[i]) - 1)]
-            k += not texts[i]
-            break
-        ids = build(texts)
+    for group in groups:
+        while len(ids) > max_length:
+            joined = "".join(texts[i] for i in group)
+            if not joined:
+                break
+            offs = tokenizer.offsets(joined)
+            keep = len(offs) - (len(ids) - max_length)
+            cut = min(offs[keep][0] if keep > 0 else 0, len(joined) - 1)  # always remove at least one character
+            for i in group:  # the joined text's first `cut` characters, back into the group's texts
+                texts[i], cut = texts[i][:cut], max(0, cut - len(texts[i]))
+            ids = build(texts)
     if len(ids) > max_length:
         raise InputError(f"prompt needs {len(ids)} tokens without any user text; max_length is {max_length} "
                          "(too many vision tokens: lower max_pixels / max_frames or raise max_length)")

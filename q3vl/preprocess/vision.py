@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.preprocess.image import normalize
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -42,10 +44,20 @@ class Geometry:
 
 @dataclass(frozen=True)
 class VisionBlock:
-    """One attention segment: `pixels` float32 `[h*w, 1536]` for a `(h, w)` patch grid."""
+    """One attention segment: patch rows `[h*w, 1536]` for a `(h, w)` patch grid.
 
-    pixels: np.ndarray
+    `rows` are the uint8 pixels in patch order (a quarter of the bytes of float32, so a micro-batch
+    of large images or long videos holds four times less while it waits for the graphs) or already
+    normalised float32; `pixels` is always the float32 `pixel_values`.
+    """
+
+    rows: np.ndarray
     grid: tuple[int, int]
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """float32 `pixel_values` rows (normalised here when the rows are uint8)."""
+        return normalize(self.rows) if self.rows.dtype == np.uint8 else self.rows
 
     @property
     def num_patches(self) -> int:
@@ -92,6 +104,13 @@ def grid_inputs(h: int, w: int, merge: int, num_position_embeddings: int) -> tup
     return coords, taps.astype(np.int64), weights
 
 
+def _stack_pixels(blocks: list[VisionBlock]) -> np.ndarray:
+    """float32 `[S, n, 1536]`; uint8 rows are stacked first and normalised once (same values)."""
+    if all(b.rows.dtype == np.uint8 for b in blocks):
+        return normalize(np.stack([b.rows for b in blocks]))
+    return np.stack([b.pixels for b in blocks])
+
+
 def stack_blocks(blocks: list[VisionBlock], merge: int, num_position_embeddings: int) -> dict[str, np.ndarray]:
     """Feeds for one vision-graph call over blocks that share a patch count.
 
@@ -103,7 +122,7 @@ def stack_blocks(blocks: list[VisionBlock], merge: int, num_position_embeddings:
         raise ValueError("blocks stacked in one vision call must share a patch count")
     per = [grid_inputs(*b.grid, merge, num_position_embeddings) for b in blocks]
     return {
-        "pixel_values": np.stack([b.pixels for b in blocks]),
+        "pixel_values": _stack_pixels(blocks),
         "pos_ids": np.stack([p[0] for p in per]),
         "interp_idx": np.stack([p[1] for p in per]),
         "interp_w": np.stack([p[2] for p in per]),

@@ -74,6 +74,40 @@ def _prefer_decord() -> None:
     vp.get_video_reader_backend.cache_clear()
 
 
+class Wrapper:
+    """What both reference wrappers keep from their (published) constructor arguments, and the model."""
+
+    def __init__(self, path: str | Path, max_length: int, min_pixels: int, max_pixels: int, total_pixels: int,
+                 fps: float, max_frames: int, default_instruction: str, dtype: str, device: str,
+                 attn_implementation: str, padding_side: str) -> None:
+        self.max_length = max_length
+        self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, total_pixels
+        self.fps, self.max_frames = fps, max_frames
+        self.default_instruction = default_instruction
+        self.device = device
+        lm, self.processor = load(path, dtype, device, attn_implementation, padding_side)
+        self.model, self.config = lm.model, lm.config
+        self.keep_head(lm)  # the LM head itself is dropped (1.2 GB at 8B) unless a wrapper keeps it
+
+    def keep_head(self, lm: Any) -> None:
+        """Keep what the wrapper needs of the LM head (nothing, for the embedder)."""
+
+
+def side_content(owner: Any, text: Any, image: Any, video: Any, fps: float | None,
+                 max_frames: int | None) -> list[dict[str, Any]]:
+    """One side's user content as both wrappers build it: videos, images, then texts; "NULL" if empty.
+
+    `owner` is the wrapper (its constructor's fps, max_frames and pixel bounds apply).
+    """
+    texts, images, videos = as_list(text), as_list(image), videos_of(video)
+    if not texts and not images and not videos:
+        return [{"type": "text", "text": "NULL"}]
+    content = media_content(images, videos, fps=fps or owner.fps, max_frames=max_frames or owner.max_frames,
+                            list_max_frames=owner.max_frames, min_pixels=owner.min_pixels,
+                            max_pixels=owner.max_pixels, total_pixels=owner.total_pixels)
+    return [*content, *({"type": "text", "text": t} for t in texts)]
+
+
 def as_list(value: Any) -> list[Any]:
     """The wrapper's scalar-or-list normalisation for `text` and `image`."""
     if value is None:

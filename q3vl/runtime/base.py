@@ -10,7 +10,6 @@ an `InputError` for that item at whichever step sees it, whatever library raised
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 from q3vl.bundle import Manifest, check_graph_io, expected_io, verify_files
 from q3vl.errors import BundleError, ConfigError, InputError, LimitError, QueryError, UnknownOptionError
 from q3vl.preprocess.encode import Encoded, Encoder, PreprocessConfig
+from q3vl.preprocess.media import MediaPolicy, media_call
 from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer, check_text
 from q3vl.preprocess.vision import Geometry
 from q3vl.runtime.backends.base import ShapeLimits, create
@@ -74,11 +74,15 @@ class BundleModel:
     `batch_size`, `max_batch_tokens` (padded tokens per micro-batch), `truncation` ("text": shorten
     user text so the template tail and every vision block survive; "reference": the wrapper's
     behaviour), `max_vision_patches` (patches per vision call), `timeout` (media fetch and decode),
-    `max_text_chars` (raw characters of text per item, checked before tokenizing), `verify` ("size",
+    `max_text_chars` (raw characters of text per item, checked before tokenizing), `max_parts` (text,
+    image and video elements per item), `verify` ("size",
     or "full" to hash the weight files too), `allow_unverified` (load a bundle that failed its export
     parity check), `prefetch` (load the next micro-batch's media while the current one runs),
-    `loader_threads` (the loader pool's size), `backend_options` (the backend's typed options, as a
-    dict or its options object).
+    `loader_threads` (media decode threads; default 1, so one source image is decoded at a time and
+    peak memory is one source's: raise it where cores and memory are plentiful), `backend_options`
+    (the backend's typed options, as a dict or its options object), `media_policy` (what media may
+    be read and the per-item/per-call limits; default `MediaPolicy()`: local files, data URIs and
+    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input).
 
     Use it as a context manager, or call `close()`, to release the backend and the loader pool now
     rather than at garbage collection.
@@ -90,16 +94,17 @@ class BundleModel:
                  max_pixels: int = 1_843_200, total_pixels: int = 7_864_320, fps: float = 1.0, max_frames: int = 64,
                  default_instruction: str | None = None, *, backend: str = "cpu", batch_size: int = 8,
                  max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
-                 timeout: float = 10.0, max_text_chars: int = 1 << 20, verify: str = "size",
+                 timeout: float = 10.0, max_text_chars: int = 1 << 20, max_parts: int = 16384, verify: str = "size",
                  allow_unverified: bool = False, prefetch: bool = True, loader_threads: int | None = None,
-                 backend_options: Any = None) -> None:
+                 backend_options: Any = None, media_policy: MediaPolicy | None = None) -> None:
         _positive_ints(batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                       max_vision_patches=max_vision_patches, max_text_chars=max_text_chars)
+                       max_vision_patches=max_vision_patches, max_text_chars=max_text_chars, max_parts=max_parts)
         if verify not in ("size", "full"):
             raise ConfigError(f"verify must be 'size' or 'full', not {verify!r}")
         config = PreprocessConfig(max_length=max_length or self.task.default_max_length, min_pixels=min_pixels,
                                   max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
-                                  truncation=truncation, timeout=timeout, max_text_chars=max_text_chars)
+                                  truncation=truncation, timeout=timeout, max_text_chars=max_text_chars,
+                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy())
         self.default_instruction = self.task.default_instruction if default_instruction is None \
             else default_instruction
         try:
@@ -123,7 +128,7 @@ class BundleModel:
                                   self._vision_budget(max_vision_patches))
         self.policy = self._policy(batch_size, max_batch_tokens)
         self.prefetch = prefetch
-        threads = loader_threads or min(4, len(os.sched_getaffinity(0)))
+        threads = loader_threads or 1  # one source image decoded at a time: peak memory stays one source's
         _positive_ints(loader_threads=threads)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="q3vl-load")  # threads start on first use
         self._finalizer = weakref.finalize(self, _release, self.backend, self._pool)
@@ -161,6 +166,12 @@ class BundleModel:
         return self.policy.max_batch_tokens
 
     # ------------------------------------------------------------------ the batch API
+    def media_call(self) -> Any:
+        """A context in which everything planned shares one call's media byte budget and fetch cache
+        (a URL or data URI used by several items is fetched and charged once).
+        """
+        return media_call(self.encoder.config.media_policy)
+
     def _plan_each(self, n: int, plan: Callable[[int], Encoded]) -> list[Plan | InputError]:
         """Plan items 0..n-1 with `plan(i)`; each failure becomes that item's `InputError`."""
         return [guarded(i, lambda: self._check_limits(Plan(i, plan(i)))) for i in range(n)]  # noqa: B023

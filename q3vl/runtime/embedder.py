@@ -40,8 +40,9 @@ class Embedder(BundleModel):
         """Batch API step 1: one `Plan` (token ids, positions, sized media) or `InputError` per input."""
         if not isinstance(inputs, (list, tuple)):
             raise InputError(f"inputs must be a list of dicts, not {type(inputs).__name__}")
-        return self._plan_each(len(inputs), lambda i: self.encoder.embedding(embed_item(inputs[i]),
-                                                                             self.default_instruction))
+        with self.media_call():
+            return self._plan_each(len(inputs), lambda i: self.encoder.embedding(embed_item(inputs[i]),
+                                                                                 self.default_instruction))
 
     def vectors(self, outputs: dict[str, np.ndarray], normalize: bool = True, dim: int | None = None) -> np.ndarray:
         """Embeddings float32 `[B, dim or D]` from `run_batch` outputs (rows `[B, D]`): the normalised

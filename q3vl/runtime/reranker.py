@@ -40,18 +40,18 @@ class Reranker(BundleModel):
             return []
         # the wrapper: a (instruction, text) query tuple replaces the request's instruction
         instruction = (req.query_instruction if req.query_is_tuple else req.instruction) or self.default_instruction
-        shared = self.encoder.plan_query(req.query, instruction, req.fps, req.max_frames)
+        with self.media_call():
+            shared = self.encoder.plan_query(req.query, instruction, req.fps, req.max_frames)
+            return self._plan_each(len(req.documents), lambda i: self._plan_pair(req, shared, instruction, i))
 
-        def plan(i: int) -> Any:
-            doc = req.documents[i]
-            if not isinstance(doc, dict):
-                raise InputError(f"document must be a dict, not {type(doc).__name__}")
-            extra = sorted(set(doc) - set(DOCUMENT_KEYS))
-            if extra:
-                raise InputError(f"document has unknown keys {extra}; allowed: {list(DOCUMENT_KEYS)}")
-            return self.encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames, shared)
-
-        return self._plan_each(len(req.documents), plan)
+    def _plan_pair(self, req: Any, shared: Any, instruction: str, i: int) -> Any:
+        doc = req.documents[i]
+        if not isinstance(doc, dict):
+            raise InputError(f"document must be a dict, not {type(doc).__name__}")
+        extra = sorted(set(doc) - set(DOCUMENT_KEYS))
+        if extra:
+            raise InputError(f"document has unknown keys {extra}; allowed: {list(DOCUMENT_KEYS)}")
+        return self.encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames, shared)
 
     def process_details(self, inputs: dict[str, Any], *, on_error: str = "raise",
                         progress: bool | None = None) -> Details:
