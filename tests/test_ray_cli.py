@@ -117,9 +117,10 @@ def make_folder(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     (root / "z" / "text.png").write_text("this is not an image")
     (root / "a" / "broken-link.png").symlink_to(root / "nowhere.png")
     (root / "z" / "bad.mp4").write_bytes(b"\x00" * 100)
+    os.mkfifo(root / "z" / "pipe.png")  # reading it would block forever: refused by the media policy
     (root / "README.txt").write_text("not media: skipped")
     bad = {"a/b/truncated.png": "truncated.png", "empty.jpg": "empty.jpg", "z/text.png": "text.png",
-           "a/broken-link.png": "broken-link.png", "z/bad.mp4": "bad.mp4"}
+           "a/broken-link.png": "broken-link.png", "z/bad.mp4": "bad.mp4", "z/pipe.png": "pipe.png"}
     return good, bad
 
 
@@ -133,8 +134,9 @@ def test_folder_end_to_end_then_index_finds_a_known_item_first(address, tiny_emb
     assert set(got) == set(good) | set(bad)
     for rel in good:
         assert got[rel]["error"] == "" and len(got[rel]["embedding"]) == 64 and got[rel]["path"] == rel
-    for rel in bad:
-        assert got[rel]["embedding"] is None and got[rel]["error"] and got[rel]["tokens"] == 0, rel
+    for rel, name in bad.items():
+        assert got[rel]["embedding"] is None and got[rel]["tokens"] == 0, rel
+        assert name in got[rel]["error"], (rel, got[rel]["error"])
     assert str(tmp_path / "corpus" / "a" / "broken-link.png") in got["a/broken-link.png"]["error"]  # resolved path
     manifest = read_manifest(tmp_path / "out")
     assert manifest["runs"][-1]["skipped_files"] == 1 and manifest["errors"] == len(bad)

@@ -53,9 +53,19 @@ def corpus(tmp_path_factory):
     return d
 
 
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def mixed_rows(d: Path) -> list[tuple[dict, dict | None]]:
-    """(Parquet row, the `Embedder.process` item it must equal, or None for a bad row)."""
+    """(Parquet row, the `Embedder.process` item it must equal, or None for a bad row). Bytes and
+    array images must equal the same image read from its file.
+    """
     m = d / "media"
+    frames = [m / f"frame{i}.png" for i in (0, 2, 1)]
     good = [
         ({"id": "text", "text": "a plain caption"}, {"text": "a plain caption"}),
         ({"id": "text-instr", "text": "find me", "instruction": "Retrieve the photo."},
@@ -66,7 +76,11 @@ def mixed_rows(d: Path) -> list[tuple[dict, dict | None]]:
         ({"id": "video", "video": "media/clip.mp4", "fps": 2.0, "max_frames": 4},
          {"video": str(m / "clip.mp4"), "fps": 2.0, "max_frames": 4}),
         ({"id": "frames", "frames": ["media/frame0.png", "media/frame2.png", "media/frame1.png"]},
-         {"video": [str(m / "frame0.png"), str(m / "frame2.png"), str(m / "frame1.png")]}),
+         {"video": [str(f) for f in frames]}),
+        ({"id": "img-bytes", "image_bytes": (m / "img2.png").read_bytes(), "text": "bytes"},
+         {"image": str(m / "img2.png"), "text": "bytes"}),
+        ({"id": "img-array", "pixels": pixels(m / "img1.png").tolist()}, {"image": str(m / "img1.png")}),
+        ({"id": "frames-bytes", "frame_bytes": [f.read_bytes() for f in frames]}, {"video": [str(f) for f in frames]}),
     ]
     bad = [
         ({"id": "missing", "image": "media/nope.png"}, "media/nope.png"),
@@ -75,14 +89,20 @@ def mixed_rows(d: Path) -> list[tuple[dict, dict | None]]:
         ({"id": "bad-video", "video": "media/img0.png"}, ""),  # an image as a video: any error will do
         ({"id": "zero-fps", "text": "x", "video": "media/clip.mp4", "fps": -1.0}, "fps"),
         ({"id": "huge", "text": "x" * ((1 << 20) + 10)}, "characters"),
+        ({"id": "nan-fps", "video": "media/clip.mp4", "fps": float("nan")}, "fps"),
+        ({"id": "internal-url", "image": "http://127.0.0.1:9/x.png"}, "refused by the media policy"),
+        ({"id": "bad-bytes", "image_bytes": b"\x00not an image"}, "image"),
+        ({"id": "ragged", "pixels": [[[1, 2, 3]], [[1, 2, 3], [4, 5, 6]]]}, "H x W x C"),
     ]
     return good + [(row, None) for row, _ in bad], dict((r["id"], msg) for r, msg in bad)
 
 
 def write_mixed_parquet(d: Path) -> tuple[Path, dict[str, dict], dict[str, str]]:
     rows, bad = mixed_rows(d)
-    cols = ["id", "text", "instruction", "image", "video", "frames", "fps", "max_frames"]
-    types = {"frames": pa.list_(pa.string()), "fps": pa.float64(), "max_frames": pa.int64()}
+    cols = ["id", "text", "instruction", "image", "image_bytes", "pixels", "video", "frames", "frame_bytes", "fps",
+            "max_frames"]
+    types = {"frames": pa.list_(pa.string()), "fps": pa.float64(), "max_frames": pa.int64(), "image_bytes": pa.binary(),
+             "pixels": pa.list_(pa.list_(pa.list_(pa.uint8()))), "frame_bytes": pa.list_(pa.binary())}
     table = pa.table({c: pa.array([r.get(c) for r, _ in rows], types.get(c, pa.string())) for c in cols})
     path = d / "mixed.parquet"
     pq.write_table(table, path)
@@ -106,7 +126,8 @@ def test_mixed_parquet_rows_equal_process_and_codes_equal_quantize(ray_session, 
         want = emb.process([items[i] for i in ids], dim=32)
     calib = tmp_path / "calibration.json"
     Calibration.fit(want).save(calib)
-    cmap = ColumnMap.parse(["video=video", "video=frames"])
+    cmap = ColumnMap.parse(["video=video", "video=frames", "video=frame_bytes", "image=image", "image=image_bytes",
+                            "image=pixels"])
     run = embed_corpus(path, tmp_path / "out", tiny_embedding_bundle, columns=cmap, dim=32,
                        codes=["int8", "binary"], calibration=calib, workers=2, rows_per_call=3, rows_per_shard=4,
                        batch_size=2, progress=False)
@@ -125,9 +146,25 @@ def test_mixed_parquet_rows_equal_process_and_codes_equal_quantize(ray_session, 
         assert got[i]["embedding"] is None and got[i]["embedding_int8"] is None and got[i]["tokens"] == 0
         assert got[i]["error"] and msg in got[i]["error"], (i, got[i]["error"])
     assert str(corpus / "media" / "nope.png") in got["missing"]["error"]  # the resolved path
+    assert "image_bytes" not in got["text"] and "pixels" not in got["text"]  # media bytes stay in the input
     manifest = read_manifest(tmp_path / "out")
     assert manifest["rows"] == len(got) and manifest["errors"] == len(bad)
     assert (tmp_path / "out" / "calibration.json").read_text() == calib.read_text()
+
+
+def test_ray_tensor_images_equal_the_files(ray_session, tiny_embedding_bundle, corpus):
+    """Arrays from an upstream Ray stage (a Ray tensor column, as `read_images` makes) through
+    `embed_stage`: each equals `Embedder.process` of the image's file."""
+    from q3vl.ray.job import embed_stage
+
+    files = [corpus / "media" / f"frame{i}.png" for i in range(3)]  # one size: a fixed-shape tensor column
+    ds = ray.data.from_items([{"name": f.name, "image": pixels(f)} for f in files])
+    got = embed_stage(ds, tiny_embedding_bundle, rows_per_call=2, dim=16).to_pandas()
+    with Embedder(tiny_embedding_bundle) as emb:
+        want = emb.process([{"image": str(f)} for f in files], dim=16)
+    by = {r["name"]: np.asarray(r["embedding"], np.float32) for _, r in got.iterrows()}
+    assert np.abs(np.stack([by[f.name] for f in files]) - want).max() <= 1e-6
+    assert (got["error"] == "").all() and list(got.columns[:2]) == ["name", "image"]
 
 
 def test_embed_batch_alone_keeps_columns_and_prior_errors(tiny_embedding_bundle, corpus):

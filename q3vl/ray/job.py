@@ -8,6 +8,7 @@ of the output directory (`store.py` explains why that makes a killed run's re-ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -149,6 +150,18 @@ def actor_cpus(workers: int, cpus_per_worker: float) -> float:
     return cpus_per_worker
 
 
+def call_policy(rows_per_call: int, policy: Any = None) -> Any:
+    """`policy` (default `MediaPolicy()`: local files, `data:` and public http(s) URLs; private and
+    loopback addresses refused) with a per-call byte budget that one call of `rows_per_call` rows
+    cannot exhaust before each row hits its own per-item limit, so whether a row fails never depends
+    on which rows Ray put in the same batch.
+    """
+    from q3vl.preprocess.media import MediaPolicy
+
+    policy = policy or MediaPolicy()
+    return dataclasses.replace(policy, max_call_bytes=max(policy.max_call_bytes, rows_per_call * policy.max_item_bytes))
+
+
 def embed_stage(ds: Any, bundle: str | Path, *, workers: int = 1, gpus_per_worker: float = 0.0,
                 cpus_per_worker: float = 1.0, rows_per_call: int = 32, **embed_kwargs: Any) -> Any:
     """`ds` with the `EmbedBatch` stage appended: a pool of `workers` actors, each loading the bundle
@@ -160,6 +173,8 @@ def embed_stage(ds: Any, bundle: str | Path, *, workers: int = 1, gpus_per_worke
     error) stops the job instead of looping on it forever.
     """
     ray = _ray()
+    if "media_policy" not in embed_kwargs:
+        embed_kwargs = {**embed_kwargs, "media_policy": call_policy(rows_per_call)}
     return ds.map_batches(EmbedBatch, fn_constructor_args=(str(bundle),), fn_constructor_kwargs=embed_kwargs,
                           batch_size=rows_per_call, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
