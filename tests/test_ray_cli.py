@@ -128,7 +128,7 @@ def test_folder_end_to_end_then_index_finds_a_known_item_first(address, tiny_emb
     good, bad = make_folder(tmp_path / "corpus")
     run = q3vl("embed-dataset", str(tmp_path / "corpus"), "-o", str(tmp_path / "out"), "--bundle",
                str(tiny_embedding_bundle), "--address", address, "--workers", "2", "--rows-per-call", "2",
-               "--no-progress")
+               "--decode-workers", "1", "--no-progress")
     assert run.returncode == 0, run.stderr
     got = read_output(tmp_path / "out")
     assert set(got) == set(good) | set(bad)

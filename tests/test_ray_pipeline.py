@@ -167,6 +167,34 @@ def test_ray_tensor_images_equal_the_files(ray_session, tiny_embedding_bundle, c
     assert (got["error"] == "").all() and list(got.columns[:2]) == ["name", "image"]
 
 
+def test_decode_stage_then_embed_equals_the_files(tiny_embedding_bundle, corpus, tmp_path):
+    """`DecodeImages` (CPU stage) -> `EmbedBatch`: the pixels arrive at their final size and every
+    embedding equals `Embedder.process` of the file; a decode failure is that row's error."""
+    from PIL import Image
+
+    from q3vl.ray.decode import DecodeImages
+
+    big = tmp_path / "big.png"
+    gradient_image(300, 420, seed=7).save(big)  # over max_pixels: the decode stage really resizes
+    limits = {"min_pixels": 1024, "max_pixels": 128 * 128}
+    batch = pa.table({"image": pa.array([str(big), "media/img0.png", None, "media/nope.png", None], pa.string()),
+                      "image_bytes": pa.array([None, None, (corpus / "media/img2.png").read_bytes(), None, None]),
+                      "text": [None, "caption", None, None, "only text"]})
+    cmap = ColumnMap(image=("image", "image_bytes"))
+    decoded = DecodeImages(tiny_embedding_bundle, columns=cmap, base_dir=str(corpus), **limits)(batch)
+    h, w = decoded.column("_q3vl_shape_image").to_pylist()[0][:2]
+    assert h * w <= 128 * 128 and (h, w) != Image.open(big).size[::-1]
+    assert "nope.png" in decoded.column("error").to_pylist()[3]
+    out = EmbedBatch(tiny_embedding_bundle, columns=cmap, base_dir=str(corpus), **limits)(decoded)
+    assert not [c for c in out.column_names if c.startswith("_q3vl")]
+    got = out.column("embedding").to_pylist()
+    with Embedder(tiny_embedding_bundle, **limits) as emb:
+        want = emb.process([{"image": str(big)}, {"image": str(corpus / "media/img0.png"), "text": "caption"},
+                            {"image": str(corpus / "media/img2.png")}, {"text": "only text"}])
+    assert np.abs(np.array([got[0], got[1], got[2], got[4]]) - want).max() <= 1e-6
+    assert got[3] is None and "nope.png" in out.column("error").to_pylist()[3]
+
+
 def test_embed_batch_alone_keeps_columns_and_prior_errors(tiny_embedding_bundle, corpus):
     """The callable outside Ray (as a map_batches actor calls it): input columns pass through, an
     earlier stage's `error` is kept and that row is not run."""

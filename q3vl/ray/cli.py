@@ -19,6 +19,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (> 0: backend cuda)")
     p.add_argument("--cpus-per-worker", type=float,
                    help="CPUs each actor reserves, and the CPU backend's threads (default: reserve 1, use all cores)")
+    p.add_argument("--decode-workers", type=int, default=0,
+                   help="CPU actors that decode and resize images before the embedding actors (default: none; "
+                        "the embedding actors' loader threads decode)")
     p.add_argument("--backend", help="cpu | cuda | tensorrt-ep | tensorrt (default: cuda with GPUs, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="items per model micro-batch")
     p.add_argument("--rows-per-call", type=int, help="rows per actor call (default: 4 x batch size)")
@@ -52,7 +55,7 @@ def _embed_dataset(a: argparse.Namespace) -> int:
                        gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
                        rows_per_call=a.rows_per_call, rows_per_shard=a.rows_per_shard, backend=a.backend,
                        address=a.address, num_cpus=a.num_cpus, progress=False if a.no_progress else None,
-                       batch_size=a.batch_size, **model)
+                       decode_workers=a.decode_workers, batch_size=a.batch_size, **model)
     total = run["already_written"] + run["rows"]
     sys.stdout.write(f"embedded {run['rows']} rows ({run['errors']} with errors, {run['duplicates']} duplicate or "
                      f"already-written rows dropped) into {run['shards']} shards in {run['seconds']} s "

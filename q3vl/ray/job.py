@@ -31,6 +31,7 @@ NEUTRAL_OPTIONS = ("batch_size", "max_batch_tokens", "prefetch", "loader_threads
                    "timeout", "media_policy", "allow_unverified")
 TASK_RETRIES = 3
 LIGHT_CPUS = 0.25  # what the read and id stages reserve per task
+DECODE_CPUS = 1.0  # what a decode actor reserves
 CARRY_TYPES = ("string", "large_string", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                "float", "double", "bool")
 
@@ -114,8 +115,10 @@ def check_columns(src: Source, codes: Sequence[str]) -> None:
 
 
 def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus_per_worker: float,
-                   cpus_per_worker: float | None, rows_per_call: int, embed: dict[str, Any]) -> Any:
-    """Read -> ids (skip done) in blocks of `rows_per_call` rows (so every worker gets work) -> embed.
+                   cpus_per_worker: float | None, rows_per_call: int, embed: dict[str, Any],
+                   decode_workers: int = 0) -> Any:
+    """Read -> ids (skip done) in blocks of `rows_per_call` rows (so every worker gets work) ->
+    (decode on `decode_workers` CPU actors) -> embed.
 
     The id stage reserves `LIGHT_CPUS`: with actors that reserve every CPU of the cluster, stages that
     asked for a whole CPU could never be scheduled and the pipeline would wait forever.
@@ -123,29 +126,44 @@ def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus
     ds = src.dataset.map_batches(assign_ids, batch_format="pyarrow", batch_size=rows_per_call, num_cpus=LIGHT_CPUS,
                                  fn_kwargs={"columns": src.columns, "id_column": src.id_column, "done": done})
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)  # fused into the id stage
-    backend = embed["backend"] or ("cuda" if gpus_per_worker else "cpu")
     model = dict(embed["model_options"])
+    model["media_policy"] = call_policy(rows_per_call, model.get("media_policy"))
+    if decode_workers:
+        ds = decode_stage(ds, bundle, src, decode_workers, rows_per_call, model)
+    backend = embed["backend"] or ("cuda" if gpus_per_worker else "cpu")
     if backend == "cpu" and cpus_per_worker is not None and "backend_options" not in model:
         model["backend_options"] = {"threads": max(1, int(cpus_per_worker))}  # actors sharing a node's cores
     kwargs = {"columns": src.columns, "base_dir": src.base_dir, "dim": embed["dim"], "normalize": embed["normalize"],
               "codes": tuple(embed["codes"]), "calibration": embed["calibration"], "backend": backend,
               "keep_columns": [*carried_columns(src), ID], **model}
-    cpus = actor_cpus(workers, 1.0 if cpus_per_worker is None else cpus_per_worker)
+    cpus = actor_cpus(workers, 1.0 if cpus_per_worker is None else cpus_per_worker, decode_workers)
     return embed_stage(ds, bundle, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus,
                        rows_per_call=rows_per_call, **kwargs)
 
 
-def actor_cpus(workers: int, cpus_per_worker: float) -> float:
-    """The CPUs each embedding actor reserves: as asked, but leaving one CPU of the cluster to the
-    read, listing and id tasks. Actors holding every CPU token would leave those tasks unscheduled and
-    the pipeline waiting forever (a reservation is a scheduling token: the runtime's threads are not
-    limited by it).
+def decode_stage(ds: Any, bundle: Path, src: Source, actors: int, rows_per_call: int, model: dict[str, Any]) -> Any:
+    """`DecodeImages` on `actors` CPU actors, with the embedding stage's pixel limits and media policy."""
+    from q3vl.ray.decode import DecodeImages
+
+    kwargs: dict[str, Any] = {k: model[k] for k in ("min_pixels", "max_pixels", "timeout") if k in model}
+    kwargs.update(columns=src.columns, base_dir=src.base_dir, media_policy=model["media_policy"])
+    return ds.map_batches(DecodeImages, fn_constructor_args=(str(bundle),), fn_constructor_kwargs=kwargs,
+                          batch_size=rows_per_call, batch_format="pyarrow",
+                          compute=_ray().data.ActorPoolStrategy(size=actors), num_cpus=DECODE_CPUS)
+
+
+def actor_cpus(workers: int, cpus_per_worker: float, decode_workers: int = 0) -> float:
+    """The CPUs each embedding actor reserves: as asked, but leaving `LIGHT_CPUS` x 2 of the cluster
+    to the read, listing and id tasks (after the decode actors' share). Actors holding every CPU token
+    would leave those tasks unscheduled and the pipeline waiting forever (a reservation is a
+    scheduling token: the runtime's threads are not limited by it).
     """
     total = float(_ray().cluster_resources().get("CPU", 0))
-    if total and workers * cpus_per_worker > total - 1:
-        fitted = max(total - 1, 0.5) / workers
+    room = total - 2 * LIGHT_CPUS - decode_workers * DECODE_CPUS
+    if total and workers * cpus_per_worker > room:
+        fitted = max(room, 0.1 * workers) / workers
         log.info("%d workers x %g CPUs would hold all %g CPUs of the cluster; reserving %.2f per worker so the "
-                 "read stages keep one", workers, cpus_per_worker, total, fitted)
+                 "read and decode stages keep theirs", workers, cpus_per_worker, total, fitted)
         return fitted
     return cpus_per_worker
 
@@ -257,7 +275,7 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
                  workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None,
                  rows_per_call: int | None = None, rows_per_shard: int = 10_000, backend: str | None = None,
                  address: str | None = None, num_cpus: int | None = None, progress: bool | None = None,
-                 **model_options: Any) -> dict[str, Any]:
+                 decode_workers: int = 0, **model_options: Any) -> dict[str, Any]:
     """Embed every row of `input` (Parquet, JSONL, CSV or a folder of media) into Parquet shards in
     `output_dir`, resumably and exactly once per row id; returns this run's record (also in the manifest).
 
@@ -266,14 +284,16 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
     backend's thread count (default: every core of its node, right for one actor per node);
     `rows_per_call` rows per actor call (default 4 x the model's batch size); a shard is written every
     `rows_per_shard` rows. Without a running Ray session a local one is started (`num_cpus`), or the
-    cluster at `address` joined. `model_options` go to `Embedder` (batch_size, max_pixels, ...).
+    cluster at `address` joined. `decode_workers` > 0 adds the CPU decode stage (`DecodeImages`) on that
+    many actors. `model_options` go to `Embedder` (batch_size, max_pixels, media_policy, ...).
     """
     bundle = Path(bundle)
     batch = model_options.get("batch_size", 8)
     rows_per_call = rows_per_call or 4 * batch
-    for name, value in (("workers", workers), ("rows_per_call", rows_per_call), ("rows_per_shard", rows_per_shard)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, not {value!r}")
+    for name, value, least in (("workers", workers, 1), ("rows_per_call", rows_per_call, 1),
+                               ("rows_per_shard", rows_per_shard, 1), ("decode_workers", decode_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} must be an integer >= {least}, not {value!r}")
     unknown = sorted(set(codes) - set(CODES))
     if unknown:
         raise ConfigError(f"unknown code precisions {unknown}; choose from {list(CODES)}")
@@ -293,7 +313,8 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
                                    "skipped_files": src.skipped_files}
             record_run(out, run)
             ds = build_pipeline(src, bundle, out.done, workers=workers, gpus_per_worker=gpus_per_worker,
-                                cpus_per_worker=cpus_per_worker, rows_per_call=rows_per_call, embed=embed)
+                                cpus_per_worker=cpus_per_worker, rows_per_call=rows_per_call, embed=embed,
+                                decode_workers=decode_workers)
             total = None if src.total is None else max(src.total - len(out.done), 0)
             bar = Progress(total, progress)
             start = time.perf_counter()

@@ -55,8 +55,9 @@ def _vectors(rows: np.ndarray, valid: np.ndarray) -> Any:
 
 
 def _with_results(batch: Any, keep: Sequence[str] | None, results: dict[str, Any]) -> Any:
-    """`batch` (its `error` column dropped, cut to `keep` when given) with `results` appended."""
-    table = batch.drop_columns([ERROR]) if ERROR in batch.column_names else batch
+    """`batch` (its `error` and private columns dropped, cut to `keep` when given) with `results` appended."""
+    private = [c for c in batch.column_names if c == ERROR or c.startswith("_q3vl_")]  # decode stage's pixels
+    table = batch.drop_columns(private) if private else batch
     if keep is not None:
         table = table.select([c for c in table.column_names if c in keep])
     clash = sorted(set(table.column_names) & set(results))
@@ -136,8 +137,12 @@ class EmbedBatch(_RowStage):
         import pyarrow as pa
 
         n = batch.num_rows
+        from q3vl.ray.decode import apply_decoded
+
         errors = self._prior_errors(batch)
-        items = self._items(table_rows(batch, self.columns.columns()), errors, self.columns)
+        rows = table_rows(batch, self.columns.columns())
+        apply_decoded(batch, rows, self.columns)
+        items = self._items(rows, errors, self.columns)
         vectors = np.zeros((n, self.width), np.float32)
         valid = np.zeros(n, bool)
         tokens = np.zeros(n, np.int64)
