@@ -61,6 +61,8 @@ def test_commands_that_need_an_extra_say_which(base_env, tiny_embedding, tiny_em
         "trt check": (["trt", "check", str(tiny_embedding_plain)], "onnx is not installed; " + EXPORT),
         "trt build": (["trt", "build", str(tiny_embedding_plain)], "onnx is not installed; " + EXPORT),
         "serve": (["serve", "--embedding", bundle, "--port", "0"], SERVE),
+        "embed-dataset": (["embed-dataset", str(items), "-o", out, "--bundle", bundle],
+                          "ray is not installed; it comes with the 'ray' extra: pip install 'q3vl[ray]'"),
         "index build": (["index", "build", bundle, str(items), "-o", out], INDEX),
         "index search": (["index", "search", str(tmp_path / "index"), "hello"], INDEX),
         "bench": (["bench", "--quick", "--workdir", out], "torch is not installed; " + EXPORT),

@@ -106,7 +106,7 @@ class ImageSource:
                 if image.size != (self.width, self.height):
                     raise InputError(f"image {self.name} changed after it was planned "
                                      f"({self.width}x{self.height} -> {image.width}x{image.height})")
-                out = resize_rgb(image, height, width)
+                out = resize_rgb(image, height, width, self.name)
             del image
         if self.width * self.height >= TRIM_PIXELS:
             release_free_memory()
@@ -182,12 +182,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InputError(f"unreadable or corrupt image: {e}") from e
 
 
-def resize_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
+def resize_rgb(image: Image.Image, height: int, width: int, name: str = "") -> np.ndarray:
     """RGB conversion + PIL bicubic resize to (height, width): uint8 `[H, W, 3]`.
 
     Same pixels as `to_rgb(image).resize(...)` with less memory: an RGB image is resized as is (no
     full-size copy), and a grey or 1-bit one is resized as one channel and converted after (its three
-    channels are equal, and Pillow resizes each channel with the same arithmetic; tested).
+    channels are equal, and Pillow resizes each channel with the same arithmetic; tested). `name` goes
+    into the error of an image that turns out truncated or corrupt only now, when its pixels are decoded.
     """
     try:
         if image.mode in ("1", "L"):
@@ -196,7 +197,7 @@ def resize_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
         rgb = image if image.mode == "RGB" else to_rgb(image)
         return np.asarray(rgb.resize((width, height), Image.Resampling.BICUBIC))
     except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"unreadable or corrupt image: {e}") from e
+        raise InputError(f"unreadable or corrupt image{' ' + name if name else ''}: {e}") from e
 
 
 def normalize(frames: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,8 +98,11 @@ def _load_sample(path: Path) -> np.ndarray:
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="embedding bundle")
-    p.add_argument("inputs", type=Path, help="JSONL of items to index (an optional 'id' is what search returns)")
+    p.add_argument("bundle", type=Path, nargs="?", help="embedding bundle (not with --from-parquet)")
+    p.add_argument("inputs", type=Path, nargs="?", help="JSONL of items to index (an optional 'id' key is kept)")
+    p.add_argument("--from-parquet", type=Path, metavar="OUTPUT_DIR",
+                   help="index the shards of `q3vl embed-dataset` instead (bundle, dim and calibration from its "
+                        "manifest; rows with errors are left out)")
     p.add_argument("-o", "--output", type=Path, required=True, help="index directory")
     p.add_argument("--dim", type=int, help="Matryoshka dimension")
     p.add_argument("--rescore", choices=["int8", "float32", "none"], default="int8")
@@ -110,7 +114,13 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 
 @command("index build", _build_args)
 def _index_build(a: argparse.Namespace) -> int:
-    """Embed a JSONL file and build a binary index with rescoring vectors."""
+    """Embed a JSONL file (or read embed-dataset shards) and build a binary index with rescoring vectors."""
+    if a.from_parquet is not None:
+        if a.bundle is not None or a.inputs is not None:
+            raise ConfigError("--from-parquet takes the bundle from the shards' manifest: drop BUNDLE and INPUTS")
+        return _index_from_parquet(a)
+    if a.bundle is None or a.inputs is None:
+        raise ConfigError("index build needs BUNDLE and INPUTS, or --from-parquet OUTPUT_DIR")
     from q3vl.checks import bundle_for, check_dim, require
     from q3vl.outputs import check_output, staged_dir
     from q3vl.runtime.cli import check_runtime_options, run_items
@@ -136,6 +146,75 @@ def _index_build(a: argparse.Namespace) -> int:
         index.save(tmp)
     sys.stdout.write(f"indexed {len(index)} items (dim {index.dim}, rescore {a.rescore}) -> {a.output}\n")
     return 0
+
+
+CALIBRATION_SAMPLE = 50_000
+
+
+def _index_from_parquet(a: argparse.Namespace) -> int:
+    """Stream the shards into the index: vectors of good rows only, keyed by position, ids in the meta.
+
+    int8 rescoring uses the calibration the job stored (`calibration.json`), else ranges fitted on the
+    first `CALIBRATION_SAMPLE` vectors (held in memory until then), never per shard.
+    """
+    from q3vl.checks import require
+    from q3vl.outputs import check_output
+
+    require("index")
+    require("ray", ["pyarrow"])
+    check_output(a.output, overwrite=a.overwrite, directory=True, what="index directory",
+                 replaceable=lambda p: (p / "index.json").is_file())
+    import numpy as np
+
+    from q3vl.outputs import staged_dir
+    from q3vl.quantization.embeddings import Calibration
+    from q3vl.quantization.index import BinaryIndex
+    from q3vl.ray.store import read_manifest
+
+    manifest = read_manifest(a.from_parquet)
+    stored = a.from_parquet / "calibration.json"
+    calib = Calibration.load(stored) if stored.exists() and a.rescore == "int8" and not a.dim else None
+    index: BinaryIndex | None = None
+    ids: list[str] = []
+    held: list[np.ndarray] = []
+    skipped: list[int] = []
+    for shard_ids, emb in _shard_vectors(a.from_parquet, a.dim, skipped):
+        ids += shard_ids
+        if index is not None:
+            index.add(emb)
+            continue
+        held.append(emb)
+        if calib is not None or a.rescore != "int8" or sum(map(len, held)) >= CALIBRATION_SAMPLE:
+            index, held = BinaryIndex.build(np.concatenate(held), rescore=a.rescore, calibration=calib), []
+    if index is None and held:
+        index = BinaryIndex.build(np.concatenate(held), rescore=a.rescore, calibration=calib)
+    if index is None:
+        raise ConfigError(f"{a.from_parquet} holds no embedded rows to index")
+    index.meta.update({"bundle": manifest["bundle"]["path"], "ids": ids,
+                       "matryoshka_dim": a.dim or manifest["options"]["dim"], "source": str(a.from_parquet.resolve())})
+    with staged_dir(a.output, overwrite=a.overwrite) as tmp:
+        index.save(tmp)
+    sys.stdout.write(f"indexed {len(index)} rows of {a.from_parquet} ({sum(skipped)} rows with errors left out; "
+                     f"dim {index.dim}, rescore {a.rescore}) -> {a.output}\n")
+    return 0
+
+
+def _shard_vectors(directory: Path, dim: int | None, skipped: list[int]) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, float32 `[n, D]`) of each shard's rows that have an embedding; rows without one are
+    counted into `skipped`.
+    """
+    import numpy as np
+
+    from q3vl.quantization.embeddings import truncate
+    from q3vl.ray.store import iter_shards
+
+    for table in iter_shards(directory, columns=["id", "embedding"]):
+        good = table.filter(table.column("embedding").is_valid())
+        skipped.append(table.num_rows - good.num_rows)
+        if good.num_rows:
+            flat = good.column("embedding").combine_chunks().flatten().to_numpy()
+            emb = np.asarray(flat, np.float32).reshape(good.num_rows, -1)
+            yield good.column("id").to_pylist(), truncate(emb, dim) if dim else emb
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:
