@@ -100,7 +100,7 @@ def test_bundle_is_relocatable(tiny_embedding_bundle, tmp_path):
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("graph", ["fused", "plain"])
+@pytest.mark.parametrize("graph", ["fused", pytest.param("plain", marks=pytest.mark.slow)])  # plain: CI time
 def test_fp16_bundle_within_stated_tolerance(tiny_embedding, tmp_path, ref_embedder, graph):
     out = export_bundle(tiny_embedding, tmp_path / "fp16", precision="fp16", graph=graph, progress=False)
     m = Manifest.read(out)

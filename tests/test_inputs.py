@@ -146,6 +146,7 @@ def test_reranker_parity_on_the_same_inputs(tiny_reranker, tiny_reranker_bundle,
     assert all(r.ok for r in rows), [(r.name, r.value) for r in rows]
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_parity_says_when_the_checkpoint_is_not_the_bundles_source(tiny_embedding, tiny_embedding_bundle, tmp_path):
     from q3vl.bundle import Manifest
     from q3vl.reference.parity import check_source

@@ -88,6 +88,7 @@ def test_kill_and_resume_gives_each_input_id_once(address, tiny_embedding_bundle
     assert [got[i]["tokens"] for i in good] == [whole[i]["tokens"] for i in good]
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_other_options_into_an_existing_output_are_refused(address, tiny_embedding_bundle, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "a"}\n{"text": "b"}\n')
