@@ -16,7 +16,7 @@ from q3vl.bench.run import benchmark
 from q3vl.bench.workloads import standard
 
 
-@pytest.mark.slow  # CI time: the README's `q3vl bench --quick` block and the other tests cover the fast path
+@pytest.mark.slow  # CI time: the CLI test below runs the same harness from scratch
 def test_quick_benchmark_pools_rounds(tiny_embedding, tiny_embedding_bundle, tmp_path):
     """The harness with 2 rounds (the second in reverse order) on the embedding pair; the CLI test
     below covers the reranker pair."""
@@ -55,7 +55,6 @@ def test_quick_benchmark_pools_rounds(tiny_embedding, tiny_embedding_bundle, tmp
     assert "| workload | batch | tokens | reference ms | q3vl fp32 |" in table
 
 
-@pytest.mark.slow  # CI time: the README's `q3vl bench --quick` block and the other tests cover the fast path
 def test_quick_cli_from_scratch_writes_only_where_asked(tmp_path):
     from tests.test_cli import q3vl
 
