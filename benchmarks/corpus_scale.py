@@ -86,7 +86,7 @@ def make_corpus(d: Path, texts: int, images: int, size: tuple[int, int]) -> Path
 
 def run_embed(bundle: Path, corpus: Path, out: Path) -> dict:
     wall = q3vl("embed", str(bundle), str(corpus.with_name("plain.jsonl")), "-o", str(out), "--batch-size", "8",
-                "--no-progress")
+                "--overwrite", "--no-progress")
     return {"system": "q3vl embed", "wall_s": round(wall, 2)}
 
 
