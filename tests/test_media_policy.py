@@ -327,3 +327,22 @@ def test_same_bytes_or_data_uri_are_charged_once_per_call():
             probe_image(PNG, access)
         with pytest.raises(InputError, match="per-call limit"):
             probe_image(png_bytes(64, 64, seed=1), access)
+
+
+def test_a_failed_query_load_is_remembered_for_every_pair():
+    """Every pair of a rerank call shares the query's media: after the first failure the others get
+    the same QueryError at once instead of loading (fetching) again.
+    """
+    from q3vl.preprocess.encode import SharedMedia
+
+    calls = []
+
+    def load(media):
+        calls.append(media)
+        raise OSError("broken pixels")
+
+    shared = SharedMedia([], load)
+    for _ in range(3):
+        with pytest.raises(QueryError, match="^query: broken pixels"):
+            shared.blocks()
+    assert len(calls) == 1

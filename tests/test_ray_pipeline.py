@@ -291,3 +291,26 @@ def test_a_killed_worker_changes_nothing(ray_session, tiny_embedding_bundle, tmp
     with Embedder(tiny_embedding_bundle) as emb:
         want = emb.process([{"text": f"row {i} {'word ' * (i % 7)}"} for i in range(240)])
     assert np.abs(np.array([got[f"r{i}"]["embedding"] for i in range(240)]) - want).max() <= 1e-6
+
+
+def test_rerank_batch_query_that_fails_to_load_fails_only_its_rows(tiny_reranker_bundle, tmp_path):
+    """A query image whose header reads but whose pixels do not: its rows carry the query's error,
+    the other query's rows sharing the micro-batch are scored as `process()` scores them.
+    """
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (tmp_path / "broken.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    table = pa.table({"query": ["q1", "a dog", "q1", "a dog"], "query_image": ["broken.png", None, "broken.png", None],
+                      "text": ["a", "a puppy", "b", "tax forms"]})
+    out = RerankBatch(str(tiny_reranker_bundle), base_dir=str(tmp_path), batch_size=4)(table).to_pylist()
+    with Reranker(tiny_reranker_bundle) as rr:
+        want = rr.process({"query": {"text": "a dog"}, "documents": [{"text": "a puppy"}, {"text": "tax forms"}]})
+    for i in (0, 2):
+        assert out[i]["score"] is None and out[i]["error"].startswith("query:"), out[i]
+    for i, w in ((1, want[0]), (3, want[1])):
+        assert out[i]["error"] == "" and abs(out[i]["score"] - w) <= 1e-5, out[i]

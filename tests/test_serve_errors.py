@@ -212,6 +212,28 @@ def test_429_when_the_queue_is_full(server):
         assert first.result()[0] == 200
 
 
+def test_a_query_that_fails_to_load_fails_only_its_request(server):
+    """A query image that plans (its header reads) but fails to decode is that request's 400 naming
+    the query; a request batched with it in the same round still gets its scores.
+    """
+    import io
+
+    buf = io.BytesIO()
+    noise_image(64, 64, seed=3).save(buf, "PNG")
+    png = buf.getvalue()
+    broken = "data:image/png;base64," + base64.b64encode(png[: len(png) * 2 // 3]).decode()
+    image_query = {"content": [{"type": "image_url", "image_url": {"url": broken}}]}
+    docs = ["a dog", "tax forms", "a beach", "a cat"]
+    with ThreadPoolExecutor(2) as pool:  # --max-wait-ms 1500: both land in one round
+        bad = pool.submit(post, server, "/v1/rerank", {"model": "rr", "query": image_query, "documents": docs})
+        good = pool.submit(post, server, "/v1/rerank", {"model": "rr", "query": "a dog", "documents": docs})
+        bad_result, good_result = bad.result(), good.result()
+    err = assert_error(bad_result, 400, "query")
+    assert "truncated" in err["message"] or "query" in err["message"], err
+    status, _, body = good_result
+    assert status == 200 and len(body["results"]) == len(docs), body
+
+
 def test_no_request_so_far_got_a_5xx(server):
     text = request(server.base, "GET", "/metrics")[2]
     statuses = {line.split('status="')[1].split('"')[0] for line in text.splitlines()
@@ -242,3 +264,4 @@ def test_sigterm_drains_in_flight_requests(server, tiny_embedding_bundle):
             assert status == 200, body
             got = np.asarray([d["embedding"] for d in body["data"]])
             assert np.abs(got - e.process([{"text": x} for x in t])).max() <= 1e-6
+

@@ -91,7 +91,9 @@ class SharedMedia:
     """The media every pair of one rerank call shares (the query's): planned once, loaded once.
 
     Pairs are spread over micro-batches and loader threads; the first to need the blocks loads them
-    under the lock, the others reuse them. A failure is the query's (`QueryError`), not one document's.
+    under the lock, the others reuse them. A failure is the query's (`QueryError`), not one document's,
+    and is kept: every later pair gets the same error at once instead of fetching again (a stalled
+    query URL would otherwise cost one media deadline per document).
     """
 
     def __init__(self, media: list[Media], load: Any) -> None:
@@ -99,14 +101,19 @@ class SharedMedia:
         self._load = load
         self._lock = threading.Lock()
         self._blocks: list[VisionBlock] | None = None
+        self._error: QueryError | None = None
 
     def blocks(self) -> list[VisionBlock]:
         with self._lock:
+            if self._error is not None:
+                raise self._error
             if self._blocks is None:
                 try:
                     self._blocks = self._load(self.media)
                 except Exception as e:
-                    raise QueryError(f"query: {getattr(e, 'reason', None) or e}") from e
+                    self._error = QueryError(f"query: {getattr(e, 'reason', None) or e}")
+                    self._error.__cause__ = e
+                    raise self._error from e
             return self._blocks
 
 

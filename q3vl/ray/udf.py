@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.errors import ConfigError, InputError
+from q3vl.errors import ConfigError, InputError, QueryError
 from q3vl.ray.rows import ColumnMap, content_id, item_of, row_id, table_rows
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class RerankBatch(_RowStage):
         plans = [p for members in groups.values() for p in self._plan(queries[members[0]], members, docs, errors)]
         for micro in self.model.batches(plans):
             ready = []
-            for x in self.model.load(micro):
+            for x in self._load(micro):
                 if isinstance(x, InputError):
                     errors[int(x.index)] = x.reason  # type: ignore[arg-type]  # load sets the plan's index
                 else:
@@ -245,6 +245,22 @@ class RerankBatch(_RowStage):
                     scores[i], valid[i], tokens[i] = s, True, x.plan.tokens
         results = {SCORE: pa.array(scores, mask=~valid), TOKENS: pa.array(tokens), ERROR: pa.array(errors, pa.string())}
         return _with_results(batch, self.keep, results)
+
+    def _load(self, micro: list[Any]) -> list[Any]:
+        """The micro-batch loaded; a query whose media fails (`QueryError`, raised for the whole call)
+        becomes the error of each of its rows: pairs of several queries share a micro-batch, so they
+        are loaded one by one to tell which (a failed query's load is remembered, not repeated).
+        """
+        try:
+            return list(self.model.load(micro))
+        except QueryError:
+            out: list[Any] = []
+            for plan in micro:
+                try:
+                    out += self.model.load([plan])
+                except QueryError as e:
+                    out.append(e.at(plan.index))
+            return out
 
     def _plan(self, query: dict[str, Any], members: list[int], docs: dict[int, dict[str, Any]],
               errors: list[str]) -> list[Any]:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.errors import BackendError, InputError, OverloadedError, UnavailableError
+from q3vl.errors import BackendError, InputError, OverloadedError, QueryError, UnavailableError
 from q3vl.runtime.batch import Loaded, Plan
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,14 @@ class ModelQueue:
         start = time.monotonic()
         live: list[tuple[Job, Loaded]] = []
         for plan in batch:
-            job, result = rnd.job(plan), rnd.loads[id(plan)].result()
+            job = rnd.job(plan)
+            if job.finished:  # failed or cancelled meanwhile: its rows are not wanted
+                continue
+            try:
+                result = rnd.loads[id(plan)].result()
+            except QueryError as e:  # a rerank query whose media failed to load: that request alone fails
+                self._fail(job, e, "invalid_input")
+                continue
             if isinstance(result, InputError):
                 self._fail(job, result, "invalid_input")
             elif not job.finished:

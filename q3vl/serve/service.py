@@ -191,7 +191,7 @@ class Service:
         bad = [p for p in planned if isinstance(p, InputError)]
         if bad:
             self.metrics.failed_items.labels(task, "invalid_input").inc(len(bad))
-            raise RequestError(bad[0].reason, params[bad[0].index or 0]) from bad[0]
+            raise RequestError(bad[0].reason, _param(params, bad[0].index)) from bad[0]
         plans: list[Plan] = [p for p in planned if isinstance(p, Plan)]
         if check is not None:
             check(plans)
@@ -199,9 +199,16 @@ class Service:
             return Outcome(plans, None, took)
         try:
             job = await self.queues[task].run(plans, _disconnect_of(receive))
+        except QueryError as e:  # the query's media failed to load
+            raise RequestError(e.reason, "query") from e
         except InputError as e:  # found while loading media
-            raise RequestError(e.reason, params[e.index or 0]) from e
+            raise RequestError(e.reason, _param(params, e.index)) from e
         return Outcome(plans, job, took)
+
+
+def _param(params: list[str], index: int | None) -> str | None:
+    """The request field an item error points at (None when the error names no item of the request)."""
+    return params[index] if index is not None and 0 <= index < len(params) else None
 
 
 def _disconnect_of(receive: Any) -> Callable[[], Awaitable[None]]:
