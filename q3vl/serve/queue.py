@@ -198,12 +198,16 @@ class ModelQueue:
     def queued(self) -> int:
         return self._queued
 
-    def close(self, timeout: float) -> None:
-        """Stop taking requests, finish every queued item (up to `timeout` s), stop the thread."""
+    def close(self, timeout: float) -> bool:
+        """Stop taking requests, finish every queued item (up to `timeout` s), stop the thread; whether
+        the thread has stopped (a queue closed before it started has nothing to finish).
+        """
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(max(timeout, 0.0))
+        return not self._thread.is_alive()
 
     # ------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:

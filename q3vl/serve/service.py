@@ -139,10 +139,13 @@ class Service:
     def close(self) -> None:
         """Finish every queued item (up to --drain-timeout), then release the models."""
         self.draining = True
-        for queue in self.queues.values():
-            queue.close(self.config.drain_timeout)
-        for model in self.models.values():
-            model.close()
+        deadline = time.monotonic() + self.config.drain_timeout  # one budget for every queue
+        stopped = {task: queue.close(deadline - time.monotonic()) for task, queue in list(self.queues.items())}
+        for task, model in list(self.models.items()):
+            if stopped.get(task, True):  # never free sessions a scheduler thread may still be running
+                model.close()
+            else:
+                log.warning("%s: still running a batch at the drain deadline; its model is left to exit", task)
 
     # ------------------------------------------------------------ per request
     def model(self, task: str, name: str | None) -> Any:
