@@ -13,7 +13,6 @@ disconnect through `receive`.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from typing import Any
 
@@ -208,7 +207,3 @@ class BodyLimitMiddleware:
             f"request body of {size}+ bytes is over this server's limit of {self.max_bytes} bytes "
             "(--max-request-bytes); send fewer or smaller items per request"))
 
-
-def dumps(obj: Any) -> bytes:
-    """Compact JSON bytes (no NaN: a failed value must never reach a client as NaN)."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
