@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,28 @@ def sh(cmd: str, cwd: Path, log: Path, env: dict[str, str] | None = None) -> tup
         rc = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=cwd, stdout=out, stderr=err,
                             env=env).returncode
     return rc, time.perf_counter() - started
+
+
+BACKGROUND: list[subprocess.Popen[bytes]] = []
+
+
+def start_background(cmd: str, cwd: Path, log: Path, env: dict[str, str], options: dict[str, str]) -> tuple[int, float]:
+    """Start a `background` block (a server) and wait until its `ready` URL answers; (rc, seconds)."""
+    started = time.perf_counter()
+    with open(log, "ab") as err, open(log.with_suffix(".stdout"), "ab") as out:
+        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", cmd], cwd=cwd, stdout=out, stderr=err, env=env,
+                                start_new_session=True)
+    BACKGROUND.append(proc)
+    deadline = time.monotonic() + float(options.get("timeout", 60))
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(options.get("ready", ""), timeout=2) as r:
+                if 200 <= r.status < 300:
+                    return 0, time.perf_counter() - started
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    return proc.poll() or 1, time.perf_counter() - started
 
 
 def main() -> int:
@@ -75,8 +99,14 @@ def main() -> int:
             script.write_text(block.code)
             cmd = f"bash -euo pipefail {script}"
         first = next(line for line in block.code.splitlines() if line.strip() and not line.startswith("#"))
-        rows.append((f"README.md:{block.line} ({block.lang}{', slow' if block.kind == 'slow' else ''}): "
-                     f"`{first.strip()[:90]}`", *sh(cmd, work, log, env)))
+        label = f"README.md:{block.line} ({block.lang}{', ' + block.kind if block.kind != 'run' else ''}): "
+        if block.kind == "background":  # a server: started, waited for, stopped after the last block
+            rows.append((label + f"`{first.strip()[:90]}`", *start_background(cmd, work, log, env, block.options)))
+            continue
+        rows.append((label + f"`{first.strip()[:90]}`", *sh(cmd, work, log, env)))
+    for proc in BACKGROUND:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
     text = log.read_bytes()
     tracebacks, returns = text.count(b"Traceback (most recent call last)"), text.count(b"\r")
     report = [f"# Newcomer check ({time.strftime('%Y-%m-%d %H:%M %Z')})", "",
