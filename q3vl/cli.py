@@ -107,7 +107,40 @@ class Terminated(SystemExit):
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    if _importing(frame):  # an exception inside a native module's initialisation can crash the process
+        _resend_soon(signum)
+        return
     raise Terminated(128 + signum)
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether the interrupted code runs inside an import (onnxruntime's extension loads for seconds)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _resend_soon(signum: int, delay: float = 0.05) -> None:
+    """Deliver the signal again shortly, until it lands outside an import."""
+    import threading
+
+    timer = threading.Timer(delay, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
+def _terminated(e: BaseException) -> Terminated | None:
+    """The `Terminated` an exception was raised from, if any (a library may wrap it, e.g. an ImportError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Terminated):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (Q3VLError, OSError) as e:  # a user mistake or an unusable file: one line, no traceback
+        if (stop := _terminated(e)) is not None:
+            return int(stop.code)  # type: ignore[arg-type]
         if verbose:
             traceback.print_exc()
         sys.stderr.write(f"q3vl: error: {_one_line(e)}\n")
@@ -129,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("q3vl: interrupted\n")
         return EXIT_INTERRUPTED
+    except Exception as e:  # SIGTERM surfacing through a library that wrapped it: still a quiet termination
+        stop = _terminated(e)
+        if stop is None:
+            raise
+        return int(stop.code)  # type: ignore[arg-type]
     finally:
         if previous is not None:  # `main` called from Python (tests) leaves the caller's handler in place
             signal.signal(signal.SIGTERM, previous)

@@ -174,6 +174,40 @@ def test_a_killed_quantize_leaves_no_output_directory(sig, tiny_embedding_bundle
         assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_during_an_import_is_delivered_after_it(tmp_path):
+    """An exception raised inside a native extension's import can crash the interpreter (seen: SIGSEGV
+    when SIGTERM landed while onnxruntime's module initialised), so the CLI waits for the import to end."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nDONE = True\n")
+    script = (
+        "import signal, sys, time\n"
+        "from q3vl.cli import Terminated, _on_sigterm\n"
+        "signal.signal(signal.SIGTERM, _on_sigterm)\n"
+        "try:\n"
+        "    import slow_module\n"
+        "    print('imported', slow_module.DONE, flush=True)\n"
+        "    time.sleep(5)\n"
+        "    print('not terminated')\n"
+        "except Terminated as e:\n"
+        "    print('terminated', e.code)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert run.stdout.split() == ["imported", "True", "terminated", "143"], run.stderr
+
+
+def test_a_wrapped_sigterm_is_still_a_quiet_termination():
+    from q3vl.cli import Terminated, _terminated
+
+    try:
+        try:
+            raise Terminated(143)
+        except Terminated as inner:
+            raise ImportError("initialization failed") from inner
+    except ImportError as e:
+        assert _terminated(e) is not None and _terminated(e).code == 143
+    assert _terminated(ValueError("x")) is None
+
+
 def test_staged_outputs_replace_only_when_complete(tmp_path):
     from q3vl.errors import OutputExistsError
     from q3vl.outputs import staged_dir, staged_file

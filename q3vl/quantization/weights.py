@@ -115,8 +115,8 @@ def compare_bundles(base: Path, quantized: Path, weights: str) -> dict[str, Any]
     from q3vl.tasks import task_for
 
     task = task_for(Manifest.read(base).task)
-    ref, model = task.runtime(base), task.runtime(quantized, allow_unverified=True)
-    report = run_cases(model, ref.run_batch, tolerance(weights_precision(weights)), weights_precision(weights))
+    with task.runtime(base) as ref, task.runtime(quantized, allow_unverified=True) as model:
+        report = run_cases(model, ref.run_batch, tolerance(weights_precision(weights)), weights_precision(weights))
     report["against"] = "fp32 bundle"
     report["summary"] += " vs the fp32 bundle"
     return report
