@@ -172,3 +172,18 @@ def test_csv_rows_are_strings_and_malformed_rows_become_error_rows(tmp_path):
     assert rows[0] == {"text": "multi\nline", "fps": "2", "error": ""}
     assert rows[1]["fps"] == "nan"
     assert rows[2]["text"] is None and "3 fields, the header has 2" in rows[2]["error"]
+
+
+def test_retry_args_follow_what_map_batches_takes(caplog):
+    from q3vl.ray.job import TASK_RETRIES, retry_args
+
+    def kwargs_form(fn, **ray_remote_args): ...  # Ray 2.60: only through **ray_remote_args
+    def named_form(fn, max_restarts=None, max_task_retries=None): ...
+    def neither(fn, num_cpus=None): ...
+
+    want = {"max_restarts": -1, "max_task_retries": TASK_RETRIES}
+    assert retry_args(kwargs_form) == want and retry_args(named_form) == want
+    assert retry_args(neither) == {} and "without bound" in caplog.text
+    import ray.data
+
+    assert retry_args(ray.data.Dataset.map_batches) == want  # the installed Ray

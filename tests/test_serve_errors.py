@@ -189,6 +189,12 @@ def test_413_items_and_body(server):
     assert "9" in err["message"] and "8" in err["message"]
     assert_error(post(server, "/v1/rerank", {"query": "q", "documents": ["d"] * 9}), 413, "documents")
     assert_error(post(server, "/v1/embeddings", {"input": ["a"] * 100_000}), 413)  # millions of tiny strings
+    # the count is checked before any item's media: 9 refused references are one 413, not a media 400
+    body = {"model": "emb", "input_type": "search_document", "embedding_types": ["float"],
+            "images": ["/etc/passwd"] * 9}
+    assert_error(post(server, "/v2/embed", body), 413, "images")
+    local = {"content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}
+    assert_error(post(server, "/v1/rerank", {"query": "q", "documents": [local] * 9}), 413, "documents")
     assert_error(post(server, "/v1/embeddings", {"input": "x" * LIMIT_BYTES}), 413)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # chunked: no Content-Length
     chunks = (b'{"input": "' + b"y" * 8192 for _ in range(12))
@@ -265,3 +271,39 @@ def test_sigterm_drains_in_flight_requests(server, tiny_embedding_bundle):
             got = np.asarray([d["embedding"] for d in body["data"]])
             assert np.abs(got - e.process([{"text": x} for x in t])).max() <= 1e-6
 
+
+def test_an_item_with_too_many_parts_is_refused_before_its_media(monkeypatch):
+    from q3vl.errors import RequestTooLargeError
+    from q3vl.serve import convert
+    from q3vl.serve.media import MediaGate
+    from q3vl.serve.schemas import ImagePart
+
+    monkeypatch.setattr(convert, "MAX_ITEM_PARTS", 3)
+    gate = MediaGate.create(None, 1000)
+    part = ImagePart.model_validate({"type": "image_url", "image_url": {"url": "/etc/passwd"}})
+    with pytest.raises(RequestTooLargeError, match="4 content parts") as e:
+        convert.parts_item([part] * 4, gate, "inputs[0]")
+    assert e.value.param == "inputs[0].content"
+    with pytest.raises(Exception, match="local paths are refused"):  # within the limit: the media check runs
+        convert.parts_item([part] * 3, gate, "inputs[0]")
+
+
+def test_vllm_system_messages_become_the_instruction_or_a_named_error():
+    from q3vl.errors import RequestError
+    from q3vl.serve import convert
+    from q3vl.serve.media import MediaGate
+    from q3vl.serve.schemas import ChatMessage
+
+    gate = MediaGate.create(None, 1000)
+    user = {"role": "user", "content": "a cat"}
+    msgs = [ChatMessage.model_validate(m) for m in (
+        {"role": "system", "content": [{"type": "text", "text": "Find"}, {"type": "text", "text": "photos"}]}, user)]
+    assert convert._messages_item(msgs, gate, {}) == {"text": ["a cat"], "instruction": "Find\nphotos"}
+    with pytest.raises(RequestError) as e:
+        convert._messages_item(msgs, gate, {"instruction": "other"})
+    assert e.value.param == "instruction"
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    msgs = [ChatMessage.model_validate(user), ChatMessage.model_validate({"role": "system", "content": [image]})]
+    with pytest.raises(RequestError, match="only text") as e:
+        convert._messages_item(msgs, gate, {})
+    assert e.value.param == "messages[1].content"

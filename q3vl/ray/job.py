@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,10 +203,27 @@ def embed_stage(ds: Any, bundle: str | Path, *, workers: int = 1, gpus_per_worke
     ray = _ray()
     if "media_policy" not in embed_kwargs:
         embed_kwargs = {**embed_kwargs, "media_policy": call_policy(rows_per_call)}
-    return ds.map_batches(EmbedBatch, fn_constructor_args=(str(bundle),), fn_constructor_kwargs=embed_kwargs,
-                          batch_size=rows_per_call, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
-                          num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=TASK_RETRIES)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(EmbedBatch, fn_constructor_args=(str(bundle),), fn_constructor_kwargs=embed_kwargs,
+                              batch_size=rows_per_call, batch_format="pyarrow",
+                              compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+                              num_gpus=gpus_per_worker or None, **retry_args(ds.map_batches))
+
+
+def retry_args(map_batches: Any) -> dict[str, Any]:
+    """Actor restarts and bounded task retries, passed the way this Ray takes them.
+
+    Ray 2.60 takes them only through `**ray_remote_args`, which it marks deprecated (a warning, filtered
+    by the caller) without a named replacement yet; a Ray that takes neither gets none, with a warning,
+    and keeps its own default (unbounded retries).
+    """
+    params = inspect.signature(map_batches).parameters
+    if "max_task_retries" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {"max_restarts": -1, "max_task_retries": TASK_RETRIES}
+    log.warning("this Ray version takes no max_task_retries: a row that kills its worker is retried "
+                "without bound")
+    return {}
 
 
 class Progress:

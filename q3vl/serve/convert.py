@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from q3vl.errors import RequestError
+from q3vl.errors import RequestError, RequestTooLargeError
+from q3vl.preprocess.encode import PreprocessConfig
 from q3vl.preprocess.items import IMAGE_EXTENSIONS
 from q3vl.serve.media import MediaGate
 from q3vl.serve.schemas import (
@@ -26,6 +27,8 @@ from q3vl.serve.schemas import (
     RerankRequest,
     TextPart,
 )
+
+MAX_ITEM_PARTS = PreprocessConfig.max_parts  # text/image/video parts per item: the runtime's default `max_parts`
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Items:
 
 def parts_item(parts: list[Any], gate: MediaGate, param: str) -> dict[str, Any]:
     """One item from content parts: its texts, images and videos (the runtime orders them)."""
+    if len(parts) > MAX_ITEM_PARTS:  # the runtime's limit, checked before any media reference is looked at
+        raise RequestTooLargeError(f"{len(parts)} content parts in one item; the limit is {MAX_ITEM_PARTS}",
+                                   f"{param}.content")
     texts: list[str] = []
     images: list[str] = []
     videos: list[str] = []
@@ -84,17 +90,22 @@ def openai_items(req: EmbeddingRequest, gate: MediaGate) -> Items:
 
 def _messages_item(messages: list[ChatMessage], gate: MediaGate, opts: dict[str, Any]) -> dict[str, Any]:
     """The chat form (vLLM's): system text becomes the instruction, user content the item."""
-    system = [m.content for m in messages if m.role == "system"]
+    system: list[str] = []
     parts: list[Any] = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        content = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         if m.role == "user":
-            parts.extend([TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content)
+            parts.extend(content)
+        elif not all(isinstance(p, TextPart) for p in content):
+            raise RequestError("a system message (the instruction) may hold only text", f"messages[{i}].content")
+        else:
+            system.extend(p.text for p in content)
     item = parts_item(parts, gate, "messages") if parts else {}
     if system:
-        if "instruction" in opts or not all(isinstance(s, str) for s in system):
-            raise RequestError("give the instruction either as one system message with text content or as "
-                               "`instruction`, not both", "messages")
-        item["instruction"] = "\n".join(s for s in system if isinstance(s, str))
+        if "instruction" in opts:
+            raise RequestError("give the instruction either as a system message or as `instruction`, not both",
+                               "instruction")
+        item["instruction"] = "\n".join(system)
     return item
 
 

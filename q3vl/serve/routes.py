@@ -56,8 +56,9 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """OpenAI embeddings (`input`), or vLLM's multimodal `messages` form (one embedding)."""
     started, svc = time.monotonic(), _svc(request)
     model = svc.model("embedding", body.model)
+    if isinstance(body.input, list) and body.messages is None:  # before any per-item work
+        svc.check_count(len(body.input), "input")
     items = convert.openai_items(body, svc.gate)
-    svc.check_count(len(items.items), "input")
     dim = _dim(model, body.dimensions, "dimensions")
     outcome = await svc.submit("embedding", items.items, items.params, request.receive)
     vectors = model.vectors(outcome.job.outputs(), body.normalize, dim) if outcome.job else np.zeros((0, 0))
@@ -75,8 +76,10 @@ async def embed_v2(body: EmbedV2Request, request: Request) -> Response:
     if body.truncate == "START":
         raise RequestError("truncate=START is not supported: q3vl shortens the end of an over-long text (END) "
                            "or refuses it (NONE)", "truncate")
+    given = [name for name in ("texts", "images", "inputs") if getattr(body, name) is not None]
+    if len(given) == 1:  # before any per-item work (the converter explains any other combination)
+        svc.check_count(len(getattr(body, given[0])), given[0])
     items = convert.cohere_items(body, svc.gate, svc.config.input_type_instructions)
-    svc.check_count(len(items.items), "inputs" if body.inputs is not None else "texts")
     dim = _dim(model, body.output_dimension, "output_dimension")
     types = list(body.embedding_types or ["float"])
     outputs.check_codes(types, svc.calibration, dim or model.dim)
@@ -101,9 +104,9 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     """Rerank documents (text, or `{"content": [...]}` with images and videos) against a query."""
     started, svc = time.monotonic(), _svc(request)
     model = svc.model("reranker", body.model)
-    runtime_request, params = convert.rerank_request(body, svc.gate)
-    if body.documents:
+    if body.documents:  # before any per-document work (no documents: an empty ranking, as the anchors do)
         svc.check_count(len(body.documents), "documents")
+    runtime_request, params = convert.rerank_request(body, svc.gate)
     outcome = await svc.submit("reranker", runtime_request, params, request.receive)
     scores = model.scores(outcome.job.outputs()) if outcome.job else []
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[:body.top_n or None]
