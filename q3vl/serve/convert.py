@@ -96,10 +96,11 @@ def _messages_item(messages: list[ChatMessage], gate: MediaGate, opts: dict[str,
         content = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         if m.role == "user":
             parts.extend(content)
-        elif not all(isinstance(p, TextPart) for p in content):
+            continue
+        texts = [p.text for p in content if isinstance(p, TextPart)]
+        if len(texts) != len(content):
             raise RequestError("a system message (the instruction) may hold only text", f"messages[{i}].content")
-        else:
-            system.extend(p.text for p in content)
+        system.extend(texts)
     item = parts_item(parts, gate, "messages") if parts else {}
     if system:
         if "instruction" in opts:
