@@ -4,7 +4,7 @@ Makes the 2B-shape random-weight embedding checkpoint, exports an fp16 fused bun
 PyTorch reference (bf16, sdpa, CUDA) and q3vl's ONNX Runtime CUDA backend (fp16, IO binding) on the
 same workloads in the same run, and writes JSON + Markdown under $OUT (or benchmarks/results).
 
-Usage on the GPU machine (after ../shared/tools/gpu-setup.sh installed onnxruntime-gpu):
+Usage on the GPU machine (once onnxruntime-gpu is installed there):
     python3 benchmarks/gpu_2b.py [--workdir /tmp/q3vl-gpu] [--quick]
 Needs there: torch, transformers (present), qwen-vl-utils and PyAV for the reference's
 preprocessing (carry their wheels), and this repository.

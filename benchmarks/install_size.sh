@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installed size and import time of the runtime (base) install versus the export extra, each in a
-# new virtual environment. Usage: bash benchmarks/install_size.sh [OUT.md]
+# Installed size and import time of the runtime (base) install versus the export and serve extras,
+# each in a new virtual environment. Usage: [INSTALLS="base serve"] bash benchmarks/install_size.sh [OUT.md]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$ROOT/benchmarks/results/install-size.md}
@@ -22,6 +22,7 @@ measure() {  # name, pip spec
 {
   echo "| install | venv size | import q3vl + Embedder (best of 5) | + import onnxruntime | torch imported |"
   echo "|---|---|---|---|---|"
-  measure base "$ROOT"
-  measure export "$ROOT[export]"
+  for name in ${INSTALLS:-base export serve}; do
+    if [ "$name" = base ]; then measure base "$ROOT"; else measure "$name" "$ROOT[$name]"; fi
+  done
 } | tee "$OUT"

@@ -98,7 +98,7 @@ def main() -> None:
     peak = gemm_peak()
     print(f"{a.bundle.name}: {a.workload} x{a.batch}, {threads} threads; numpy fp32 GEMM peak {peak:.0f} GFLOP/s")
     for graph, f in feeds.items():
-        by_op, gflop = profile(a.bundle / model.manifest.graphs[graph]["file"], f, a.runs, threads)
+        by_op, gflop = profile(a.bundle / model.manifest.graphs[graph].file, f, a.runs, threads)
         total = sum(by_op.values())
         mm = by_op.get("MatMul", 0.0)
         rate = f", MatMul {gflop:.1f} GFLOP at {gflop / mm * 1e3:.0f} GFLOP/s" if mm else ""

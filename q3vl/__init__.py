@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 from q3vl._version import __version__
 
 if TYPE_CHECKING:
+    from q3vl.preprocess.media import MediaPolicy
     from q3vl.runtime import Embedder, Reranker
 
-__all__ = ["Embedder", "Reranker", "__version__", "export_bundle"]
+__all__ = ["Embedder", "MediaPolicy", "Reranker", "__version__", "export_bundle"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from q3vl import runtime
 
         return getattr(runtime, name)
+    if name == "MediaPolicy":
+        from q3vl.preprocess.media import MediaPolicy
+
+        return MediaPolicy
     if name == "export_bundle":
         from q3vl.export.exporter import export_bundle
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from q3vl.errors import CheckpointError
 
-# Token ids of the Qwen vocabulary (REFERENCE.md section 4); checked against each tokenizer.
+# Token ids of the Qwen vocabulary (docs/reference-behaviour.md#special-tokens); checked against each tokenizer.
 SPECIAL_TOKENS = {
     "endoftext": "<|endoftext|>",
     "im_start": "<|im_start|>",
@@ -46,6 +46,9 @@ class TextSpec:
     tie_word_embeddings: bool
 
     def __post_init__(self) -> None:
+        _check_sizes(self, {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+                            "num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096})
+        _check_floats(self, ("rms_norm_eps", "rope_theta"))
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(f"num_heads {self.num_heads} is not a multiple of kv heads {self.num_kv_heads}")
         if sum(self.mrope_section) * 2 != self.head_dim:
@@ -70,8 +73,13 @@ class VisionSpec:
     deepstack_visual_indexes: tuple[int, ...]
     hidden_act: str
     rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-6  # the tower's LayerNorms (transformers hard-codes 1e-6 for Qwen3-VL)
 
     def __post_init__(self) -> None:
+        _check_sizes(self, {"depth": 1024, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_heads": 1024,
+                            "patch_size": 1024, "temporal_patch_size": 64, "spatial_merge_size": 64,
+                            "out_hidden_size": 1 << 16, "num_position_embeddings": 1 << 24})
+        _check_floats(self, ("rope_theta", "layer_norm_eps"))
         side = round(self.num_position_embeddings**0.5)
         if side * side != self.num_position_embeddings:
             raise CheckpointError("num_position_embeddings must be a square")
@@ -150,6 +158,22 @@ class ModelSpec:
         return cls.from_config(read_json(Path(path) / "config.json", CheckpointError))
 
 
+def _check_sizes(obj: Any, bounds: dict[str, int]) -> None:
+    """Each named field is an int in [1, bound]: a zero, negative or absurd size is a broken config."""
+    for name, bound in bounds.items():
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= bound:
+            raise CheckpointError(f"{type(obj).__name__}.{name} must be an integer in [1, {bound}], not {value!r}")
+
+
+def _check_floats(obj: Any, names: tuple[str, ...]) -> None:
+    """Each named field is a finite positive number."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise CheckpointError(f"{type(obj).__name__}.{name} must be a finite positive number, not {value!r}")
+
+
 def _rope(text: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """(theta, rope dict) from either `rope_parameters` (v5) or `rope_scaling` + `rope_theta` (v4.57)."""
     params = text.get("rope_parameters") or text.get("rope_scaling") or {}
@@ -195,6 +219,7 @@ def _vision_spec(v: dict[str, Any]) -> VisionSpec:
         deepstack_visual_indexes=tuple(int(i) for i in v["deepstack_visual_indexes"]),
         hidden_act=str(v.get("hidden_act", "gelu_pytorch_tanh")),
         rope_theta=float(rope.get("rope_theta", 10000.0)),
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
     )
 
 

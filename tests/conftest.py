@@ -121,14 +121,15 @@ def tiny_reranker_plain(tiny_reranker: Path, bundle_dir: Path) -> Path:
     return export_bundle(tiny_reranker, bundle_dir / "tiny-reranker-plain", graph="plain", progress=False)
 
 
-@pytest.fixture(params=["fused", "plain"])
+# The plain graphs (the TensorRT path) run their parity tests under -m slow: CI time on 2 cores.
+@pytest.fixture(params=["fused", pytest.param("plain", marks=pytest.mark.slow)])
 def embedding_bundles(request: pytest.FixtureRequest) -> Path:
     """The tiny embedding bundle of each graph kind (parity tests run on both)."""
     name = "tiny_embedding_bundle" if request.param == "fused" else "tiny_embedding_plain"
     return request.getfixturevalue(name)
 
 
-@pytest.fixture(params=["fused", "plain"])
+@pytest.fixture(params=["fused", pytest.param("plain", marks=pytest.mark.slow)])
 def reranker_bundles(request: pytest.FixtureRequest) -> Path:
     name = "tiny_reranker_bundle" if request.param == "fused" else "tiny_reranker_plain"
     return request.getfixturevalue(name)

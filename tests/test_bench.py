@@ -1,8 +1,14 @@
-"""The benchmark harness in --quick form: it runs and writes well-formed results (no speed asserted)."""
+"""The benchmark in --quick form: it runs and writes well-formed results (no speed asserted).
+
+This is what the README means by "the smoke test CI runs": `q3vl bench --quick --out results` from
+scratch in an empty directory, and the harness with 2 pooled rounds.
+"""
 
 from __future__ import annotations
 
 import json
+import resource
+import time
 
 import pytest
 
@@ -10,15 +16,14 @@ from q3vl.bench.run import benchmark
 from q3vl.bench.workloads import standard
 
 
-def test_quick_benchmark_writes_results(tiny_embedding, tiny_embedding_bundle, tiny_reranker, tiny_reranker_bundle,
-                                        tmp_path):
+@pytest.mark.slow  # CI time: the CLI test below runs the same harness from scratch
+def test_quick_benchmark_pools_rounds(tiny_embedding, tiny_embedding_bundle, tmp_path):
+    """The harness with 2 rounds (the second in reverse order) on the embedding pair; the CLI test
+    below covers the reranker pair."""
     systems = [
         {"name": "reference float32 (embedding)", "kind": "reference", "task": "embedding",
          "checkpoint": str(tiny_embedding)},
         {"name": "q3vl fp32 (embedding)", "kind": "runtime", "task": "embedding", "bundle": str(tiny_embedding_bundle)},
-        {"name": "reference float32 (reranker)", "kind": "reference", "task": "reranker",
-         "checkpoint": str(tiny_reranker)},
-        {"name": "q3vl fp32 (reranker)", "kind": "runtime", "task": "reranker", "bundle": str(tiny_reranker_bundle)},
     ]
     data = benchmark(systems, standard(quick=True), 1, tmp_path, "quick", rounds=2)
     saved = json.loads((tmp_path / "quick.json").read_text())
@@ -36,7 +41,6 @@ def test_quick_benchmark_writes_results(tiny_embedding, tiny_embedding_bundle, t
     # the reference and the runtime count the same tokens for the same inputs
     by = {r["system"]: {(w["workload"], w["batch"]): w["tokens"] for w in r["workloads"]} for r in saved["results"]}
     assert by["reference float32 (embedding)"] == by["q3vl fp32 (embedding)"]
-    assert by["reference float32 (reranker)"] == by["q3vl fp32 (reranker)"]
     table = (tmp_path / "quick.md").read_text()
     assert "| q3vl fp32 (embedding) | text-32 | 8 |" in table and "Speed-up over the PyTorch reference" in table
     assert (tmp_path / "quick.png").stat().st_size > 1000
@@ -49,3 +53,35 @@ def test_quick_benchmark_writes_results(tiny_embedding, tiny_embedding_bundle, t
         cell = f"{ms:.0f} ms ({ref[(w['workload'], w['batch'])] / ms:.2f}x)"
         assert cell in rows[f"{w['workload']}/{w['batch']}"], (cell, rows)
     assert "| workload | batch | tokens | reference ms | q3vl fp32 |" in table
+
+
+def test_quick_cli_from_scratch_writes_only_where_asked(tmp_path):
+    from tests.test_cli import q3vl
+
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    r = q3vl("bench", "--quick", "--out", "results", cwd=cwd, env={"XDG_CACHE_HOME": str(cache)}, timeout=1200)
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # results where asked, models in the cache, nothing else anywhere near the current directory
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == [
+        "results", "results/quick-tiny.json", "results/quick-tiny.md", "results/quick-tiny.png"]
+    work = cache / "q3vl" / "bench"
+    assert sorted(p.name for p in work.iterdir()) == ["bundles", "tiny-embedding", "tiny-reranker"]
+    assert sorted(p.name for p in (work / "bundles").iterdir()) == ["tiny-embedding-fp32", "tiny-reranker-fp32"]
+    data = json.loads((cwd / "results" / "quick-tiny.json").read_text())
+    names = [s["name"] for s in data["systems"]]
+    assert names == ["reference float32 (embedding)", "q3vl fp32 (embedding)", "reference float32 (reranker)",
+                     "q3vl fp32 (reranker)"] and not [x for x in data["results"] if "error" in x]
+    tokens = {x["system"]: [w["tokens"] for w in x["workloads"]] for x in data["results"]}
+    assert tokens[names[0]] == tokens[names[1]] and tokens[names[2]] == tokens[names[3]]
+    assert "| rerank 1x32 | 32 |" in r.stdout and "| text-32 | 8 |" in r.stdout
+    # progress: export steps, each worker's lines, the systems with an ETA; as lines, not a bar
+    for line in ("export: step 1/3: vision graph", "q3vl fp32 (reranker): rerank 1x32 x32:", "bench: 1/4 systems",
+                 "bench: 4/4 systems in"):
+        assert line in r.stderr, line
+    assert "\r" not in r.stderr and "Traceback" not in r.stderr
+    print(f"q3vl bench --quick from scratch: {wall:.0f} s wall, {cpu:.0f} s CPU")
+    assert cpu < 120  # the tiny shape stays a smoke test: 2 cores x 1 minute

@@ -99,8 +99,8 @@ def test_int8_bundle_parity_on_a_realistic_checkpoint(realistic, tmp_path):
     assert m.parity["embed_min_cos"] >= tol.embed_cos
     assert (out / "int8_plan.npz").is_file()
     # the previous default, on the same checkpoint, is far outside: the reason for the new method
-    old = compare_bundles(fp32, _dynamic(fp32, tmp_path / "dyn"), "embedding")
-    assert min(r["embed_min_cos"] for r in old.values()) < m.parity["embed_min_cos"]
+    old = compare_bundles(fp32, _dynamic(fp32, tmp_path / "dyn"), "int8")
+    assert old["embed_min_cos"] < m.parity["embed_min_cos"]
 
 
 def _dynamic(fp32, out):
@@ -130,7 +130,7 @@ def test_export_time_weights_equal_quantizing_the_fp32_bundle(realistic, tmp_pat
     direct = export_bundle(ckpt, tmp_path / "direct", weights=weights, progress=False, validate=weights == "int8",
                            **({"int8_plan": plan} if weights == "int8" else {}))
     m = Manifest.read(direct)
-    assert m.graphs["text"]["precision"] == f"{weights}-weights" and m.extra["quantization"]["at_export"]
+    assert m.graphs["text"].precision == f"{weights}-weights" and m.extra["quantization"]["at_export"]
     assert m.parity["passed"] if weights == "int8" else m.parity["passed"] is None
     from q3vl.runtime import Embedder
 
@@ -144,3 +144,23 @@ def _image():
     from q3vl.testing.inputs import gradient_image
 
     return gradient_image(96, 160, 7)
+
+
+def test_int8_options_are_refused_before_any_work(tiny_embedding, tiny_embedding_bundle, tmp_path, capsys):
+    from q3vl.cli import main
+
+    cases = [
+        (["quantize", str(tiny_embedding_bundle), "--weights", "int4", "--method", "smooth", "-o", str(tmp_path / "q")],
+         "--method smooth is for int8 weights, not int4"),
+        (["quantize", str(tiny_embedding_bundle), "--weights", "int8", "--checkpoint", str(tmp_path / "nope"),
+          "-o", str(tmp_path / "q")], "pass --checkpoint PATH or use --method dynamic"),
+        (["quantize", str(tiny_embedding_bundle), "--weights", "fp16", "--checkpoint", str(tiny_embedding),
+          "-o", str(tmp_path / "q")], "--checkpoint is for --weights int8 with --method smooth"),
+        (["export", str(tiny_embedding), "--weights", "int8", "--precision", "fp16", "-o", str(tmp_path / "q")],
+         "--weights needs the fused fp32 graphs"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""The PyTorch reference against hand-computed oracles (REFERENCE.md sections 1-3)."""
+"""The PyTorch reference against hand-computed oracles (docs/reference-behaviour.md)."""
 
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ BAD_CASES = [
     ("not a dict", lambda d: "just a string", "input must be a dict"),
     ("unknown key", lambda d: {"images": "x.png"}, "unknown keys ['images']"),
     ("bad data uri", lambda d: {"image": "data:image/png;base64,!!!"}, "invalid base64"),
-    ("special token in text", lambda d: {"text": "hi <|image_pad|>"}, "special token <|image_pad|>"),
+    ("lone surrogate", lambda d: {"text": "hi \ud800 there"}, "text is not valid Unicode"),
 ]
 
 

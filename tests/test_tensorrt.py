@@ -154,7 +154,7 @@ def test_export_tensorrt_builds_engines_into_the_bundle(tiny_embedding, tmp_path
     assert main(["export", str(tiny_embedding), "-o", str(out), "--tensorrt", "--trt-precision", "fp32",
                  "--max-batch", "2", "--max-tokens", "256", "--max-image-pixels", str(448 * 448)]) == 0
     m = Manifest.read(out)
-    assert {g["kind"] for g in m.graphs.values()} == {"plain"}
+    assert {g.kind for g in m.graphs.values()} == {"plain"}
     engines = m.extra["tensorrt"]["engines"]
     assert set(engines) == {"vision", "text"} and all((out / e["file"]).exists() for e in engines.values())
     assert m.extra["tensorrt"]["limits"]["max_batch"] == 2

@@ -9,6 +9,7 @@ lands on several systems instead of skewing one system's ratio.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -18,12 +19,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from q3vl.bench.workloads import Workload
+from q3vl.progress import Progress
+from q3vl.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +54,39 @@ def machine_info() -> dict[str, Any]:
 
 def run_system(system: dict[str, Any], workloads: list[Workload], repeats: int, media: Path,
                timeout: float) -> dict[str, Any]:
-    """Spawn the worker for one system and return its results (or the error it died with)."""
+    """Spawn the worker for one system and return its results (or the error it died with).
+
+    The worker's stderr (one line per workload) is logged as it comes, so a long run shows where it is.
+    """
     with tempfile.TemporaryDirectory(prefix="q3vl-bench-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({"system": system, "workloads": [asdict(w) for w in workloads],
                                     "repeats": repeats, "media": str(media)}))
         log.info("benchmarking %s on %d workloads", system["name"], len(workloads))
-        proc = subprocess.run([sys.executable, "-m", "q3vl.bench.worker", str(spec), str(out)], timeout=timeout,
-                              stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-5:]
-            return {"system": system["name"], "error": " | ".join(tail)}
+        proc = subprocess.Popen([sys.executable, "-m", "q3vl.bench.worker", str(spec), str(out)],
+                                stderr=subprocess.PIPE, text=True)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, expire)
+        timer.start()
+        tail: collections.deque[str] = collections.deque(maxlen=5)
+        try:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.rstrip("\n").split("\r")[-1].strip()  # a stray bar's redraws: keep the last
+                if line:
+                    tail.append(line)
+                    log.info("  %s", line)
+            returncode = proc.wait()
+        finally:
+            timer.cancel()
+        if returncode != 0:
+            reason = f"timed out after {timeout:.0f} s" if expired.is_set() else f"exit code {returncode}"
+            return {"system": system["name"], "error": " | ".join([*tail, reason])}
         return json.loads(out.read_text())
 
 
@@ -94,14 +120,16 @@ def benchmark(systems: list[dict[str, Any]], workloads: list[Workload], repeats:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     parts: list[list[dict[str, Any]]] = [[] for _ in systems]
-    with tempfile.TemporaryDirectory(prefix="q3vl-media-") as media:
+    with tempfile.TemporaryDirectory(prefix="q3vl-media-") as media, \
+            Progress(len(systems) * rounds, "bench", unit="system", interval=0) as bar:
         for r in range(rounds):
             if rounds > 1:
                 log.info("round %d/%d", r + 1, rounds)
             for i in list(range(len(systems)))[:: -1 if r % 2 else 1]:
                 s = systems[i]
-                kind = "rerank" if s["task"] == "reranker" else "embed"
+                kind = task_for(s["task"]).verb
                 parts[i].append(run_system(s, [w for w in workloads if w.kind == kind], repeats, Path(media), timeout))
+                bar.update()
     results = [pool_rounds(p) for p in parts]
     data = {"machine": machine_info(), "repeats": repeats, "rounds": rounds, "systems": systems, "results": results,
             "seconds": round(time.perf_counter() - started, 1)}

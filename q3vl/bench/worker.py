@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.bench.workloads import Workload
+from q3vl.tasks import task_for
 
 
 class Timer:
@@ -67,22 +68,17 @@ def _gpu_mb(system: dict[str, Any]) -> float | None:
 def load_system(spec: dict[str, Any], timer: Timer) -> tuple[Any, Callable[[Any], int]]:
     """(object with .process, token counter) for a system spec, with the graph timer installed."""
     threads = int(spec.get("threads") or len(os.sched_getaffinity(0)))
+    task = task_for(spec["task"])
     if spec["kind"] == "reference":
         import torch
 
         torch.set_num_threads(threads)
-        from q3vl.reference import ReferenceEmbedder, ReferenceReranker
-
-        dtype, device = spec.get("dtype", "float32"), spec.get("device", "cpu")
-        ref: Any = (ReferenceEmbedder(spec["checkpoint"], dtype=dtype, device=device) if spec["task"] == "embedding"
-                    else ReferenceReranker(spec["checkpoint"], dtype=dtype, device=device, batch_size=1))
+        # the reranker reference runs one pair per pass, as the published wrapper does
+        ref = task.reference(spec["checkpoint"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
         ref.model.forward = timer.wrap(ref.model.forward)
         return ref, lambda items: _reference_tokens(ref, items)
-    from q3vl.runtime import Embedder, Reranker
-
-    cls: Any = Embedder if spec["task"] == "embedding" else Reranker
-    model = cls(spec["bundle"], backend=spec.get("backend", "cpu"), batch_size=int(spec.get("batch_size", 8)),
-                backend_options={"threads": threads}, allow_unverified=bool(spec.get("allow_unverified")))
+    model = task.runtime(spec["bundle"], backend=spec.get("backend", "cpu"), batch_size=int(spec.get("batch_size", 8)),
+                         backend_options={"threads": threads}, allow_unverified=bool(spec.get("allow_unverified")))
     model.backend.run = timer.wrap(model.backend.run)
     return model, lambda items: _runtime_tokens(model, items)
 
@@ -94,15 +90,11 @@ def _reference_tokens(model: Any, items: Any) -> int:
     return int(model.preprocess(items)["attention_mask"].sum())
 
 
-def _runtime_tokens(model: Any, items: Any) -> int:
-    from q3vl.preprocess.items import content, embed_item
+def _runtime_tokens(model: Any, request: Any) -> int:
+    """Text + vision tokens of a request, from the batch API's plans."""
+    from q3vl.runtime.batch import Plan
 
-    enc = model.encoder
-    if isinstance(items, dict):
-        q = content(items["query"])
-        return sum(len(enc.rerank_pair(q, content(d), model.default_instruction, None, None).ids)
-                   for d in items["documents"])
-    return sum(len(enc.embedding(embed_item(it), model.default_instruction).ids) for it in items)
+    return sum(p.tokens for p in model.plan(request) if isinstance(p, Plan))
 
 
 def run_workload(model: Any, timer: Timer, w: Workload, items: Any, tokens: int, repeats: int) -> dict[str, Any]:
@@ -140,6 +132,7 @@ def main(spec_path: str, out_path: str) -> None:
     model, count = load_system(spec["system"], timer)
     result: dict[str, Any] = {"system": spec["system"]["name"], "load_s": time.perf_counter() - t,
                               "rss_after_load_mb": _rss_mb(), "workloads": []}
+    sys.stderr.write(f"{result['system']}: loaded in {result['load_s']:.1f} s\n")
     media = Path(spec["media"])
     for wd in spec["workloads"]:
         w = Workload(**wd)

@@ -20,6 +20,7 @@ import numpy as np
 
 from q3vl.quantization.int8 import Int8Plan
 from q3vl.quantization.planner import merger, project, text_layer, vision_block
+from q3vl.tasks import Task, task_for
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,10 @@ class _Taps:
         return out
 
 
-def calibration_items(encoder: Any, task: str) -> tuple[list[Any], list[list[Any]]]:
+def calibration_items(encoder: Any, task: Task) -> tuple[list[Any], list[list[Any]]]:
     """(sequences, vision blocks) of generated inputs: texts in several scripts and lengths, a photo-like
-    image, a screenshot, a 4-frame video, mixes; as embedding items or (query, document) pairs.
+    image, a screenshot, a 4-frame video, mixes; as embedding items or (query, document) pairs, with
+    the task's default instruction.
     """
     from q3vl.preprocess.items import Content, EmbedItem
     from q3vl.testing.inputs import MULTILINGUAL, gradient_image, screenshot_image
@@ -61,12 +63,11 @@ def calibration_items(encoder: Any, task: str) -> tuple[list[Any], list[list[Any
             Content((), (screenshot_image(360, 640),), ()),
             Content(("a short clip",), (), (frames,)),
             Content((MULTILINGUAL["korean"],), (gradient_image(256, 384, 22),), ())]
-    if task == "embedding":
-        seqs = [encoder.embedding(EmbedItem(c, None, None, None), "Represent the user's input.") for c in docs]
+    if task.name == "embedding":  # the encoder's two entry points: one item, or one (query, document) pair
+        seqs = [encoder.embedding(EmbedItem(c, None, None, None), task.default_instruction) for c in docs]
     else:
         query = Content(("which document answers the question about budgets?",), (), ())
-        seqs = [encoder.rerank_pair(query, c, "Given a search query, retrieve relevant candidates that answer "
-                                    "the query.", None, None) for c in docs]
+        seqs = [encoder.rerank_pair(query, c, task.default_instruction, None, None) for c in docs]
     return seqs, [encoder.load(s.media) for s in seqs]
 
 
@@ -127,14 +128,15 @@ def _vision(spec: Any, w: Any, blocks: list[Any], br: _Branches) -> dict[int, li
         xs = {0: embed(None), **br.step(dict.fromkeys(br.keys), embed, {"patch_embed.w": patch})}
         deep: dict[int, list[list[Any]]] = {b: [[] for _ in feeds] for b in br.keys}
         for i in range(v.depth):
-            xs = _vision_block(br, VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, F32), i, xs, rot)
+            xs = _vision_block(br, VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, F32, v.layer_norm_eps),
+                               i, xs, rot)
             if i in v.deepstack_visual_indexes:
                 out = _merge(br, w, f"model.visual.deepstack_merger_list.{v.deepstack_visual_indexes.index(i)}", True,
-                             xs)
+                             xs, v)
                 for b in br.keys:
                     for d, o in zip(deep[b], out[b]):
                         d.append(o)
-        merged = _merge(br, w, "model.visual.merger", False, xs)
+        merged = _merge(br, w, "model.visual.merger", False, xs, v)
     result: dict[int, list[Any]] = {}
     for key in br.keys:
         result[key] = [None] * len(blocks)
@@ -160,18 +162,20 @@ def _vision_block(br: _Branches, blk: Any, i: int, xs: dict[int, list[Any]], rot
     return out
 
 
-def _merge(br: _Branches, w: Any, prefix: str, postshuffle: bool, xs: dict[int, list[Any]]) -> dict[int, list[Any]]:
+def _merge(br: _Branches, w: Any, prefix: str, postshuffle: bool, xs: dict[int, list[Any]],
+           v: Any) -> dict[int, list[Any]]:
     from q3vl.export.modules import F32, Merger
 
-    m, taps = Merger(w, prefix, postshuffle, F32), _Taps()
+    m, taps = Merger(w, prefix, postshuffle, F32, v.layer_norm_eps, v.spatial_merge_size), _Taps()
     taps.tap("fc1", m.fc1)
     taps.tap("fc2", m.fc2)
     out = {0: [m(x) for x in xs[0]]}
     x_in, weights = taps.take(), {"fc1": m.fc1.weight.detach().numpy(), "fc2": m.fc2.weight.detach().numpy()}
     for plan in br.plans:
-        merger(plan, prefix, x_in, weights, postshuffle)
+        merger(plan, prefix, x_in, weights, postshuffle, v.spatial_merge_size**2)
     out.update(br.step(xs, lambda states: [m(x) for x in states], {prefix + ".fc1.w": m.fc1, prefix + ".fc2.w": m.fc2}))
     return out
+
 
 def _text(spec: Any, w: Any, feeds: dict[int, dict[str, np.ndarray]], br: _Branches, head: Any) -> dict[int, Any]:
     """Run the decoder layers one at a time on each branch's calibration batch, planning every layer's
@@ -222,23 +226,21 @@ def _text(spec: Any, w: Any, feeds: dict[int, dict[str, np.ndarray]], br: _Branc
         return {k: head(x, mask) for k, x in xs.items()}
 
 
-def _head(spec: Any, w: Any, task: str, tokenizer: Any) -> Any:
-    """The fused head on a final hidden state [B, L, D]: normalised pooled vector, or the yes/no score."""
+def _head(spec: Any, w: Any, task: Task, tokenizer: Any) -> Any:
+    """The task's head (the plain graph's torch module) on a final hidden state [B, L, D]: the text
+    graph's outputs by name (normalised and raw pooled vector, or the yes/no score).
+    """
     import torch
 
     from q3vl.export.modules import RMSNorm
 
     norm = RMSNorm(w.get("model.language_model.norm.weight"), spec.text.rms_norm_eps)
-    score_w = None
-    if task == "reranker":
-        rows = w.get("lm_head.weight" if "lm_head.weight" in w.map else "model.language_model.embed_tokens.weight")
-        score_w = rows[tokenizer.token_id("yes")] - rows[tokenizer.token_id("no")]
-        del rows
+    module = task.torch_head(w, task.head_token_ids(tokenizer))
 
-    def head(x: Any, mask: Any) -> Any:
+    def head(x: Any, mask: Any) -> dict[str, Any]:
         last = mask.sum(1) - 1
-        h = norm(x)[torch.arange(x.shape[0]), last]
-        return torch.nn.functional.normalize(h, dim=-1) if score_w is None else torch.sigmoid(h @ score_w)
+        out = module(norm(x)[torch.arange(x.shape[0]), last])
+        return dict(zip(task.outputs, out if isinstance(out, tuple) else (out,)))
     return head
 
 
@@ -262,16 +264,19 @@ def calibrate(checkpoint: str | Path, task: str, plan: Int8Plan | None = None) -
     from q3vl.export.weights import Weights
     from q3vl.preprocess.encode import Encoder, PreprocessConfig
     from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer
+    from q3vl.preprocess.vision import Geometry
     from q3vl.runtime.pipeline import GraphRunner
     from q3vl.spec import ModelSpec
 
     ckpt = Path(checkpoint)
+    kind = task_for(task)
     cands = _candidates(plan or Int8Plan())
     br = _Branches(cands, simulate=len(cands) > 1)
     spec = ModelSpec.from_checkpoint(ckpt)
     tokenizer = TextTokenizer(ckpt / "tokenizer.json")
-    encoder = Encoder(tokenizer, ChatTemplate(_chat_template(ckpt)), PreprocessConfig(max_length=8192))
-    seqs, blocks = calibration_items(encoder, task)
+    encoder = Encoder(tokenizer, ChatTemplate(_chat_template(ckpt)), PreprocessConfig(max_length=8192),
+                      Geometry.from_spec(spec.vision))
+    seqs, blocks = calibration_items(encoder, kind)
     w = Weights(ckpt)
     vision = _vision(spec, w, [b for per in blocks for b in per], br)
     runner = GraphRunner(None, spec, tokenizer.special.endoftext)  # type: ignore[arg-type]
@@ -282,8 +287,8 @@ def calibrate(checkpoint: str | Path, task: str, plan: Int8Plan | None = None) -
             visual.append(outs[k:k + len(per)])
             k += len(per)
         feeds[key] = runner.text_feeds(seqs, visual)
-    heads = _text(spec, w, feeds, br, _head(spec, w, task, tokenizer))
-    search = {str(c.alpha): head_error(task, heads[0], heads[k]) for k, c in zip(br.keys[1:], cands)}
+    heads = _text(spec, w, feeds, br, _head(spec, w, kind, tokenizer))
+    search = {str(c.alpha): head_error(kind, heads[0], heads[k]) for k, c in zip(br.keys[1:], cands)}
     best = cands[0] if not search else min(cands, key=lambda c: search[str(c.alpha)])
     best.alphas, best.search = (plan or Int8Plan()).alphas, search
     log.info("int8 plan: %s", best.summary())

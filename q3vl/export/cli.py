@@ -1,4 +1,4 @@
-"""`q3vl export` and `q3vl parity` (both need the export extra)."""
+"""`q3vl export` and `q3vl parity` (both need the export extra, which they check for first)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from q3vl.cli import command
+from q3vl.errors import ConfigError
 from q3vl.tensorrt.cli import add_engine_args, build_from_args
 
 
@@ -22,38 +23,50 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="write quantized weights straight from the checkpoint (fused fp32 graphs): int8 = the "
                         "calibrated smoothing method of `q3vl quantize`, int4 = MatMulNBits; parity is checked "
                         "against transformers with the weight format's tolerance")
-    p.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (with --weights int4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (stamped in the manifest)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     trt = p.add_argument_group("TensorRT", "--tensorrt also builds engines, as `q3vl trt build` does")
     trt.add_argument("--tensorrt", action="store_true", help="build TensorRT engines after the export")
     add_engine_args(trt, prefix="trt-")
 
 
-@command("export", _export_args)
-def _export(a: argparse.Namespace) -> int:
-    """Export a checkpoint to a validated ONNX bundle."""
-    from q3vl.export.exporter import export_bundle, summary
+def _check_export(a: argparse.Namespace, graph: str) -> None:
+    """Everything an export can be refused for, before minutes of work."""
+    from q3vl.bundle import looks_like_bundle
+    from q3vl.checks import positive, require
+    from q3vl.export.weights import check_checkpoint
+    from q3vl.outputs import check_output
 
-    graph = a.graph or ("plain" if a.tensorrt else "fused")
+    require("export")
+    check_checkpoint(a.checkpoint)
+    if graph == "fused" and a.precision == "bf16":
+        raise ConfigError("--precision bf16 needs --graph plain (fused graphs are built in fp32 or fp16)")
     if a.weights and (a.tensorrt or graph != "fused" or a.precision != "fp32"):
-        sys.stderr.write("q3vl: error: --weights needs the fused fp32 graphs (no --tensorrt, --graph plain or "
-                         "--precision)\n")
-        return 2
+        raise ConfigError("--weights needs the fused fp32 graphs (no --tensorrt, --graph plain or --precision)")
+    positive(block_size=a.block_size)
+    if a.tensorrt and graph == "fused":
+        raise ConfigError("--tensorrt needs --graph plain: TensorRT's ONNX parser does not know the fused graphs' "
+                          "ONNX Runtime contrib ops")
+    check_output(a.output, overwrite=a.overwrite, directory=True, replaceable=looks_like_bundle,
+                 what="bundle directory")
     if a.tensorrt:
         from q3vl.tensorrt.build import require_tensorrt
 
-        if graph == "fused":
-            sys.stderr.write("q3vl: error: --tensorrt needs --graph plain: TensorRT's ONNX parser does not know "
-                             "the fused graphs' ONNX Runtime contrib ops\n")
-            return 2
-        require_tensorrt()  # before minutes of export, not after
-    try:
-        out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=graph, overwrite=a.overwrite,
-                            validate=not a.no_validate, weights=a.weights, block_size=a.block_size)
-    except FileExistsError as e:
-        sys.stderr.write(f"q3vl: error: {e}\n")
-        return 2
+        require_tensorrt()
+
+
+@command("export", _export_args)
+def _export(a: argparse.Namespace) -> int:
+    """Export a checkpoint to a validated ONNX bundle (vision + text graphs, tokenizer, manifest)."""
+    graph = a.graph or ("plain" if a.tensorrt else "fused")
+    _check_export(a, graph)
+    from q3vl.export.exporter import export_bundle, summary
+
+    out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=graph, overwrite=a.overwrite,
+                        validate=not a.no_validate, progress=not a.no_progress, weights=a.weights,
+                        block_size=a.block_size)
     sys.stdout.write(summary(out) + "\n")
     return build_from_args(out, a, a.trt_precision) if a.tensorrt else 0
 
@@ -61,14 +74,28 @@ def _export(a: argparse.Namespace) -> int:
 def _parity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="the checkpoint the bundle was exported from")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--inputs", type=Path, help="JSONL of items (optional 'name' key); default: built-in set")
+    p.add_argument("--inputs", type=Path, help="JSONL of items, as `q3vl embed` reads them (an optional id labels "
+                                               "each row); default: the built-in set of 28 items")
+    p.add_argument("--batch-size", type=int, default=8, help="items per comparison step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 @command("parity", _parity_args)
 def _parity(a: argparse.Namespace) -> int:
-    """Compare the runtime with the PyTorch reference item by item; non-zero exit below tolerance."""
-    from q3vl.reference.parity import run
+    """Compare the runtime with the PyTorch reference item by item; exit 1 below tolerance."""
+    from q3vl.bundle import Manifest
+    from q3vl.checks import positive, require
+    from q3vl.export.weights import check_checkpoint
 
-    text, ok = run(a.checkpoint, a.bundle, a.inputs)
+    require("export", ["torch", "transformers", "torchvision", "qwen_vl_utils"])
+    positive(batch_size=a.batch_size)
+    check_checkpoint(a.checkpoint)
+    manifest = Manifest.read(a.bundle)
+    from q3vl.reference.parity import check_source, load_inputs, run
+
+    records = load_inputs(a.inputs, None) if a.inputs else None  # every line checked before a model loads
+    source = check_source(a.checkpoint, manifest)
+    text, ok = run(a.checkpoint, a.bundle, records, batch_size=a.batch_size, progress=not a.no_progress,
+                   source=source)
     sys.stdout.write(text + "\n")
     return 0 if ok else 1

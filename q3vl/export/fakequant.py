@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from q3vl.quantization.int8 import Int8Plan, Projection, quantize_weight
+from q3vl.tasks import Task
 
 
 def quantized_forward(linear: Any, proj: Projection, plan: Int8Plan) -> Any:
@@ -64,9 +65,9 @@ def quantized(modules: dict[str, Any], plan: Int8Plan) -> Iterator[None]:
             lin.forward = fwd
 
 
-def head_error(task: str, ref: Any, got: Any) -> float:
-    """How far a candidate's head output is from the float one: 1 - min cosine (embedding), max |score diff|."""
-    if task == "embedding":
-        cos = (ref * got).sum(-1) / (ref.norm(dim=-1) * got.norm(dim=-1)).clamp(min=1e-30)
-        return float(1 - cos.min())
-    return float((ref - got).abs().max())
+def head_error(task: Task, ref: dict[str, Any], got: dict[str, Any]) -> float:
+    """How far a candidate's head outputs (torch tensors by output name) are from the float ones, by
+    the task's parity figure as a distance: 1 - min cosine (embedding), max |score diff| (reranker).
+    """
+    worst = task.worst(task.compare({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in ref.items()}))
+    return 1.0 - worst if task.higher_is_better else worst

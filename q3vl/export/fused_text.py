@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto as T
 
-from q3vl.bundle import EMBEDDING, POOLED, SCORE
 from q3vl.export.onnx_writer import MS, GraphWriter
 from q3vl.export.quantized import QuantHook
 from q3vl.export.weights import Weights
 from q3vl.spec import ModelSpec
+from q3vl.tasks import Task
 
 
 def _np(t: object) -> np.ndarray:
@@ -46,9 +46,9 @@ class TextGraph:
     `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format.
     """
 
-    def __init__(self, spec: ModelSpec, weights: Weights, path: Path, head: str,
-                 yes_no: tuple[int, int] | None, precision: str = "fp32", quant: QuantHook | None = None) -> None:
-        self.spec, self.wts, self.head, self.yes_no = spec, weights, head, yes_no
+    def __init__(self, spec: ModelSpec, weights: Weights, path: Path, task: Task, token_ids: dict[str, int],
+                 precision: str = "fp32", quant: QuantHook | None = None) -> None:
+        self.spec, self.wts, self.task, self.token_ids = spec, weights, task, token_ids
         self.quant = quant
         self.g = GraphWriter(path, quant.transform if quant is not None else None)
         self.half = precision == "fp16"
@@ -111,7 +111,10 @@ class TextGraph:
         final, _ = self.skip_rms(pending, resid, _np(self.wts.get("model.language_model.norm.weight")), "final_norm")
         if t.num_layers - 1 < sp.num_deepstack:
             final = self.take(final, last_rows)
-        self.head_outputs(final)
+        # with a quant hook, the head's constant-weight MatMul (the reranker's yes-minus-no row) goes through
+        # it too, as `q3vl quantize` rewrites every constant-weight MatMul of the fp32 graph
+        self.task.fused_head(g, final, t.hidden_size, self.wts, self.token_ids,
+                             matmul=self.matmul if self.quant is not None else None)
         return g.save("q3vl_text", opset=23)
 
     def last_rows(self, lengths: str, shape: str) -> str:
@@ -191,23 +194,3 @@ class TextGraph:
                         axis=-1)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         return self.matmul(act, lw["mlp.down_proj.weight"].T, p + "down_proj")
-
-    def head_outputs(self, last: str) -> None:
-        """The fused head on the final-norm state of each row's last valid token, [B, D]."""
-        g, d = self.g, self.spec.text.hidden_size
-        if self.head == "embedding":
-            norm = g.op("Max", [g.op("ReduceL2", [last, g.const([-1], dtype=np.int64)], keepdims=1),
-                                g.const(1e-12, dtype=np.float32)])
-            g.add_output(g.op("Div", [last, norm]), EMBEDDING, T.FLOAT, ["batch", d])
-            g.add_output(last, POOLED, T.FLOAT, ["batch", d])
-            return
-        if self.yes_no is None:
-            raise ValueError("the reranker head needs the (yes, no) token ids")
-        name = "lm_head.weight" if "lm_head.weight" in self.wts.map else "model.language_model.embed_tokens.weight"
-        rows = _np(self.wts.get(name))
-        w = (rows[self.yes_no[0]] - rows[self.yes_no[1]]).astype(np.float32)[:, None]
-        del rows
-        logit = (g.op("MatMul", [last, g.weight("yes_minus_no", w)]) if self.quant is None
-                 else self.matmul(last, w, "yes_minus_no"))
-        g.add_output(g.op("Reshape", [g.op("Sigmoid", [logit]), g.const([-1], dtype=np.int64)]), SCORE, T.FLOAT,
-                     ["batch"])

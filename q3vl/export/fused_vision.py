@@ -47,7 +47,7 @@ class VisionGraph:
     def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, name: str) -> str:
         g = self.g
         return g.op("LayerNormalization", [x, g.weight(name + ".g", w), g.weight(name + ".b", b)], axis=-1,
-                    epsilon=1e-6)
+                    epsilon=self.spec.vision.layer_norm_eps)
 
     def build(self) -> Path:
         g, v = self.g, self.spec.vision
@@ -113,7 +113,7 @@ class VisionGraph:
         out = g.op("SkipLayerNormalization", [o, x, g.weight(p + "norm2.g", w["norm2.weight"]),
                                               g.weight(p + "norm2.b", w["norm2.bias"]),
                                               g.weight(p + "proj.b", w["attn.proj.bias"])],
-                   n_out=4, domain=MS, epsilon=1e-6)
+                   n_out=4, domain=MS, epsilon=self.spec.vision.layer_norm_eps)
         h2, x2 = out[0], out[3]
         fc1 = self.linear(h2, w["mlp.linear_fc1.weight"], None, p + "fc1")
         act = g.op("FastGelu", [fc1, g.weight(p + "fc1.b", w["mlp.linear_fc1.bias"])], domain=MS)
@@ -122,7 +122,7 @@ class VisionGraph:
     def merger(self, x: str, p: str, postshuffle: bool) -> str:
         g = self.g
         w = {k[len(p) + 1:]: _np(t) for k, t in self.wts.many(self.wts.names(p + ".")).items()}
-        d4 = 4 * self.spec.vision.hidden_size
+        d4 = self.spec.vision.spatial_merge_size**2 * self.spec.vision.hidden_size
         shuffle = g.const([0, -1, d4], dtype=np.int64)
         if postshuffle:
             h = self.layer_norm(g.op("Reshape", [x, shuffle]), w["norm.weight"], w["norm.bias"], p + ".norm")

@@ -30,6 +30,7 @@ from torch import nn
 
 from q3vl.export.weights import Weights
 from q3vl.spec import ModelSpec
+from q3vl.tasks import Task
 
 F32 = torch.float32
 
@@ -57,7 +58,7 @@ class Linear(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm in float32 (vision blocks and mergers)."""
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> None:
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, eps: float) -> None:
         super().__init__()
         self.weight, self.bias, self.eps = _p(w), _p(b), eps
 
@@ -97,30 +98,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 class Merger(nn.Module):
     """2x2 patch merger: LayerNorm (before or after the shuffle), fc1, GELU, fc2."""
 
-    def __init__(self, w: Weights, prefix: str, postshuffle: bool, dtype: torch.dtype) -> None:
+    def __init__(self, w: Weights, prefix: str, postshuffle: bool, dtype: torch.dtype, eps: float,
+                 merge: int) -> None:
         super().__init__()
         t = w.many([f"{prefix}.{n}" for n in ("norm.weight", "norm.bias", "linear_fc1.weight",
                                               "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")])
-        self.postshuffle = postshuffle
-        self.norm = LayerNorm(t[f"{prefix}.norm.weight"], t[f"{prefix}.norm.bias"])
+        self.postshuffle, self.group = postshuffle, merge * merge
+        self.norm = LayerNorm(t[f"{prefix}.norm.weight"], t[f"{prefix}.norm.bias"], eps)
         self.fc1 = Linear(t[f"{prefix}.linear_fc1.weight"], t[f"{prefix}.linear_fc1.bias"], dtype)
         self.fc2 = Linear(t[f"{prefix}.linear_fc2.weight"], t[f"{prefix}.linear_fc2.bias"], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, n, d = x.shape
-        x = self.norm(x.reshape(s, n // 4, 4 * d)) if self.postshuffle else self.norm(x).reshape(s, n // 4, 4 * d)
+        k = self.group
+        x = self.norm(x.reshape(s, n // k, k * d)) if self.postshuffle else self.norm(x).reshape(s, n // k, k * d)
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class VisionBlock(nn.Module):
     """Pre-norm ViT block: 2-D rotary attention (per block of patches), tanh-GELU MLP."""
 
-    def __init__(self, w: Weights, prefix: str, heads: int, dtype: torch.dtype) -> None:
+    def __init__(self, w: Weights, prefix: str, heads: int, dtype: torch.dtype, eps: float) -> None:
         super().__init__()
         t = w.many(w.names(prefix + "."))
         g = lambda n: t[f"{prefix}.{n}"]  # noqa: E731
-        self.norm1, self.norm2 = LayerNorm(g("norm1.weight"), g("norm1.bias")), LayerNorm(g("norm2.weight"),
-                                                                                          g("norm2.bias"))
+        self.norm1 = LayerNorm(g("norm1.weight"), g("norm1.bias"), eps)
+        self.norm2 = LayerNorm(g("norm2.weight"), g("norm2.bias"), eps)
         self.qkv = Linear(g("attn.qkv.weight"), g("attn.qkv.bias"), dtype)
         self.proj = Linear(g("attn.proj.weight"), g("attn.proj.bias"), dtype)
         self.fc1 = Linear(g("mlp.linear_fc1.weight"), g("mlp.linear_fc1.bias"), dtype)
@@ -150,12 +153,13 @@ class VisionEncoder(nn.Module):
         head_dim = v.hidden_size // v.num_heads
         quarter = head_dim // 2
         self.inv_freq = _p(1.0 / (v.rope_theta ** (torch.arange(0, quarter, 2, dtype=F32) / quarter)))
-        self.blocks = nn.ModuleList(VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, dtype)
+        eps, merge = v.layer_norm_eps, v.spatial_merge_size
+        self.blocks = nn.ModuleList(VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, dtype, eps)
                                     for i in range(v.depth))
         self.ds_index = list(v.deepstack_visual_indexes)
-        self.ds_mergers = nn.ModuleList(Merger(w, f"model.visual.deepstack_merger_list.{i}", True, dtype)
+        self.ds_mergers = nn.ModuleList(Merger(w, f"model.visual.deepstack_merger_list.{i}", True, dtype, eps, merge)
                                         for i in range(len(self.ds_index)))
-        self.merger = Merger(w, "model.visual.merger", False, dtype)
+        self.merger = Merger(w, "model.visual.merger", False, dtype, eps, merge)
 
     def forward(self, pixel_values: torch.Tensor, pos_ids: torch.Tensor, interp_idx: torch.Tensor,
                 interp_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,11 +219,9 @@ def mrope_selector(section: tuple[int, int, int], half: int) -> torch.Tensor:
 class TextEncoder(nn.Module):
     """Token embedding, visual row placement, DeepStack, decoder layers, final norm, fused head."""
 
-    def __init__(self, spec: ModelSpec, w: Weights, head: str, yes_no: tuple[int, int] | None = None,
+    def __init__(self, spec: ModelSpec, w: Weights, task: Task, token_ids: dict[str, int],
                  dtype: torch.dtype = F32) -> None:
         super().__init__()
-        if head not in ("embedding", "reranker"):
-            raise ValueError(f"unknown head {head!r}")
         t = spec.text
         emb_name = "model.language_model.embed_tokens.weight"
         self.embed = _p(w.get(emb_name), dtype)
@@ -232,13 +234,7 @@ class TextEncoder(nn.Module):
         self.register_buffer("axis", mrope_selector(t.mrope_section, half), persistent=False)
         self.vision_ids = (spec.image_token_id, spec.video_token_id)
         self.num_deepstack = spec.num_deepstack
-        self.head = head
-        if head == "reranker":
-            if yes_no is None:
-                raise ValueError("the reranker head needs the (yes, no) token ids")
-            rows = w.get("lm_head.weight" if "lm_head.weight" in w.map else emb_name)  # tied: the embeddings
-            self.score_w = _p(rows[yes_no[0]] - rows[yes_no[1]])  # one row, never the full LM head
-            del rows
+        self.head = task.torch_head(w, token_ids)
 
     def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids.permute(1, 2, 0)[..., self.axis]  # [B, L, hd/2]: each frequency's axis
@@ -264,7 +260,4 @@ class TextEncoder(nn.Module):
                 x = x + torch.where(m, F.embedding(row, deepstack_embeds[:, i]), 0.0)
         x = self.norm(x)
         last = seq - 1 - torch.argmax(attention_mask.flip(-1).to(torch.int64), dim=-1)
-        h = x[torch.arange(x.shape[0], device=x.device), last]
-        if self.head == "embedding":  # (normalised, raw pooled) so process(normalize=False) needs no 2nd graph
-            return h / h.norm(dim=-1, keepdim=True).clamp(min=1e-12), h
-        return torch.sigmoid(h @ self.score_w)
+        return self.head(x[torch.arange(x.shape[0], device=x.device), last])

@@ -70,20 +70,35 @@ class Weights:
         return out
 
 
-def checkpoint_identity(path: Path) -> dict[str, str]:
-    """Where a bundle came from: the path/name and a hash of the config and the weight index.
+SAMPLES, SAMPLE_BYTES = 16, 64 * 1024  # per shard: 16 evenly spaced 64 KiB windows of the tensor data
 
-    The hash covers config.json and, per shard, its name and size plus its safetensors header
-    (tensor names, dtypes, shapes, offsets), so it changes with any re-export of different weights
-    without reading gigabytes.
+
+def checkpoint_identity(path: Path) -> dict[str, str]:
+    """Where a bundle came from: the path/name and two hashes, neither of which reads gigabytes.
+
+    `sha256` covers config.json and, per shard, its name and size plus its safetensors header
+    (tensor names, dtypes, shapes, offsets): it tells architectures and layouts apart, but every
+    checkpoint of one shape has the same header, so it cannot tell two trainings (or an embedding
+    and a reranker checkpoint) apart. `content_sha256` adds, per shard, `SAMPLES` evenly spaced
+    windows of the tensor data and its last window (about 1 MiB a shard), which differ between
+    any two sets of weights in practice; `q3vl parity` compares it when the bundle records it.
     """
-    h = hashlib.sha256((path / "config.json").read_bytes())
+    config = (path / "config.json").read_bytes()
+    h, content = hashlib.sha256(config), hashlib.sha256(config)
     for fname in sorted(set(weight_map(path).values())):
         f = path / fname
-        h.update(fname.encode())
-        h.update(str(f.stat().st_size).encode())
+        size = f.stat().st_size
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 100_000_000)))
-    name = json.loads((path / "config.json").read_text()).get("_name_or_path") or path.name
-    return {"path": str(path.resolve()), "name": str(name), "sha256": h.hexdigest()}
+            header = fh.read(min(n, 100_000_000))
+            for part in (fname.encode(), str(size).encode(), header):
+                h.update(part)
+                content.update(part)
+            start = 8 + n
+            span = max(size - start - SAMPLE_BYTES, 0)
+            for k in range(SAMPLES + 1):
+                fh.seek(start + span * k // SAMPLES)
+                content.update(fh.read(SAMPLE_BYTES))
+    name = json.loads(config).get("_name_or_path") or path.name
+    return {"path": str(path.resolve()), "name": str(name), "sha256": h.hexdigest(),
+            "content_sha256": content.hexdigest()}

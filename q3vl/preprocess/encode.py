@@ -8,16 +8,20 @@ whichever step sees the problem, with an `InputError` naming what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from q3vl.errors import InputError
-from q3vl.preprocess.image import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, open_image, patchify, resize_rgb, smart_resize
-from q3vl.preprocess.items import Content, EmbedItem
+from q3vl.errors import ConfigError, InputError, LimitError, QueryError
+from q3vl.preprocess.image import DEFAULT_TIMEOUT, patch_rows, probe_image, smart_resize
+from q3vl.preprocess.items import Content, EmbedItem, Pixels
+from q3vl.preprocess.media import MediaAccess, MediaPolicy, media_errors
 from q3vl.preprocess.prompt import (
+    MARK,
     VIDEO_SLOT,
     ChatTemplate,
     TextTokenizer,
@@ -28,33 +32,39 @@ from q3vl.preprocess.prompt import (
 )
 from q3vl.preprocess.rope import rope_positions
 from q3vl.preprocess.video import FrameList, VideoFile
-from q3vl.preprocess.vision import VisionBlock
+from q3vl.preprocess.vision import Geometry, VisionBlock
 
 RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
                  'provided. Note that the answer can only be "yes" or "no".')
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n
 TRUNCATION_MODES = ("text", "reference")
+MAX_VARIANTS = 64  # encoders kept for items' own pixel limits; more distinct sets are built per item
+DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16, temporal 2, merge 2
 
 
 @dataclass(frozen=True)
 class ImagePlan:
     """An image whose target size is known; pixels are decoded at load time."""
 
-    image: Any
+    image: Any  # an `ImageSource`: header read, no open file, no decoded pixels
     height: int
     width: int
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return 1, self.height // 16, self.width // 16
+    grid: tuple[int, int, int]  # (1, h, w) in patches
 
 
 Media = ImagePlan | VideoFile | FrameList
 
 
+def media_grid(m: Media) -> tuple[int, int, int]:
+    """(t, h, w) in patches of an image (t = 1) or a video (t = frame pairs)."""
+    return m.grid if isinstance(m, ImagePlan) else m.plan.grid
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The wrapper's constructor values that shape preprocessing (REFERENCE.md sections 1-2)."""
+    """The wrapper's constructor values that shape preprocessing (docs/reference-behaviour.md#embedder),
+    plus q3vl's own bounds.
+    """
 
     max_length: int
     min_pixels: int = 4096
@@ -64,13 +74,47 @@ class PreprocessConfig:
     max_frames: int = 64
     truncation: str = "text"
     timeout: float = DEFAULT_TIMEOUT
-    max_bytes: int = DEFAULT_MAX_BYTES
+    max_text_chars: int = 1 << 20  # raw characters of text (+ instruction) per item, checked before tokenizing
+    max_parts: int = 16384  # text, image and video elements per item (or per rerank side)
+    media_policy: MediaPolicy = field(default_factory=MediaPolicy)
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION_MODES:
-            raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, not {self.truncation!r}")
+            raise ConfigError(f"truncation must be one of {TRUNCATION_MODES}, not {self.truncation!r}")
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError("need 0 < min_pixels <= max_pixels")
+            raise ConfigError("need 0 < min_pixels <= max_pixels")
+        if not 0 < self.fps < float("inf") or not self.max_frames >= 2 or self.max_length < 1:
+            raise ConfigError("need 0 < fps < inf, max_frames >= 2 and max_length >= 1")
+
+
+class SharedMedia:
+    """The media every pair of one rerank call shares (the query's): planned once, loaded once.
+
+    Pairs are spread over micro-batches and loader threads; the first to need the blocks loads them
+    under the lock, the others reuse them. A failure is the query's (`QueryError`), not one document's,
+    and is kept: every later pair gets the same error at once instead of fetching again (a stalled
+    query URL would otherwise cost one media deadline per document).
+    """
+
+    def __init__(self, media: list[Media], load: Any) -> None:
+        self.media = media
+        self._load = load
+        self._lock = threading.Lock()
+        self._blocks: list[VisionBlock] | None = None
+        self._error: QueryError | None = None
+
+    def blocks(self) -> list[VisionBlock]:
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._blocks is None:
+                try:
+                    self._blocks = self._load(self.media)
+                except Exception as e:
+                    self._error = QueryError(f"query: {getattr(e, 'reason', None) or e}")
+                    self._error.__cause__ = e
+                    raise self._error from e
+            return self._blocks
 
 
 @dataclass
@@ -78,51 +122,97 @@ class Encoded:
     """One sequence ready for the graphs once its media are loaded."""
 
     ids: np.ndarray  # int64 [L]
-    media: list[Media]  # in token order
+    media: list[Media]  # in token order (a reranker pair: the query's, then the document's)
     positions: np.ndarray = field(repr=False)  # int64 [3, L]
+    grids: list[tuple[int, int]] = field(default_factory=list)  # (h, w) of every vision block, in token order
+    shared: SharedMedia | None = None  # loads `media[:len(shared.media)]` once for every pair of a call
+    merge: int = 2
 
     @property
     def num_vision_tokens(self) -> int:
-        return sum(int(np.prod(m.grid if isinstance(m, ImagePlan) else m.plan.grid)) // 4 for m in self.media)
+        return sum(h * w for h, w in self.grids) // self.merge**2
 
 
 class Encoder:
     """Turns validated items into `Encoded` sequences (plan) and vision blocks (load)."""
 
-    def __init__(self, tokenizer: TextTokenizer, template: ChatTemplate, config: PreprocessConfig) -> None:
-        self.tokenizer, self.template, self.config = tokenizer, template, config
+    def __init__(self, tokenizer: TextTokenizer, template: ChatTemplate, config: PreprocessConfig,
+                 geometry: Geometry = DEFAULT_GEOMETRY) -> None:
+        self.tokenizer, self.template, self.config, self.geometry = tokenizer, template, config, geometry
         sp = tokenizer.special
         self.pad_ids = (sp.image_pad, sp.video_pad)
+        self._variants: dict[Pixels, Encoder] = {}
+        self._variants_lock = threading.Lock()
+
+    def configured(self, pixels: Pixels) -> Encoder:
+        """The encoder for an item that sets its own `min_pixels`/`max_pixels`/`total_pixels` (else self).
+
+        Only planning reads those limits (loading follows the plan), so a planned item needs nothing
+        else. A few variants are cached; a caller sending endless distinct values gets fresh ones.
+        """
+        if not pixels:
+            return self
+        with self._variants_lock:
+            found = self._variants.get(pixels)
+        if found is not None:
+            return found
+        try:
+            config = dataclasses.replace(self.config, **dict[str, Any](pixels))
+        except ConfigError as e:
+            raise InputError(str(e)) from None
+        variant = Encoder(self.tokenizer, self.template, config, self.geometry)
+        with self._variants_lock:
+            if len(self._variants) < MAX_VARIANTS:
+                self._variants[pixels] = variant
+        return variant
 
     # ------------------------------------------------------------ media
     def plan_media(self, c: Content, fps: float | None, max_frames: int | None) -> list[Media]:
-        """Videos then images (the wrapper's content order), each sized but not decoded."""
-        cfg = self.config
+        """Videos then images (the wrapper's content order), each sized but not decoded, read under the
+        media policy (inside a call wrapped by `media.media_call`, with that call's byte budget).
+        """
+        cfg, g = self.config, self.geometry
+        access = MediaAccess.current(cfg.media_policy, cfg.timeout)
         media: list[Media] = []
         for v in c.videos:
-            if isinstance(v, str):
-                media.append(VideoFile.probe(v, fps or cfg.fps, max_frames or cfg.max_frames, cfg.timeout))
-            else:
-                media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, cfg.timeout))
+            with media_errors("video"):
+                if isinstance(v, str):
+                    media.append(VideoFile.probe(v, fps or cfg.fps, max_frames or cfg.max_frames, access=access,
+                                                 geometry=g))
+                else:
+                    media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, access=access, geometry=g))
         for src in c.images:
-            img = open_image(src, timeout=cfg.timeout, max_bytes=cfg.max_bytes)
-            h, w = smart_resize(img.height, img.width, 32, cfg.min_pixels, cfg.max_pixels)
-            media.append(ImagePlan(img, h, w))
+            with media_errors("image"):
+                img = probe_image(src, access)
+                h, w = smart_resize(img.height, img.width, g.factor, cfg.min_pixels, cfg.max_pixels)
+                media.append(ImagePlan(img, h, w, (1, h // g.patch, w // g.patch)))
         return media
 
-    @staticmethod
-    def load(media: list[Media]) -> list[VisionBlock]:
-        """Decode and patchify: one block per image and per video frame pair, in token order."""
+    def load(self, media: list[Media]) -> list[VisionBlock]:
+        """Decode and cut into patch rows: one block per image and per video frame pair, in token order.
+
+        One medium at a time, its source pixels dropped once its rows exist; rows stay uint8 until a
+        vision call normalises them. Any failure is the item's `InputError`.
+        """
+        g = self.geometry
         blocks: list[VisionBlock] = []
         for m in media:
-            if isinstance(m, ImagePlan):
-                rgb = resize_rgb(m.image, m.height, m.width)
-                blocks.append(VisionBlock(patchify(np.stack([rgb, rgb])), (m.height // 16, m.width // 16)))
-                continue
-            rows = patchify(m.load())
-            t, h, w = m.plan.grid
-            blocks.extend(VisionBlock(part, (h, w)) for part in np.split(rows, t))
+            with media_errors("image" if isinstance(m, ImagePlan) else "video"):
+                if isinstance(m, ImagePlan):
+                    rgb = m.image.resized(m.height, m.width)
+                    rows = patch_rows(np.stack([rgb] * g.temporal), g.patch, g.temporal, g.merge)
+                    blocks.append(VisionBlock(rows, m.grid[1:]))
+                    continue
+                rows = patch_rows(m.load(), g.patch, g.temporal, g.merge)
+                t, h, w = m.plan.grid
+                blocks.extend(VisionBlock(part, (h, w)) for part in np.split(rows, t))
         return blocks
+
+    def blocks(self, enc: Encoded) -> list[VisionBlock]:
+        """Every vision block of a planned sequence, the shared (query) ones loaded once per call."""
+        if enc.shared is None:
+            return self.load(enc.media)
+        return [*enc.shared.blocks(), *self.load(enc.media[len(enc.shared.media):])]
 
     # ------------------------------------------------------------ prompts
     def _slots(self, media: list[Media]) -> tuple[list[dict[str, Any]], list[int]]:
@@ -130,37 +220,61 @@ class Encoder:
         items: list[dict[str, Any]] = []
         counts: list[int] = []
         for m in media:
-            if isinstance(m, ImagePlan):
-                items.append({"type": "image"})
-                counts.append(m.height * m.width // 1024)
-            else:
-                items.append({"type": "video", "timestamps": m.plan.timestamps})
-                t, h, w = m.plan.grid
-                counts.extend([h * w // 4] * t)
+            t, h, w = media_grid(m)
+            items.append({"type": "image"} if isinstance(m, ImagePlan) else
+                         {"type": "video", "timestamps": m.plan.timestamps})
+            counts.extend([h * w // self.geometry.merge**2] * t)
         return items, counts
 
     def _render(self, messages: list[dict[str, Any]], counts: list[int]) -> np.ndarray:
+        """Render and tokenize; every text content item is user text (see `TextTokenizer.encode_prompt`)."""
+        user: list[str] = []
+
+        def mark(item: dict[str, Any]) -> dict[str, Any]:
+            if item.get("type") != "text":
+                return item
+            user.append(item["text"])
+            return {**item, "text": f"{MARK}{len(user) - 1}{MARK}"}
+
+        marked = [{**m, "content": [mark(it) for it in m["content"]]} for m in messages]
         videos = [it["timestamps"] for msg in messages for it in msg["content"] if it.get("type") == "video"]
-        parts = self.template.render(messages).split(VIDEO_SLOT)
+        parts = self.template.render(marked).split(VIDEO_SLOT)
         if len(parts) != len(videos) + 1:
             raise ValueError("the chat template did not place every video slot")
         text = parts[0] + "".join(video_slot(ts) + rest for ts, rest in zip(videos, parts[1:]))
-        return expand_pads(self.tokenizer.encode(text), self.pad_ids, counts)
+        return expand_pads(self.tokenizer.encode_prompt(text, user), self.pad_ids, counts)
 
-    def _finish(self, ids: np.ndarray, media: list[Media]) -> Encoded:
-        grids = [g for m in media for g in _block_grids(m)]
-        return Encoded(ids, media, rope_positions(ids, self.pad_ids, grids))
+    def _finish(self, ids: np.ndarray, media: list[Media], shared: SharedMedia | None = None) -> Encoded:
+        grids = [(h, w) for m in media for t, h, w in [media_grid(m)] for _ in range(t)]
+        merge = self.geometry.merge
+        return Encoded(ids, media, rope_positions(ids, self.pad_ids, grids, merge), grids, shared, merge)
+
+    def _check_texts(self, texts: tuple[str, ...] | list[str], instruction: str | None, *sides: Content) -> None:
+        """Bounds first (element count, characters), then valid Unicode: all before any tokenizing."""
+        parts = max((len(c.texts) + len(c.images) + len(c.videos) for c in sides), default=0)
+        if parts > self.config.max_parts:
+            raise LimitError(f"item has {parts} text/image/video elements; the limit is max_parts="
+                             f"{self.config.max_parts} (join the texts, or split the item)")
+        chars = sum(map(len, texts)) + len(instruction or "")
+        if chars > self.config.max_text_chars:
+            raise LimitError(f"item has {chars} characters of text; the limit is max_text_chars="
+                             f"{self.config.max_text_chars} (split the text or raise the limit)")
+        for t in texts:
+            check_text(t)
+        if instruction:
+            check_text(instruction, "instruction")
 
     def embedding(self, item: EmbedItem, default_instruction: str) -> Encoded:
-        """Plan one embedding input (REFERENCE.md section 1)."""
+        """Plan one embedding input (docs/reference-behaviour.md#embedder-prompt)."""
+        if item.pixels:
+            return self.configured(item.pixels).embedding(dataclasses.replace(item, pixels=()), default_instruction)
         instruction = item.instruction
         if instruction:
             instruction = instruction.strip()
             if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
                 instruction += "."
         c = item.content
-        for t in c.texts:
-            check_text(t)
+        self._check_texts(c.texts, instruction, c)
         media = self.plan_media(c, item.fps, item.max_frames)
         slots, counts = self._slots(media)
 
@@ -174,15 +288,27 @@ class Encoder:
         if self.config.truncation == "reference":
             ids = _truncate_right(build(texts), self.config.max_length, sum(counts), self.pad_ids)
         else:
-            ids = fit_texts(build, texts, range(len(texts) - 1, -1, -1), self.config.max_length, self.tokenizer)
+            ids = fit_texts(build, texts, [range(len(texts))], self.config.max_length, self.tokenizer)
         return self._finish(ids, media)
 
-    def rerank_pair(self, query: Content, doc: Content, instruction: str, fps: float | None,
-                    max_frames: int | None) -> Encoded:
-        """Plan one (query, document) pair (REFERENCE.md section 2)."""
-        for t in (*query.texts, *doc.texts):
-            check_text(t)
-        q_media, d_media = self.plan_media(query, fps, max_frames), self.plan_media(doc, fps, max_frames)
+    def plan_query(self, query: Content, instruction: str, fps: float | None, max_frames: int | None
+                   ) -> SharedMedia:
+        """A rerank query's media, planned once for all of a call's documents (errors are the query's)."""
+        try:
+            self._check_texts(query.texts, instruction, query)
+            return SharedMedia(self.plan_media(query, fps, max_frames), self.load)
+        except InputError as e:
+            raise QueryError(f"query: {e.reason}") from e
+
+    def rerank_pair(self, query: Content, doc: Content, instruction: str, fps: float | None, max_frames: int | None,
+                    shared: SharedMedia | None = None) -> Encoded:
+        """Plan one (query, document) pair (docs/reference-behaviour.md#reranker-prompt).
+
+        `shared`: the query's media from `plan_query`, shared by every pair of a call (planned here if absent).
+        """
+        shared = shared or self.plan_query(query, instruction, fps, max_frames)
+        self._check_texts([*query.texts, *doc.texts], instruction, query, doc)
+        q_media, d_media = shared.media, self.plan_media(doc, fps, max_frames)
         q_slots, q_counts = self._slots(q_media)
         d_slots, d_counts = self._slots(d_media)
         nq = len(query.texts)
@@ -201,15 +327,10 @@ class Encoder:
         texts = [*query.texts, *doc.texts]
         if self.config.truncation == "reference":
             ids = _truncate_keep_special(build(texts), self.config.max_length, self.tokenizer.special.all_special)
-        else:  # document text first (last item first), then query text
-            order = [*range(len(texts) - 1, nq - 1, -1), *range(nq - 1, -1, -1)]
-            ids = fit_texts(build, texts, order, self.config.max_length, self.tokenizer)
-        return self._finish(ids, q_media + d_media)
-
-
-def _block_grids(m: Media) -> list[tuple[int, int]]:
-    t, h, w = m.grid if isinstance(m, ImagePlan) else m.plan.grid
-    return [(h, w)] * t
+        else:  # document text first, then query text
+            groups = [range(nq, len(texts)), range(nq)]
+            ids = fit_texts(build, texts, groups, self.config.max_length, self.tokenizer)
+        return self._finish(ids, [*q_media, *d_media], shared if q_media else None)
 
 
 def _truncate_right(ids: np.ndarray, max_length: int, vision_tokens: int, pad_ids: tuple[int, int]) -> np.ndarray:

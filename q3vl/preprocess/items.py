@@ -1,26 +1,36 @@
 """The user's input dicts, validated and normalised the way the published wrappers read them.
 
-`text` and `image` are a scalar or a list; `video` is one video (a path/URL, or a list of frames
-whose first element is a PIL image, an image-file path or an image data URI) or a list of videos.
-Unknown keys are rejected (a typo like "images" would otherwise embed the item as "NULL").
+`text` and `image` are a scalar or a list; `video` is one video (a path/URL/data URI, or a list of
+frames whose first element is a PIL image, an image array, encoded image bytes, an image-file path
+or an image data URI) or a list of videos. An image is a path, URL, data URI, PIL image, H x W x 3
+uint8 RGB array or encoded bytes. Unknown keys are rejected (a typo like "images" would otherwise
+embed the item as "NULL"); `fps` must be a finite positive number and `max_frames` an integer >= 2
+(JSON parsers accept NaN and Infinity, and a fractional count must not be silently rounded).
+`min_pixels` / `max_pixels` / `total_pixels` on an item (or a rerank request) override the
+constructor's values for that item only, so one server process can honour each request's own limits.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 from PIL import Image
 
 from q3vl.errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".svg"}
 CONTENT_KEYS = ("text", "image", "video")
-EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames")
-RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames")
+PIXEL_KEYS = ("min_pixels", "max_pixels", "total_pixels")
+EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames", *PIXEL_KEYS)
+RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames", *PIXEL_KEYS)
+Pixels = tuple[tuple[str, int], ...]  # (name, value) of the pixel limits an item sets itself
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,11 @@ def _check_keys(obj: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]
     return obj
 
 
+IN_MEMORY = (Image.Image, np.ndarray, bytes, bytearray, memoryview)
+
+
 def _is_image_ref(x: Any) -> bool:
-    if isinstance(x, Image.Image):
+    if isinstance(x, IN_MEMORY):
         return True
     if isinstance(x, Path):
         x = str(x)
@@ -59,7 +72,7 @@ def _is_image_ref(x: Any) -> bool:
 
 
 def _image_like(x: Any) -> bool:
-    return isinstance(x, (str, Path, Image.Image))
+    return isinstance(x, (str, Path, *IN_MEMORY))
 
 
 def _texts(value: Any) -> tuple[str, ...]:
@@ -73,7 +86,8 @@ def _images(value: Any) -> tuple[Any, ...]:
     items = [] if value is None else value if isinstance(value, list) else [value]
     bad = [type(x).__name__ for x in items if not _image_like(x)]
     if bad:
-        raise InputError(f"image must be a path, URL, data URI or PIL.Image, not {bad[0]}")
+        raise InputError(f"image must be a path, URL, data URI or PIL.Image, an H x W x 3 uint8 array or encoded "
+                         f"bytes, not {bad[0]}")
     return tuple(items)
 
 
@@ -83,7 +97,7 @@ def _videos(value: Any) -> tuple[Any, ...]:
     if isinstance(value, (str, Path)):
         return (str(value),)
     if not isinstance(value, list) or not value:
-        raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {value!r:.60}")
+        raise InputError(f"video must be a path/URL, a list of frames or a list of videos, not {_show(value)}")
     if _is_image_ref(value[0]):  # one video given as frames
         return (_frames(value),)
     videos: list[Any] = []
@@ -100,7 +114,7 @@ def _videos(value: Any) -> tuple[Any, ...]:
 def _frames(frames: list[Any]) -> tuple[Any, ...]:
     bad = [type(f).__name__ for f in frames if not _image_like(f)]
     if bad:
-        raise InputError(f"video frames must be image paths, URLs or PIL images, not {bad[0]}")
+        raise InputError(f"video frames must be image paths, URLs, PIL images, arrays or bytes, not {bad[0]}")
     return tuple(frames)
 
 
@@ -109,12 +123,42 @@ def content(obj: dict[str, Any]) -> Content:
     return Content(_texts(obj.get("text")), _images(obj.get("image")), _videos(obj.get("video")))
 
 
-def _positive(value: Any, name: str, cast: type) -> Any:
+def _show(value: Any) -> str:
+    """A short repr for a message; a user object whose repr raises must not escape as its own error."""
+    try:
+        return repr(value)[:60]
+    except Exception:
+        return f"a {type(value).__name__}"
+
+
+def _fps(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InputError(f"{name} must be a positive number, not {value!r}")
-    return cast(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+        raise InputError(f"fps must be a finite number > 0, not {_show(value)}")
+    return float(value)
+
+
+def _max_frames(value: Any) -> int | None:
+    if value is None:
+        return None
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
+    if isinstance(value, bool) or not integral or int(value) < 2:
+        raise InputError(f"max_frames must be a whole number >= 2 (frames are sampled in pairs), not {_show(value)}")
+    return int(value)
+
+
+def pixel_limits(obj: dict[str, Any]) -> Pixels:
+    """The pixel limits an item or request sets itself (integers >= 1), in `PIXEL_KEYS` order."""
+    out = []
+    for name in PIXEL_KEYS:
+        value = obj.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, not {_show(value)}")
+        out.append((name, value))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -125,6 +169,7 @@ class EmbedItem:
     instruction: str | None
     fps: float | None
     max_frames: int | None
+    pixels: Pixels = ()
 
 
 def embed_item(obj: Any) -> EmbedItem:
@@ -133,8 +178,8 @@ def embed_item(obj: Any) -> EmbedItem:
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise InputError(f"instruction must be a str, not {type(instruction).__name__}")
-    return EmbedItem(content(obj), instruction, _positive(obj.get("fps"), "fps", float),
-                     _positive(obj.get("max_frames"), "max_frames", int))
+    return EmbedItem(content(obj), instruction, _fps(obj.get("fps")), _max_frames(obj.get("max_frames")),
+                     pixel_limits(obj))
 
 
 @dataclass(frozen=True)
@@ -143,10 +188,13 @@ class RerankRequest:
 
     query: Content
     query_instruction: str | None  # from a (instruction, text) tuple
+    query_is_tuple: bool  # the tuple's instruction replaces the request's (even when empty)
+    query_given: bool  # a non-empty query dict (an empty one means "no query": no scores)
     documents: tuple[Any, ...]  # raw dicts: each validated with `content` when encoded
     instruction: str | None
     fps: float | None
     max_frames: int | None
+    pixels: Pixels = ()
 
 
 def rerank_request(obj: Any) -> RerankRequest:
@@ -154,8 +202,11 @@ def rerank_request(obj: Any) -> RerankRequest:
     obj = _check_keys(obj, RERANK_KEYS, "rerank request")
     query = obj.get("query") or {}
     _check_keys(query, CONTENT_KEYS, "query")
-    text, query_instruction = query.get("text"), None
-    if isinstance(text, tuple):
+    given = bool(query)
+    text: Any = query.get("text")
+    query_instruction = None
+    is_tuple = isinstance(text, tuple)
+    if is_tuple:
         if len(text) != 2:
             raise InputError("query text tuple must be (instruction, text)")
         query_instruction, text = text
@@ -167,5 +218,5 @@ def rerank_request(obj: Any) -> RerankRequest:
     for name, val in (("instruction", instruction), ("query instruction", query_instruction)):
         if val is not None and not isinstance(val, str):
             raise InputError(f"{name} must be a str, not {type(val).__name__}")
-    return RerankRequest(content(query), query_instruction, tuple(documents), instruction,
-                         _positive(obj.get("fps"), "fps", float), _positive(obj.get("max_frames"), "max_frames", int))
+    return RerankRequest(content(query), query_instruction, is_tuple, given, tuple(documents), instruction,
+                         _fps(obj.get("fps")), _max_frames(obj.get("max_frames")), pixel_limits(obj))

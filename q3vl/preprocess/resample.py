@@ -57,12 +57,13 @@ def aa_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(xmin[:, None] + j[None], in_size - 1), w
 
 
-def _resample_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+def _resample_axis(x: np.ndarray, out_size: int, axis: int,
+                   taps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """One axis of float32 `x`, taps gathered along `axis` itself (rows stay contiguous for the
     height pass) and accumulated in place, in the same order and float32 operations as ATen.
     """
     fused = out_size > x.shape[axis]
-    idx, w = aa_weights(x.shape[axis], out_size)
+    idx, w = taps if taps is not None else aa_weights(x.shape[axis], out_size)
     shape = [1] * x.ndim
     shape[axis] = out_size
     acc = np.take(x, idx[:, 0], axis=axis)
@@ -77,14 +78,36 @@ def _resample_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
     return acc
 
 
-def resize_bicubic_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize uint8 frames `[T, H, W, C]` to `[T, height, width, C]` as torchvision does."""
-    if frames.shape[1:3] == (height, width):
-        return frames
-    x = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).astype(_F32)  # torch layout: W contiguous
-    if x.shape[-1] != width:
-        x = _resample_axis(x, width, -1)
-    if x.shape[-2] != height:
+STRIPE = 128  # source rows converted to float32 at a time in the width pass
+
+
+def _resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One uint8 frame `[H, W, C]` -> `[height, width, C]`.
+
+    The width pass runs on stripes of source rows (it is independent per row), so no float32 copy of
+    the full-resolution frame exists: a 4K frame costs its uint8 pixels plus a target-width buffer.
+    """
+    chw = frame.transpose(2, 0, 1)  # torch layout: W contiguous after the copy below
+    channels, rows, cols = chw.shape
+    if cols != width:
+        taps = aa_weights(cols, width)
+        x = np.empty((channels, rows, width), _F32)
+        for r in range(0, rows, STRIPE):
+            stripe = np.ascontiguousarray(chw[:, r:r + STRIPE]).astype(_F32)
+            x[:, r:r + STRIPE] = _resample_axis(stripe, width, -1, taps)
+    else:
+        x = np.ascontiguousarray(chw).astype(_F32)
+    if rows != height:
         x = _resample_axis(x, height, -2)
     np.clip(x, 0, 255, out=x)
-    return np.rint(x, out=x).astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.rint(x, out=x).astype(np.uint8).transpose(1, 2, 0)
+
+
+def resize_bicubic_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize uint8 frames `[T, H, W, C]` to `[T, height, width, C]` as torchvision does, frame by frame."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    out = np.empty((frames.shape[0], height, width, frames.shape[3]), np.uint8)
+    for t in range(frames.shape[0]):
+        out[t] = _resize_frame(frames[t], height, width)
+    return out

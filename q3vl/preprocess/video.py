@@ -12,31 +12,34 @@ max 67,108,864 pixels; frames are padded to an even count by repeating the last;
 resize applies with the embedder's total_pixels. Timestamps assume 2 fps over indices 0..n-1, so
 frame pair k renders as `<k.2 seconds>` (k + 0.25 formatted `.1f`, ties to even).
 
-Frames are resized with torchvision's arithmetic (see `resample.py`), not PIL's.
+Frames are resized with torchvision's arithmetic (see `resample.py`), not PIL's, one frame at a
+time as soon as it is decoded: memory holds the sampled frames at their target size, never a
+full-resolution stack (FFmpeg's own scaler would be cheaper but gives different pixels).
+Sources are read under the item's `MediaPolicy` (see `media.py`, `container.py`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from q3vl.errors import InputError
-from q3vl.preprocess.image import open_image, resize_rgb, smart_resize
+from q3vl.preprocess.container import check_stream, count_frames, open_video
+from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, probe_image, release_free_memory, smart_resize
+from q3vl.preprocess.media import Deadline, MediaAccess, MediaPolicy, Source, media_errors
 from q3vl.preprocess.resample import resize_bicubic_aa
+from q3vl.preprocess.vision import Geometry
 
 FRAME_FACTOR = 2
 MIN_FRAMES = 4
-VIDEO_MIN_PIXELS = 128 * 32 * 32
-VIDEO_MAX_PIXELS = 768 * 32 * 32
-DEFAULT_TOTAL_PIXELS = 128000 * 32 * 32 * 0.9
-LIST_FACTOR = 64  # the 0.0.14 frame-list quirk
-LIST_MIN_PIXELS = 4 * LIST_FACTOR**2
-LIST_MAX_PIXELS = 16384 * LIST_FACTOR**2
+# qwen-vl-utils' video bounds, in merged tokens; in pixels they scale with the image factor
+# (patch x merge: 32), e.g. VIDEO_MIN_PIXELS = 128 * 32 * 32 for the published models.
+VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS, DEFAULT_TOTAL_TOKENS = 128, 768, 128000 * 0.9
 LIST_FPS = 2.0
+DEFAULT_GEOMETRY = Geometry()
 
 
 @dataclass(frozen=True)
@@ -47,16 +50,19 @@ class VideoPlan:
     height: int
     width: int
     timestamps: tuple[float, ...]  # one per frame pair
+    geometry: Geometry = DEFAULT_GEOMETRY
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        """(t, h, w) in patch units (patch 16, temporal 2)."""
-        return self.num_frames // 2, self.height // 16, self.width // 16
+        """(t, h, w) in patch units (frames per temporal patch, patch side)."""
+        g = self.geometry
+        return self.num_frames // g.temporal, self.height // g.patch, self.width // g.patch
 
 
-def frame_budget(num_frames: int, total_pixels: float) -> float:
-    """qwen-vl-utils' per-frame max pixels for a clip of `num_frames` frames."""
-    return max(min(VIDEO_MAX_PIXELS, total_pixels / num_frames * FRAME_FACTOR), int(VIDEO_MIN_PIXELS * 1.05))
+def frame_bounds(num_frames: int, total_pixels: float, factor: int = 32) -> tuple[float, float]:
+    """qwen-vl-utils' (min, max) pixels per frame for a clip of `num_frames` frames, image factor `factor`."""
+    lo, hi = VIDEO_MIN_TOKENS * factor**2, VIDEO_MAX_TOKENS * factor**2
+    return lo, max(min(hi, total_pixels / num_frames * FRAME_FACTOR), int(lo * 1.05))
 
 
 def pair_times(indices: list[int], fps: float) -> tuple[float, ...]:
@@ -77,77 +83,73 @@ def sample_count(total: int, video_fps: float, fps: float, max_frames: int) -> i
 
 
 # ---------------------------------------------------------------- video files
-def _open(source: str, timeout: float) -> Any:
-    import av
-
-    try:
-        return av.open(source, timeout=timeout)
-    except FileNotFoundError as e:
-        raise InputError(f"video file not found: {source}") from e
-    except (av.error.FFmpegError, OSError) as e:
-        msg = "unreachable video URL" if source.startswith(("http://", "https://")) else "unreadable video"
-        raise InputError(f"{msg} {source}: {e}") from e
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VideoFile:
-    """A video file or URL: probed at plan time, decoded at load time."""
+    """A video file, URL, data URI or encoded bytes: probed at plan time, decoded at load time."""
 
-    source: str
+    source: Source
     total: int
     video_fps: float
     src_height: int
     src_width: int
     indices: tuple[int, ...]
     plan: VideoPlan
+    timeout: float = DEFAULT_TIMEOUT
+    seconds: float = 60.0  # what planning left of the item's deadline
+    max_pixels: int = 178_956_970
 
     @classmethod
-    def probe(cls, source: str | Path, fps: float, max_frames: int, timeout: float = 10.0) -> VideoFile:
+    def probe(cls, source: Any, fps: float, max_frames: int, timeout: float = DEFAULT_TIMEOUT, *,
+              access: MediaAccess | None = None, geometry: Geometry = DEFAULT_GEOMETRY) -> VideoFile:
         """Read the container's frame count, rate and size and decide the sampling (no decoding)."""
-        src = str(source)
-        src = src[7:] if src.startswith("file://") else src
-        if not src.startswith(("http://", "https://")) and not Path(src).is_file():
-            raise InputError(f"video file not found: {src}")
-        with _open(src, timeout) as container:
+        access = access or MediaAccess.current(MediaPolicy(), timeout)
+        policy, deadline = access.policy, Deadline(access.policy.deadline)
+        src = access.source(source, "video", deadline)
+        with media_errors(f"video {src.name}"), open_video(src, deadline, access.timeout) as container:
             if not container.streams.video:
-                raise InputError(f"{src} has no video stream")
+                raise InputError(f"{src.name} has no video stream")
             stream = container.streams.video[0]
-            total, rate = stream.frames, stream.average_rate
-            height, width = stream.codec_context.height, stream.codec_context.width
-            if total <= 0:
-                total = sum(1 for _ in container.decode(stream))
+            rate, height, width = stream.average_rate, stream.codec_context.height, stream.codec_context.width
+            check_stream(max(stream.frames, 0), float(rate or 0), width, height, policy, src.name)
+            total = count_frames(container, stream, policy, deadline, src.name)
         if not rate or not total or not height:
-            raise InputError(f"unsupported or broken video {src}: no frame rate, frames or size")
+            raise InputError(f"unsupported or broken video {src.name}: no frame rate, frames or size")
+        check_stream(total, float(rate), width, height, policy, src.name)
         n = sample_count(total, float(rate), fps, max_frames)
         indices = tuple(int(i) for i in np.linspace(0, total - 1, n).round())
-        h, w = smart_resize(height, width, 32, VIDEO_MIN_PIXELS, frame_budget(n, DEFAULT_TOTAL_PIXELS))
-        plan = VideoPlan(n, h, w, pair_times(list(indices), float(rate)))
-        return cls(src, total, float(rate), height, width, indices, plan)
+        factor = geometry.factor  # the wrapper passes no total_pixels for files: qwen-vl-utils' default applies
+        h, w = smart_resize(height, width, factor, *frame_bounds(n, DEFAULT_TOTAL_TOKENS * factor**2, factor))
+        plan = VideoPlan(n, h, w, pair_times(list(indices), float(rate)), geometry)
+        return cls(src, total, float(rate), height, width, indices, plan, access.timeout, deadline.left(),
+                   policy.max_image_pixels)
 
-    def load(self, timeout: float = 10.0) -> np.ndarray:
-        """Decode the sampled frames and resize them: uint8 `[n, H, W, 3]`."""
-        import av
-
-        wanted: dict[int, int] = {}
+    def load(self, timeout: float | None = None) -> np.ndarray:
+        """Decode up to the last sampled frame, resizing each sampled one at once: uint8 `[n, H, W, 3]`."""
+        deadline = Deadline(self.seconds)
+        wanted: dict[int, list[int]] = {}
         for k, i in enumerate(self.indices):
-            wanted.setdefault(i, k)
-        frames: list[np.ndarray | None] = [None] * len(self.indices)
-        try:
-            with _open(self.source, timeout) as container:
-                for pos, frame in enumerate(container.decode(video=0)):
-                    if pos in wanted:
-                        arr = frame.to_ndarray(format="rgb24")
-                        for k, i in enumerate(self.indices):
-                            if i == pos:
-                                frames[k] = arr
-                    if pos >= self.indices[-1]:
-                        break
-        except av.error.FFmpegError as e:
-            raise InputError(f"broken video {self.source}: {e}") from e
-        if any(f is None for f in frames):
-            raise InputError(f"broken video {self.source}: fewer decodable frames than its header's {self.total}")
-        stack = np.stack(frames)  # type: ignore[arg-type]
-        return resize_bicubic_aa(stack, self.plan.height, self.plan.width)
+            wanted.setdefault(i, []).append(k)
+        out = np.empty((len(self.indices), self.plan.height, self.plan.width, 3), np.uint8)
+        found = 0
+        name = f"video {self.source.name}"
+        with media_errors(name), open_video(self.source, deadline, timeout or self.timeout) as container:
+            for pos, frame in enumerate(container.decode(video=0)):
+                deadline.check(f"decoding {name}")
+                if pos in wanted:
+                    if frame.width * frame.height > self.max_pixels:
+                        raise InputError(f"{name} has a {frame.width}x{frame.height} frame, over the "
+                                         f"{self.max_pixels}-pixel limit (MediaPolicy.max_image_pixels)")
+                    small = resize_bicubic_aa(frame.to_ndarray(format="rgb24")[None], self.plan.height,
+                                              self.plan.width)[0]
+                    for k in wanted[pos]:
+                        out[k] = small
+                    found += len(wanted[pos])
+                if pos >= self.indices[-1]:
+                    break
+        release_free_memory()  # decoded frames were freed one by one; hand the pages back now
+        if found < len(self.indices):
+            raise InputError(f"broken video {self.source.name}: fewer decodable frames than its header's {self.total}")
+        return out
 
 
 # ---------------------------------------------------------------- frame lists
@@ -158,31 +160,47 @@ def sample_frame_list(frames: list[Any], max_frames: int) -> list[Any]:
     return [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames, dtype=int).tolist()]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FrameList:
-    """A video given as a list of images (paths, URLs, data URIs or PIL images)."""
+    """A video given as a list of images (any input `probe_image` accepts)."""
 
-    images: tuple[Any, ...]  # opened PIL images, after subsampling and even padding
+    images: tuple[ImageSource, ...]  # after subsampling and even padding; headers read, files closed
     frame_size: tuple[int, int]  # (h, w) after the factor-64 image step
     plan: VideoPlan
+    seconds: float = 60.0  # what planning left of the video's deadline
 
     @classmethod
-    def probe(cls, frames: list[Any], max_frames: int, total_pixels: float, timeout: float = 10.0) -> FrameList:
-        """Open every frame's header, check they agree in size, and decide the target size."""
+    def probe(cls, frames: list[Any], max_frames: int, total_pixels: float, timeout: float = DEFAULT_TIMEOUT, *,
+              access: MediaAccess | None = None, geometry: Geometry = DEFAULT_GEOMETRY) -> FrameList:
+        """Read every sampled frame's header, check they agree in size, and decide the target size."""
         if not frames:
             raise InputError("empty frame list")
-        opened = [open_image(f, timeout=timeout) for f in sample_frame_list(frames, max_frames)]
-        sizes = {smart_resize(im.height, im.width, LIST_FACTOR, LIST_MIN_PIXELS, LIST_MAX_PIXELS) for im in opened}
+        access = access or MediaAccess.current(MediaPolicy(), timeout)
+        deadline = Deadline(access.policy.deadline)
+        opened = [probe_image(f, access, deadline) for f in sample_frame_list(frames, max_frames)]
+        quirk = 2 * geometry.factor  # the 0.0.14 frame-list quirk: the image path with twice the factor
+        sizes = {smart_resize(im.height, im.width, quirk, 4 * quirk**2, 16384 * quirk**2) for im in opened}
         if len(sizes) > 1:
             raise InputError(f"frames of one video must share a size after resizing, got {sorted(sizes)}")
         if len(opened) % FRAME_FACTOR:
             opened.append(opened[-1])
         (fh, fw), n = sizes.pop(), len(opened)
-        h, w = smart_resize(fh, fw, 32, VIDEO_MIN_PIXELS, frame_budget(n, total_pixels))
-        return cls(tuple(opened), (fh, fw), VideoPlan(n, h, w, pair_times(list(range(n)), LIST_FPS)))
+        h, w = smart_resize(fh, fw, geometry.factor, *frame_bounds(n, total_pixels, geometry.factor))
+        plan = VideoPlan(n, h, w, pair_times(list(range(n)), LIST_FPS), geometry)
+        return cls(tuple(opened), (fh, fw), plan, deadline.left())
 
     def load(self) -> np.ndarray:
-        """Resize each frame (PIL, factor 64) then the clip (torchvision arithmetic): uint8 `[n, H, W, 3]`."""
+        """Resize each frame (PIL, factor 64) then to the clip size (torchvision arithmetic), one frame at a
+        time: uint8 `[n, H, W, 3]`.
+        """
+        deadline = Deadline(self.seconds)
         fh, fw = self.frame_size
-        stack = np.stack([resize_rgb(im, fh, fw) for im in self.images])
-        return resize_bicubic_aa(stack, self.plan.height, self.plan.width)
+        out = np.empty((len(self.images), self.plan.height, self.plan.width, 3), np.uint8)
+        for k, im in enumerate(self.images):
+            if k and im is self.images[k - 1]:  # the even-count padding repeats the last frame
+                out[k] = out[k - 1]
+                continue
+            frame = im.resized(fh, fw, deadline)
+            out[k] = resize_bicubic_aa(frame[None], self.plan.height, self.plan.width)[0]
+        release_free_memory()
+        return out

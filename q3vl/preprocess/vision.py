@@ -12,25 +12,60 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
+
+from q3vl.preprocess.image import normalize
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels become patches and tokens: patch side, frames per temporal patch, merge side.
+
+    Read from the bundle's `ModelSpec` (16, 2 and 2 for every published Qwen3-VL checkpoint), never
+    hard-coded, so preprocessing follows the model it feeds.
+    """
+
+    patch: int = 16
+    temporal: int = 2
+    merge: int = 2
+
+    @classmethod
+    def from_spec(cls, vision: Any) -> Geometry:
+        """From a `VisionSpec` (patch_size, temporal_patch_size, spatial_merge_size)."""
+        return cls(vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)
+
+    @property
+    def factor(self) -> int:
+        """Image sides are multiples of this (patch x merge: 32)."""
+        return self.patch * self.merge
 
 
 @dataclass(frozen=True)
 class VisionBlock:
-    """One attention segment: `pixels` float32 `[h*w, 1536]` for a `(h, w)` patch grid."""
+    """One attention segment: patch rows `[h*w, 1536]` for a `(h, w)` patch grid.
 
-    pixels: np.ndarray
+    `rows` are the uint8 pixels in patch order (a quarter of the bytes of float32, so a micro-batch
+    of large images or long videos holds four times less while it waits for the graphs) or already
+    normalised float32; `pixels` is always the float32 `pixel_values`.
+    """
+
+    rows: np.ndarray
     grid: tuple[int, int]
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """float32 `pixel_values` rows (normalised here when the rows are uint8)."""
+        return normalize(self.rows) if self.rows.dtype == np.uint8 else self.rows
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    @property
-    def num_tokens(self) -> int:
-        """Merged tokens this block contributes to the text sequence (2x2 merge)."""
-        return self.num_patches // 4
+    def num_tokens(self, merge: int) -> int:
+        """Merged tokens this block contributes to the text sequence (merge x merge patches each)."""
+        return self.num_patches // merge**2
 
 
 def _block_order(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +104,13 @@ def grid_inputs(h: int, w: int, merge: int, num_position_embeddings: int) -> tup
     return coords, taps.astype(np.int64), weights
 
 
+def _stack_pixels(blocks: list[VisionBlock]) -> np.ndarray:
+    """float32 `[S, n, 1536]`; uint8 rows are stacked first and normalised once (same values)."""
+    if all(b.rows.dtype == np.uint8 for b in blocks):
+        return normalize(np.stack([b.rows for b in blocks]))
+    return np.stack([b.pixels for b in blocks])
+
+
 def stack_blocks(blocks: list[VisionBlock], merge: int, num_position_embeddings: int) -> dict[str, np.ndarray]:
     """Feeds for one vision-graph call over blocks that share a patch count.
 
@@ -80,7 +122,7 @@ def stack_blocks(blocks: list[VisionBlock], merge: int, num_position_embeddings:
         raise ValueError("blocks stacked in one vision call must share a patch count")
     per = [grid_inputs(*b.grid, merge, num_position_embeddings) for b in blocks]
     return {
-        "pixel_values": np.stack([b.pixels for b in blocks]),
+        "pixel_values": _stack_pixels(blocks),
         "pos_ids": np.stack([p[0] for p in per]),
         "interp_idx": np.stack([p[1] for p in per]),
         "interp_w": np.stack([p[2] for p in per]),

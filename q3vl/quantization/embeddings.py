@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+from q3vl.precision import CODE_PRECISIONS, check
+
+PRECISIONS = CODE_PRECISIONS
 BYTES_PER_DIM = {"float32": 4.0, "float16": 2.0, "int8": 1.0, "uint8": 1.0, "binary": 0.125, "ubinary": 0.125}
 
 
@@ -95,8 +97,7 @@ def quantize_embeddings(emb: np.ndarray, precision: str, calibration: Calibratio
     Returns: float32/float16 `[N, D]`; int8/uint8 `[N, D]` (needs `calibration` for this D);
     binary (int8) / ubinary (uint8) `[N, ceil(D / 8)]`.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    check(precision, CODE_PRECISIONS, "code precision")
     emb = np.asarray(emb, np.float32)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [N, D], got shape {emb.shape}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.errors import missing_extra
+from q3vl.errors import missing_extra, option
 from q3vl.quantization.embeddings import Calibration, dequantize, quantize_embeddings
 
 RESCORE = ("int8", "float32", "none")
@@ -73,7 +73,8 @@ class BinaryIndex:
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise ValueError(f"expected [N, {self.dim}] embeddings, got {emb.shape}")
         if np.isnan(emb).any():
-            raise ValueError("embeddings contain NaN rows (items that failed with on_error='skip'); drop them first")
+            skip = option("on_error='skip'", "--on-error skip")
+            raise ValueError(f"embeddings contain NaN rows (items that failed with {skip}); drop them first")
         keys = np.arange(len(self.keys), len(self.keys) + len(emb)) if keys is None else np.asarray(keys, np.int64)
         self.index.add(keys, np.packbits(emb > 0, axis=1))
         self.keys = np.concatenate([self.keys, keys])

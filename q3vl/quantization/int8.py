@@ -33,6 +33,7 @@ import numpy as np
 
 ACTIVATIONS = ("token", "tensor")
 MS = "com.microsoft"
+PLAN_FILE = "int8_plan.npz"  # where an int8 bundle keeps its plan (`q3vl export --weights int8`, `q3vl quantize`)
 
 
 @dataclass(frozen=True)

@@ -95,8 +95,11 @@ def vision_block(plan: Int8Plan, i: int, x: dict[str, np.ndarray], w: dict[str, 
     project(plan, p + "fc2.w", x["fc2"], w["fc2"], None)  # after GELU: nothing linear to fold into
 
 
-def merger(plan: Int8Plan, prefix: str, x: dict[str, np.ndarray], w: dict[str, np.ndarray], postshuffle: bool) -> None:
-    """A patch merger: LayerNorm (after the 2x2 shuffle, or before it: then 4 tiled copies share a scale)."""
+def merger(plan: Int8Plan, prefix: str, x: dict[str, np.ndarray], w: dict[str, np.ndarray], postshuffle: bool,
+           group: int = 4) -> None:
+    """A patch merger: LayerNorm (after the merge_size x merge_size shuffle, or before it: then its
+    `group` = merge_size**2 tiled copies share a scale).
+    """
     norm = [(prefix + ".norm.g", 0), (prefix + ".norm.b", 0)]
-    project(plan, prefix + ".fc1.w", x["fc1"], w["fc1"], norm, tie=None if postshuffle else (1, 4))
+    project(plan, prefix + ".fc1.w", x["fc1"], w["fc1"], norm, tie=None if postshuffle else (1, group))
     project(plan, prefix + ".fc2.w", x["fc2"], w["fc2"], None)

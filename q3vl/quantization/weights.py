@@ -24,20 +24,21 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from q3vl.bundle import EMBEDDING, MANIFEST, SCORE, Manifest, describe_files, sha256
-from q3vl.errors import BundleError, ParityError
+from q3vl.bundle import MANIFEST, Manifest, describe_files, looks_like_bundle, sha256
+from q3vl.errors import BundleError, CheckpointError, ConfigError, ParityError, missing_extra, option
+from q3vl.outputs import check_output, staged_dir
+from q3vl.precision import WEIGHT_FORMATS, check, weights_precision
+from q3vl.progress import Progress
 from q3vl.tolerances import tolerance
 
 log = logging.getLogger(__name__)
-WEIGHTS = ("int8", "int4", "fp16")
 INT8_METHODS = ("smooth", "dynamic", "nbits")
-PLAN_FILE = "int8_plan.npz"
+DYNAMIC = option("method='dynamic'", "--method dynamic")  # what a message suggests when "smooth" cannot run
 
 
 def _matmul_weights(model: Any) -> set[str]:
@@ -123,69 +124,72 @@ def _convert(src: Path, dst: Path, weights: str, block_size: int, method: str | 
         _fp16(src, dst)
 
 
-def compare_bundles(base: Path, quantized: Path, task: str) -> dict[str, Any]:
-    """Outputs of the quantized bundle against the fp32 bundle on the export-time parity cases."""
-    from q3vl.export.parity import cases
-    from q3vl.preprocess.items import Content, EmbedItem
-    from q3vl.runtime import Embedder, Reranker
+def compare_bundles(base: Path, quantized: Path, weights: str) -> dict[str, Any]:
+    """The quantized bundle against the fp32 bundle it came from, on the export-time cases."""
+    from q3vl.export.cases import run_cases
+    from q3vl.tasks import task_for
 
-    cls = Embedder if task == "embedding" else Reranker
-    a, b = cls(base), cls(quantized, allow_unverified=True)
-    rows: dict[str, Any] = {}
-    for name, contents in cases().items():
-        if task == "embedding":
-            seqs = [a.encoder.embedding(EmbedItem(c, None, None, None), "Represent the user's input.")
-                    for c in contents]
-        else:
-            q = Content(("which picture shows a gradient?",), (), ())
-            seqs = [a.encoder.rerank_pair(q, c, "Retrieve.", None, None) for c in contents]
-        blocks = [a.encoder.load(s.media) for s in seqs]
-        ra, rb = a.runner.run(seqs, blocks), b.runner.run(seqs, blocks)
-        if task == "embedding":
-            x, y = ra[EMBEDDING].astype(np.float64), rb[EMBEDDING].astype(np.float64)
-            cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-            rows[name] = {"embed_min_cos": float(cos.min()), "finite": bool(np.isfinite(y).all())}
-        else:
-            rows[name] = {"score_max_abs_diff": float(np.abs(ra[SCORE] - rb[SCORE]).max()),
-                          "finite": bool(np.isfinite(rb[SCORE]).all())}
-    return rows
+    task = task_for(Manifest.read(base).task)
+    with task.runtime(base) as ref, task.runtime(quantized, allow_unverified=True) as model:
+        report = run_cases(model, ref.run_batch, tolerance(weights_precision(weights)), weights_precision(weights))
+    report["against"] = "fp32 bundle"
+    report["summary"] += " vs the fp32 bundle"
+    return report
 
 
-def _int8_plan(src: Path, manifest: Manifest, checkpoint: str | Path | None, plan: Any) -> Any:
-    """The calibrated plan for method "smooth": `plan` if it is filled in, else calibrated (with its
-    settings, or the defaults) on the bundle's source checkpoint, which must still be the same one.
+def check_method(weights: str, method: str | None) -> str | None:
+    """The int8 method (default "smooth"; None for the other formats, which have one method each)."""
+    if weights != "int8":
+        if method is not None:
+            raise ConfigError(f"{option(f'method={method!r}', f'--method {method}')} is for int8 weights, "
+                              f"not {weights}")
+        return None
+    return check(method or "smooth", INT8_METHODS, "int8 method")
+
+
+def calibration_source(src: Path, manifest: Manifest, checkpoint: str | Path | None) -> Path:
+    """The checkpoint int8 method "smooth" calibrates on: `checkpoint`, else the bundle's recorded
+    source; it must be the checkpoint the bundle was exported from. Checked before any work.
     """
-    from q3vl.quantization.int8 import Int8Plan
-
-    if plan is not None and plan.projections:
-        return plan
-    if any(g.get("kind") != "fused" for g in manifest.graphs.values()):
-        raise BundleError(f"{src} has plain graphs; int8 method 'smooth' rewrites the fused graphs "
-                          "(export with --graph fused, or use method 'dynamic')")
     ckpt = Path(checkpoint) if checkpoint else Path(manifest.source.get("path", ""))
     if not (ckpt / "config.json").is_file():
-        raise BundleError(f"int8 method 'smooth' calibrates on the source checkpoint, and {ckpt} is not one; "
-                          "pass checkpoint= (--checkpoint) or use method 'dynamic'")
+        where = f"{ckpt} is not a checkpoint" if checkpoint else f"its recorded source {ckpt} is gone"
+        raise ConfigError(f"int8 method 'smooth' calibrates on the checkpoint {src} was exported from, and "
+                          f"{where}; pass {option('checkpoint=PATH', '--checkpoint PATH')} or use {DYNAMIC}")
     from q3vl.export.weights import checkpoint_identity
 
-    if checkpoint_identity(ckpt)["sha256"] != manifest.source.get("sha256"):
-        raise BundleError(f"{ckpt} is not the checkpoint {src} was exported from (hash differs)")
-    from q3vl.export.calibrate import calibrate
+    key = "content_sha256" if manifest.source.get("content_sha256") else "sha256"
+    if checkpoint_identity(ckpt)[key] != manifest.source.get(key):
+        raise CheckpointError(f"{ckpt} is not the checkpoint {src} was exported from ({key} differs); int8 "
+                              "method 'smooth' must calibrate on the bundle's own source")
+    return ckpt
 
-    return calibrate(ckpt, manifest.task, plan or Int8Plan())
+
+def check_smooth(src: Path, manifest: Manifest, checkpoint: str | Path | None, plan: Any = None) -> Path | None:
+    """Int8 method "smooth": the bundle must have fused graphs (the plan's folds target their
+    initializers); returns the checkpoint to calibrate on, or None when `plan` is calibrated already.
+    """
+    if any(g.kind != "fused" for g in manifest.graphs.values()):
+        raise BundleError(f"{src} has plain graphs; int8 method 'smooth' rewrites the fused graphs (export "
+                          f"with --graph fused, or use {DYNAMIC})")
+    if plan is not None and plan.projections:
+        return None
+    return calibration_source(src, manifest, checkpoint)
 
 
 def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int8", *, block_size: int = 32,
-                    overwrite: bool = False, method: str | None = None, checkpoint: str | Path | None = None,
-                    plan: Any = None) -> Path:
+                    overwrite: bool = False, progress: bool = True, method: str | None = None,
+                    checkpoint: str | Path | None = None, plan: Any = None) -> Path:
     """Write a weight-quantized copy of an fp32 bundle and measure its parity against it.
 
     Args:
         bundle: an fp32 bundle made by `export_bundle`.
-        out_dir: the new bundle (must be empty unless `overwrite`).
+        out_dir: the new bundle (must be absent or empty unless `overwrite`); written beside itself
+            and renamed when complete, so a failure or an interruption leaves no `out_dir`.
         weights: "int8", "int4" or "fp16".
         block_size: int4 quantization block (32 keeps more accuracy, 128 is smaller).
         overwrite: replace `out_dir` if it is a bundle already.
+        progress: report the steps (a bar on a terminal, log lines otherwise).
         method: int8 only: "smooth" (default), "dynamic" or "nbits" (module docstring).
         checkpoint: int8 "smooth": the checkpoint to calibrate on (default: the bundle's recorded source).
         plan: int8 "smooth": an `Int8Plan`, calibrated (used as is) or empty (its settings are used).
@@ -194,34 +198,67 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
         The new bundle directory. Raises `ParityError` (the bundle stays, marked failed) when
         its outputs fall outside the stated tolerance for `weights`.
     """
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
-    method = method or ("smooth" if weights == "int8" else None)
-    if (weights == "int8") != (method in INT8_METHODS):
-        raise ValueError(f"method is for int8 weights, one of {INT8_METHODS}; got {method!r} for {weights}")
+    check(weights, WEIGHT_FORMATS, "weights")
+    method = check_method(weights, method)
     src, out = Path(bundle), Path(out_dir)
+    manifest = check_quantizable(src)
+    calibrate_on = check_smooth(src, manifest, checkpoint, plan) if method == "smooth" else None
+    check_output(out, overwrite=overwrite, directory=True, replaceable=looks_like_bundle, what="bundle directory")
+    require_onnx()
+    if calibrate_on is not None:
+        from q3vl.checks import require
+
+        require("export", ["torch", "safetensors"])
+    total = len(manifest.graphs) + 1 + (calibrate_on is not None)
+    with Progress(total, f"quantize {weights}", unit="step", enabled=progress) as steps, \
+            staged_dir(out, overwrite=overwrite) as tmp:
+        if calibrate_on is not None:
+            steps.step(f"int8 calibration on {calibrate_on}")
+            from q3vl.export.calibrate import calibrate
+            from q3vl.quantization.int8 import Int8Plan
+
+            plan = calibrate(calibrate_on, manifest.task, plan or Int8Plan())
+            steps.update()
+        _write_quantized(src, tmp, manifest, weights, block_size, steps, method, plan if method == "smooth" else None)
+    if not manifest.parity["passed"]:
+        raise ParityError(f"{weights} bundle is outside tolerance: {manifest.parity['summary']}", manifest.parity)
+    return out
+
+
+def check_quantizable(src: Path) -> Manifest:
+    """The source bundle's manifest, if it is a plain fp32 bundle (what weight quantization starts from)."""
     manifest = Manifest.read(src)
-    if any(g["precision"] != "fp32" for g in manifest.graphs.values()) or manifest.extra.get("quantization"):
+    if any(g.precision != "fp32" for g in manifest.graphs.values()) or manifest.extra.get("quantization"):
         raise BundleError(f"{src} is not a plain fp32 bundle; quantize the fp32 export")
-    plan = _int8_plan(src, manifest, checkpoint, plan) if method == "smooth" else None
-    if out.exists() and any(out.iterdir()):
-        if not overwrite or not (out / "q3vl.json").exists():
-            raise FileExistsError(f"output directory {out} is not empty (pass overwrite=True for an old bundle)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    return manifest
+
+
+def require_onnx() -> None:
+    """The onnx package (the export extra) rewrites the graphs; say so before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise missing_extra("onnx", "export")
+
+
+def _write_quantized(src: Path, out: Path, manifest: Manifest, weights: str, block_size: int,
+                     steps: Progress, method: str | None = None, plan: Any = None) -> None:
+    """Quantize each graph of `src` into `out` (the staging directory), then measure parity."""
+    from q3vl.quantization.int8 import PLAN_FILE
+
     started = time.perf_counter()
     for name in ("tokenizer.json", "chat_template.jinja"):
         shutil.copyfile(src / name, out / name)
     for graph, meta in manifest.graphs.items():
-        log.info("quantizing %s graph to %s weights", graph, weights)
-        _convert(src / meta["file"], out / meta["file"], weights, block_size, method, plan)
-        meta["precision"] = f"{weights}-weights"
+        steps.step(f"{graph} graph to {weights} weights")
+        _convert(src / meta.file, out / meta.file, weights, block_size, method, plan)
+        meta.precision = weights_precision(weights)  # type: ignore[assignment]
+        steps.update()
     files = [n for n in manifest.files if (out / n).exists()]
     if plan is not None:
         plan.save(out / PLAN_FILE)
         files.append(PLAN_FILE)
     manifest.files = describe_files(out, files)
-    tol = tolerance(f"{weights}-weights")
     manifest.extra["quantization"] = {
         "weights": weights, "method": method, "int8_plan": plan.summary() if plan is not None else None,
         "block_size": block_size if weights == "int4" or method == "nbits" else None,
@@ -229,16 +266,7 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
         "seconds": round(time.perf_counter() - started, 1)}
     manifest.parity = {"passed": None, "summary": "measuring"}
     manifest.write(out)
-    rows = compare_bundles(src, out, manifest.task)
-    if manifest.task == "embedding":
-        key, worst = "embed_min_cos", min(r["embed_min_cos"] for r in rows.values())
-    else:
-        key, worst = "score_max_abs_diff", max(r["score_max_abs_diff"] for r in rows.values())
-    ok = (worst >= tol.embed_cos if key == "embed_min_cos" else worst <= tol.score_abs) and all(
-        r["finite"] for r in rows.values())
-    manifest.parity = {"passed": ok, "against": "fp32 bundle", "cases": rows, key: worst, "tolerance": asdict(tol),
-                       "summary": f"{key} {worst:.6f} vs the fp32 bundle ({weights} weights)"}
+    steps.step("parity against the fp32 bundle")
+    manifest.parity = compare_bundles(src, out, weights)
     manifest.write(out)
-    if not ok:
-        raise ParityError(f"{weights} bundle is outside tolerance: {manifest.parity['summary']}", manifest.parity)
-    return out
+    steps.update()

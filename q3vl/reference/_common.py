@@ -9,8 +9,11 @@ comparing the two proves something.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +47,30 @@ def load(path: str | Path, dtype: str, device: str, attn_implementation: str,
     except ImportError as e:
         raise missing_extra("transformers", "export") from e
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model: Any = Qwen3VLForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch_dtype, attn_implementation=attn_implementation)
+    with bars_only_on_a_terminal():
+        model: Any = Qwen3VLForConditionalGeneration.from_pretrained(
+            str(path), dtype=torch_dtype, attn_implementation=attn_implementation)
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(str(path), padding_side=padding_side)
     _prefer_decord()
     return model, processor
+
+
+@contextlib.contextmanager
+def bars_only_on_a_terminal() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar off a terminal: in a log its carriage returns make one long line."""
+    from transformers.utils import logging as hf_logging
+
+    from q3vl.progress import on_terminal
+
+    hide = hf_logging.is_progress_bar_enabled() and not on_terminal()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def _prefer_decord() -> None:
@@ -72,6 +93,44 @@ def _prefer_decord() -> None:
         vp.VIDEO_READER_BACKENDS["pyav"] = read_video_pyav
         vp.FORCE_QWENVL_VIDEO_READER = "pyav"
     vp.get_video_reader_backend.cache_clear()
+    # the first call prints its choice to stderr (between q3vl's own lines); make it once, quietly
+    with contextlib.redirect_stderr(io.StringIO()):
+        backend = vp.get_video_reader_backend()
+    log.debug("qwen-vl-utils reads videos with %s", backend)
+
+
+class Wrapper:
+    """What both reference wrappers keep from their (published) constructor arguments, and the model."""
+
+    def __init__(self, path: str | Path, max_length: int, min_pixels: int, max_pixels: int, total_pixels: int,
+                 fps: float, max_frames: int, default_instruction: str, dtype: str, device: str,
+                 attn_implementation: str, padding_side: str) -> None:
+        self.max_length = max_length
+        self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, total_pixels
+        self.fps, self.max_frames = fps, max_frames
+        self.default_instruction = default_instruction
+        self.device = device
+        lm, self.processor = load(path, dtype, device, attn_implementation, padding_side)
+        self.model, self.config = lm.model, lm.config
+        self.keep_head(lm)  # the LM head itself is dropped (1.2 GB at 8B) unless a wrapper keeps it
+
+    def keep_head(self, lm: Any) -> None:
+        """Keep what the wrapper needs of the LM head (nothing, for the embedder)."""
+
+
+def side_content(owner: Any, text: Any, image: Any, video: Any, fps: float | None,
+                 max_frames: int | None) -> list[dict[str, Any]]:
+    """One side's user content as both wrappers build it: videos, images, then texts; "NULL" if empty.
+
+    `owner` is the wrapper (its constructor's fps, max_frames and pixel bounds apply).
+    """
+    texts, images, videos = as_list(text), as_list(image), videos_of(video)
+    if not texts and not images and not videos:
+        return [{"type": "text", "text": "NULL"}]
+    content = media_content(images, videos, fps=fps or owner.fps, max_frames=max_frames or owner.max_frames,
+                            list_max_frames=owner.max_frames, min_pixels=owner.min_pixels,
+                            max_pixels=owner.max_pixels, total_pixels=owner.total_pixels)
+    return [*content, *({"type": "text", "text": t} for t in texts)]
 
 
 def as_list(value: Any) -> list[Any]:

@@ -1,6 +1,6 @@
 """`ReferenceEmbedder`: the published `Qwen3VLEmbedder.process()` reproduced with torch + transformers.
 
-Behaviour follows REFERENCE.md section 1 (the wrapper as observed with transformers 4.57.3), on
+Behaviour follows docs/reference-behaviour.md#embedder (the wrapper as observed with transformers 4.57.3), on
 whichever transformers 4.57/5.x is installed. Additions over the published wrapper, all opt-in
 or diagnostic: `dtype`/`device`/`attn_implementation` arguments, `on_error` (the wrapper's silent
 "embed the whole batch as NULL" fallback is available as `on_error="wrapper"`), and `preprocess()`
@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.reference import _common as C
+from q3vl.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INSTRUCTION = "Represent the user's input."
+DEFAULT_INSTRUCTION = TASKS["embedding"].default_instruction
 
 
-class ReferenceEmbedder:
+class ReferenceEmbedder(C.Wrapper):
     """The parity oracle and the PyTorch baseline for embeddings.
 
     Args mirror the published wrapper; `dtype` is "float32" | "bfloat16" | "float16".
@@ -34,15 +35,9 @@ class ReferenceEmbedder:
                  on_error: str = "raise") -> None:
         if on_error not in ("raise", "wrapper"):
             raise ValueError("on_error must be 'raise' or 'wrapper'")
-        self.max_length = max_length
-        self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, total_pixels
-        self.fps, self.max_frames = fps, max_frames
-        self.default_instruction = default_instruction
+        super().__init__(model_name_or_path, max_length, min_pixels, max_pixels, total_pixels, fps, max_frames,
+                         default_instruction, dtype, device, attn_implementation, "right")
         self.on_error = on_error
-        lm, self.processor = C.load(model_name_or_path, dtype, device, attn_implementation, "right")
-        self.model = lm.model
-        self.device = device
-        self.config = lm.config
 
     def format_model_input(self, text: Any = None, image: Any = None, video: Any = None,
                            instruction: str | None = None, fps: float | None = None,
@@ -52,21 +47,10 @@ class ReferenceEmbedder:
             instruction = instruction.strip()
             if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
                 instruction = instruction + "."
-        content: list[dict[str, Any]] = []
-        conversation = [
+        return [
             {"role": "system", "content": [{"type": "text", "text": instruction or self.default_instruction}]},
-            {"role": "user", "content": content},
+            {"role": "user", "content": C.side_content(self, text, image, video, fps, max_frames)},
         ]
-        texts, images, videos = C.as_list(text), C.as_list(image), C.videos_of(video)
-        if not texts and not images and not videos:
-            content.append({"type": "text", "text": "NULL"})
-            return conversation
-        content.extend(C.media_content(
-            images, videos, fps=fps or self.fps, max_frames=max_frames or self.max_frames,
-            list_max_frames=self.max_frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-            total_pixels=self.total_pixels))
-        content.extend({"type": "text", "text": t} for t in texts)
-        return conversation
 
     def conversations(self, inputs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """The conversations the wrapper builds for `inputs`."""

@@ -1,6 +1,6 @@
 """`ReferenceReranker`: the published `Qwen3VLReranker.process()` reproduced with torch + transformers.
 
-Behaviour follows REFERENCE.md section 2. The published wrapper runs one (query, document) pair per
+Behaviour follows docs/reference-behaviour.md#reranker. The published wrapper runs one (query, document) pair per
 forward pass; `batch_size` > 1 pads pairs on the right and reads each pair's last valid position,
 which gives the same scores (tested) because causal attention never lets a valid token see a pad.
 """
@@ -12,14 +12,15 @@ from typing import Any
 
 from q3vl.reference import _common as C
 from q3vl.reference.embedder import pool_last
+from q3vl.tasks import TASKS
 
-DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+DEFAULT_INSTRUCTION = TASKS["reranker"].default_instruction
 SYSTEM_PROMPT = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
                  'provided. Note that the answer can only be "yes" or "no".')
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n
 
 
-class ReferenceReranker:
+class ReferenceReranker(C.Wrapper):
     """The parity oracle and the PyTorch baseline for reranking."""
 
     def __init__(self, model_name_or_path: str | Path, max_length: int = 10240, min_pixels: int = 4096,
@@ -30,37 +31,24 @@ class ReferenceReranker:
         torch = C.require_torch()
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.max_length = max_length
-        self.min_pixels, self.max_pixels, self.total_pixels = min_pixels, max_pixels, total_pixels
-        self.fps, self.max_frames = fps, max_frames
-        self.default_instruction = default_instruction
+        super().__init__(model_name_or_path, max_length, min_pixels, max_pixels, total_pixels, fps, max_frames,
+                         default_instruction, dtype, device, attn_implementation, "left")
         self.batch_size = batch_size
-        self.device = device
-        lm, self.processor = C.load(model_name_or_path, dtype, device, attn_implementation, "left")
-        self.model = lm.model
-        self.config = lm.config
+        self.special_ids = set(self.processor.tokenizer.all_special_ids)
+        self._torch = torch
+
+    def keep_head(self, lm: Any) -> None:
+        """The one row `w_yes - w_no` the score needs, and the full head for the test that checks it."""
         vocab = self.processor.tokenizer.get_vocab()
         self.yes_id, self.no_id = vocab["yes"], vocab["no"]
         head = lm.lm_head.weight.detach()
         self.score_weight = (head[self.yes_id].float() - head[self.no_id].float()).to(self.model.dtype)
         self.lm_head = lm.lm_head  # kept for the test that compares with the full LM head softmax
-        self.special_ids = set(self.processor.tokenizer.all_special_ids)
-        self._torch = torch
 
     def format_mm_content(self, text: Any, image: Any, video: Any, prefix: str, fps: float | None,
                           max_frames: int | None) -> list[dict[str, Any]]:
         """Prefix text, then the side's videos, images, texts (or "NULL" when it has none)."""
-        content: list[dict[str, Any]] = [{"type": "text", "text": prefix}]
-        texts, images, videos = C.as_list(text), C.as_list(image), C.videos_of(video)
-        if not texts and not images and not videos:
-            content.append({"type": "text", "text": "NULL"})
-            return content
-        content.extend(C.media_content(
-            images, videos, fps=fps or self.fps, max_frames=max_frames or self.max_frames,
-            list_max_frames=self.max_frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-            total_pixels=self.total_pixels))
-        content.extend({"type": "text", "text": t} for t in texts)
-        return content
+        return [{"type": "text", "text": prefix}, *C.side_content(self, text, image, video, fps, max_frames)]
 
     def format_pair(self, query: dict[str, Any], document: dict[str, Any], instruction: str | None,
                     fps: float | None, max_frames: int | None) -> list[dict[str, Any]]:

@@ -1,183 +1,326 @@
-"""What Embedder and Reranker share: loading a bundle, the backend, and the batch loop.
+"""What Embedder and Reranker share: loading a bundle, the backend, and the batch API.
 
-The batch loop plans every item first (cheap), sorts by total tokens (text + vision), runs fixed
-micro-batches and restores input order. A bad item raises an `InputError` naming its index, or,
-with `on_error="skip"`, is reported in the log and gets a NaN result while the rest are computed.
+The batch API (`runtime/batch.py`) is four public steps, `plan` -> `batches` -> `load` ->
+`run_batch`; `process()` and `process_details()` are those steps in one loop (`_run`), and the
+HTTP server and the Ray integration call the same steps from their own queues. A bad item becomes
+an `InputError` for that item at whichever step sees it, whatever library raised underneath, so
+`on_error="skip"` never loses the rest of a batch.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from q3vl.bundle import Manifest, verify_files
-from q3vl.errors import BundleError, InputError
+from q3vl.bundle import Manifest, check_graph_io, expected_io, verify_files
+from q3vl.errors import BundleError, ConfigError, InputError, LimitError, QueryError, UnknownOptionError, option
 from q3vl.preprocess.encode import Encoded, Encoder, PreprocessConfig
-from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer
-from q3vl.runtime.backends.base import create
+from q3vl.preprocess.media import MediaPolicy, media_call
+from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer, check_text
+from q3vl.preprocess.vision import Geometry
+from q3vl.progress import Progress, on_terminal
+from q3vl.runtime.backends.base import ShapeLimits, create
+from q3vl.runtime.batch import BatchPolicy, Loaded, Plan
 from q3vl.runtime.pipeline import GraphRunner
+from q3vl.tasks import Task
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "skip")
+T = TypeVar("T")
+
+
+def as_input_error(e: BaseException) -> InputError:
+    """`e` itself if it is an `InputError`, else an `InputError` naming what raised it (Pillow, PyAV,
+    numpy, the OS, ...), chained to it so `-v` / a debugger still shows the original.
+    """
+    if isinstance(e, InputError):
+        return e
+    try:
+        detail = str(e)
+    except Exception:  # an object whose __str__ raises must not escape either
+        detail = "(no message)"
+    err = InputError(f"could not read this item ({type(e).__name__}: {detail[:300]})")
+    err.__cause__ = e
+    return err
+
+
+def guarded(index: int, fn: Callable[[], T]) -> T | InputError:
+    """`fn()`, or the `InputError` (attributed to item `index`) that any exception it raises becomes.
+
+    `KeyboardInterrupt`/`SystemExit` pass, and so does a `QueryError`, which concerns every item.
+    """
+    try:
+        return fn()
+    except QueryError:
+        raise
+    except Exception as e:
+        err = as_input_error(e)
+        return err.at(index) if err.index is None else err
 
 
 class BundleModel:
-    """A loaded bundle for one task, with its backend and preprocessing.
+    """A loaded bundle for one task, with its backend, preprocessing and loader pool.
 
     The first eight arguments are the published wrapper's constructor arguments; `max_length` and
-    `default_instruction` default to the task's values (`DEFAULT_MAX_LENGTH`, `DEFAULT_INSTRUCTION`:
-    8192 and "Represent the user's input." for the embedder, 10240 and "Given a search query,
-    retrieve relevant candidates that answer the query." for the reranker). Keyword-only: `backend`
-    ("cpu", "cuda", "tensorrt-ep", "tensorrt"), `batch_size`, `max_batch_tokens` (padded tokens per
-    micro-batch), `truncation` ("text": shorten user text so the template tail and every vision block
-    survive; "reference": the wrapper's behaviour), `max_vision_patches` (patches per vision call),
-    `timeout` (URL fetches), `verify` ("size", or "full" to hash the weight files too),
-    `allow_unverified` (load a bundle that failed its export parity check), `prefetch` (load the next
-    micro-batch's media on a helper thread while the current one runs), `backend_options`.
+    `default_instruction` default to the task's values (8192 and "Represent the user's input." for
+    the embedder, 10240 and "Given a search query, retrieve relevant candidates that answer the
+    query." for the reranker). Keyword-only: `backend` ("cpu", "cuda", "tensorrt-ep", "tensorrt"),
+    `batch_size`, `max_batch_tokens` (padded tokens per micro-batch), `truncation` ("text": shorten
+    user text so the template tail and every vision block survive; "reference": the wrapper's
+    behaviour), `max_vision_patches` (patches per vision call), `timeout` (media fetch and decode),
+    `max_text_chars` (raw characters of text per item, checked before tokenizing), `max_parts` (text,
+    image and video elements per item), `verify` ("size",
+    or "full" to hash the weight files too), `allow_unverified` (load a bundle that failed its export
+    parity check), `prefetch` (load the next micro-batch's media while the current one runs),
+    `loader_threads` (media decode threads; default 1, so one source image is decoded at a time and
+    peak memory is one source's: raise it where cores and memory are plentiful), `backend_options`
+    (the backend's typed options, as a dict or its options object), `media_policy` (what media may
+    be read and the per-item/per-call limits; default `MediaPolicy()`: local files, data URIs and
+    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input).
+
+    Use it as a context manager, or call `close()`, to release the backend and the loader pool now
+    rather than at garbage collection.
     """
 
-    task = ""
-    DEFAULT_MAX_LENGTH = 8192
-    DEFAULT_INSTRUCTION = ""
+    task: ClassVar[Task]
 
     def __init__(self, bundle: str | Path, max_length: int | None = None, min_pixels: int = 4096,
                  max_pixels: int = 1_843_200, total_pixels: int = 7_864_320, fps: float = 1.0, max_frames: int = 64,
                  default_instruction: str | None = None, *, backend: str = "cpu", batch_size: int = 8,
                  max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
-                 timeout: float = 10.0, verify: str = "size", allow_unverified: bool = False,
-                 prefetch: bool = True, backend_options: dict[str, Any] | None = None) -> None:
-        config = PreprocessConfig(max_length=max_length or self.DEFAULT_MAX_LENGTH, min_pixels=min_pixels,
-                                  max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
-                                  truncation=truncation, timeout=timeout)
-        self.default_instruction = self.DEFAULT_INSTRUCTION if default_instruction is None else default_instruction
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+                 timeout: float = 10.0, max_text_chars: int = 1 << 20, max_parts: int = 16384, verify: str = "size",
+                 allow_unverified: bool = False, prefetch: bool = True, loader_threads: int | None = None,
+                 backend_options: Any = None, media_policy: MediaPolicy | None = None) -> None:
+        _positive_ints(batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                       max_vision_patches=max_vision_patches, max_text_chars=max_text_chars, max_parts=max_parts)
         if verify not in ("size", "full"):
-            raise ValueError("verify must be 'size' or 'full'")
+            raise ConfigError(f"verify must be 'size' or 'full', not {verify!r}")
+        config = PreprocessConfig(max_length=max_length or self.task.default_max_length, min_pixels=min_pixels,
+                                  max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
+                                  truncation=truncation, timeout=timeout, max_text_chars=max_text_chars,
+                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy())
+        self.default_instruction = self.task.default_instruction if default_instruction is None \
+            else default_instruction
+        try:
+            check_text(self.default_instruction, "default_instruction")
+        except InputError as e:
+            raise ConfigError(e.reason) from None
         self.path = Path(bundle)
         self.manifest = Manifest.read(self.path)
-        if self.manifest.task != self.task:
-            raise BundleError(f"{self.path} is a {self.manifest.task} bundle; use "
-                              f"q3vl.{'Embedder' if self.manifest.task == 'embedding' else 'Reranker'}")
+        self._check_bundle(verify, allow_unverified)
+        tokenizer = TextTokenizer(self.path / "tokenizer.json")
+        self.manifest.check_tokenizer(tokenizer.special.as_dict())
+        template = ChatTemplate((self.path / "chat_template.jinja").read_text(encoding="utf-8"))
+        self.encoder = Encoder(tokenizer, template, config, Geometry.from_spec(self.manifest.spec.vision))
+        self.backend = create(backend, {g: self.path / m.file for g, m in self.manifest.graphs.items()},
+                              backend_options)
+        io = expected_io(self.manifest.spec, self.manifest.task)
+        for graph in io:
+            check_graph_io(graph, io[graph], self.backend.io_shapes(graph))
+        self.limits: ShapeLimits | None = self.backend.shape_limits()
+        self.runner = GraphRunner(self.backend, self.manifest.spec, tokenizer.special.endoftext,
+                                  self._vision_budget(max_vision_patches))
+        self.policy = self._policy(batch_size, max_batch_tokens)
+        self.prefetch = prefetch
+        threads = loader_threads or 1  # one source image decoded at a time: peak memory stays one source's
+        _positive_ints(loader_threads=threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="q3vl-load")  # threads start on first use
+        self._finalizer = weakref.finalize(self, _release, self.backend, self._pool)
+
+    # ------------------------------------------------------------------ construction
+    def _check_bundle(self, verify: str, allow_unverified: bool) -> None:
+        if self.manifest.task != self.task.name:
+            from q3vl.tasks import task_for
+
+            other = task_for(self.manifest.task)
+            raise BundleError(f"{self.path} is a {self.manifest.task} bundle; use {other.class_name} "
+                              f"(`{other.cli_command}` on the command line)")
         verify_files(self.path, self.manifest.files, full=verify == "full")
         parity = self.manifest.parity
         if parity.get("passed") is False and not allow_unverified:
             raise BundleError(f"{self.path} failed its export-time parity check ({parity.get('summary')}); "
-                              "pass allow_unverified=True to load it anyway")
-        tokenizer = TextTokenizer(self.path / "tokenizer.json")
-        template = ChatTemplate((self.path / "chat_template.jinja").read_text(encoding="utf-8"))
-        self.encoder = Encoder(tokenizer, template, config)
-        self.backend = create(backend, {g: self.path / m["file"] for g, m in self.manifest.graphs.items()},
-                              **(backend_options or {}))
-        self.runner = GraphRunner(self.backend, self.manifest.spec, tokenizer.special.endoftext, max_vision_patches)
-        self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.prefetch = prefetch
+                              f"pass {option('allow_unverified=True', '--allow-unverified')} to load it anyway")
 
-    def _batches(self, encoded: dict[int, Encoded]) -> list[list[int]]:
-        """Length-sorted micro-batches of at most `batch_size` items and `max_batch_tokens` padded tokens,
-        closed early when padding would exceed 25% of the real tokens (a 900-token video must not pad
-        eight 40-token texts to its length).
+    def _vision_budget(self, max_vision_patches: int) -> int:
+        return max_vision_patches if self.limits is None else min(max_vision_patches, self.limits.max_patches)
+
+    def _policy(self, batch_size: int, max_batch_tokens: int) -> BatchPolicy:
+        """The batching policy, clamped to the backend's engine limits (TensorRT profiles)."""
+        if self.limits is not None:
+            batch_size = min(batch_size, self.limits.max_batch)
+            max_batch_tokens = min(max_batch_tokens, self.limits.max_batch * self.limits.max_tokens)
+        return BatchPolicy(batch_size, max_batch_tokens)
+
+    @property
+    def batch_size(self) -> int:
+        return self.policy.batch_size
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.policy.max_batch_tokens
+
+    # ------------------------------------------------------------------ the batch API
+    def media_call(self) -> Any:
+        """A context in which everything planned shares one call's media byte budget and fetch cache
+        (a URL or data URI used by several items is fetched and charged once).
         """
-        order = sorted(encoded, key=lambda i: len(encoded[i].ids))
-        batches: list[list[int]] = []
-        current: list[int] = []
-        real = 0
-        for i in order:
-            n = len(encoded[i].ids)  # the longest so far: the list is sorted
-            padded = n * (len(current) + 1)
-            if current and (len(current) == self.batch_size or padded > self.max_batch_tokens
-                            or padded > 1.25 * (real + n)):
-                batches.append(current)
-                current, real = [], 0
-            current.append(i)
-            real += n
-        return batches + ([current] if current else [])
+        return media_call(self.encoder.config.media_policy)
 
-    def run_items(self, n: int, plan: Callable[[int], Encoded], on_error: str, progress: bool | None,
-                  desc: str) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, InputError]]:
-        """Plan, batch, load and run `n` items; returns per-item outputs and per-item errors."""
+    def _plan_each(self, n: int, plan: Callable[[int], Encoded]) -> list[Plan | InputError]:
+        """Plan items 0..n-1 with `plan(i)`; each failure becomes that item's `InputError`."""
+        return [guarded(i, lambda: self._check_limits(Plan(i, plan(i)))) for i in range(n)]  # noqa: B023
+
+    def _check_limits(self, plan: Plan) -> Plan:
+        """An item the engines cannot take fails here, naming the limit, before any graph runs."""
+        lim = self.limits
+        if lim is None:
+            return plan
+        if plan.tokens > lim.max_tokens:
+            raise LimitError(f"item has {plan.tokens} tokens; the engine's max_tokens is {lim.max_tokens} "
+                             "(shorten it, lower max_pixels/max_frames, or rebuild the engines with a larger limit)")
+        patches = max((h * w for h, w in plan.encoded.grids), default=0)
+        if patches > lim.max_patches:
+            raise LimitError(f"an image or frame of this item has {patches} patches; the engine's maximum is "
+                             f"{lim.max_patches} (lower max_pixels or rebuild with a larger max_image_pixels)")
+        return plan
+
+    def batches(self, plans: Sequence[Plan]) -> list[list[Plan]]:
+        """Length-sorted micro-batches of `plans` under this model's `BatchPolicy`."""
+        return self.policy.batches(plans)
+
+    def submit_load(self, plans: Sequence[Plan]) -> list[Future[Loaded | InputError]]:
+        """Start decoding the media of `plans` on the model's loader pool; one future per plan.
+
+        A plan without media has nothing to decode: its future is completed here, without a trip
+        through the pool (two thread switches per text item saved, which a server's latency feels).
+        """
+        return [self._pool.submit(self._load_one, p) if p.encoded.media else _completed(self._load_one(p))
+                for p in plans]
+
+    def load(self, plans: Sequence[Plan]) -> list[Loaded | InputError]:
+        """Decode, resize and patchify the media of `plans` (on the loader pool); one result per plan."""
+        return [f.result() for f in self.submit_load(plans)]
+
+    def _load_one(self, plan: Plan) -> Loaded | InputError:
+        return guarded(plan.index, lambda: Loaded(plan, self.encoder.blocks(plan.encoded)))
+
+    def run_batch(self, loaded: Sequence[Loaded]) -> dict[str, np.ndarray]:
+        """One micro-batch through the graphs: every text-graph output, one row per item, in order.
+
+        Raises `LimitError` (before any graph runs) when the batch is larger than the engines allow.
+        """
+        if not loaded:
+            raise ConfigError("run_batch needs at least one loaded item")
+        lim = self.limits
+        if lim is not None and len(loaded) > lim.max_batch:
+            raise LimitError(f"micro-batch of {len(loaded)} items; the engine's max_batch is {lim.max_batch}")
+        return self.runner.run([x.plan.encoded for x in loaded], [x.blocks for x in loaded])
+
+    # ------------------------------------------------------------------ the loop process() runs
+    def _run(self, plans: list[Plan | InputError], on_error: str, progress: bool | None,
+             desc: str) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, InputError]]:
+        """Batch, load and run planned items; per-item outputs and errors by index."""
         if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
+            raise ConfigError(f"on_error must be one of {list(ON_ERROR)}, not {on_error!r}")
         errors: dict[int, InputError] = {}
-        encoded: dict[int, Encoded] = {}
-        for i in range(n):
-            try:
-                encoded[i] = plan(i)
-            except InputError as e:
-                errors[i] = self._fail(e, i, on_error)
+        good: list[Plan] = []
+        for k, p in enumerate(plans):
+            if isinstance(p, InputError):
+                errors[k] = self._fail(p, on_error)
+            else:
+                good.append(p)
         outputs: dict[int, dict[str, np.ndarray]] = {}
-        batches = self._batches(encoded)
-        bar = _progress(progress, len(encoded), desc)
-        # Media of batch k+1 are decoded and resized on a helper thread while batch k runs (numpy, PIL,
-        # PyAV and ONNX Runtime release the GIL): on a GPU the host preprocessing hides behind the graphs.
-        pool = ThreadPoolExecutor(1, thread_name_prefix="q3vl-load") if self.prefetch and len(batches) > 1 else None
+        batches = self.batches(good)
+        bar = _progress(progress, len(good), desc)
         try:
-            pending = self._submit(pool, batches[0], encoded) if batches else None
-            for n, batch in enumerate(batches):
-                loaded = pending.result() if isinstance(pending, Future) else pending
-                if n + 1 < len(batches):
-                    pending = self._submit(pool, batches[n + 1], encoded)
-                good = []
-                for i, media in loaded or []:
-                    if isinstance(media, InputError):
-                        errors[i] = self._fail(media, i, on_error)
+            for batch, loaded in zip(batches, self._loaded_batches(batches)):
+                ready = []
+                for x in loaded:
+                    if isinstance(x, InputError):
+                        errors[int(x.index)] = self._fail(x, on_error)  # type: ignore[arg-type]  # set by load
                     else:
-                        good.append((i, media))
-                if good:
-                    res = self.runner.run([encoded[i] for i, _ in good], [b for _, b in good])
-                    for row, (i, _) in enumerate(good):
-                        outputs[i] = {k: v[row] for k, v in res.items()}
+                        ready.append(x)
+                if ready:
+                    res = self.run_batch(ready)
+                    for row, x in enumerate(ready):
+                        outputs[x.plan.index] = {k: v[row] for k, v in res.items()}
                 if bar is not None:
                     bar.update(len(batch))
         finally:
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)  # an error must not wait for a load
             if bar is not None:
                 bar.close()
         return outputs, errors
 
-    def _submit(self, pool: ThreadPoolExecutor | None, batch: list[int], encoded: dict[int, Encoded]) -> Any:
-        """Load a batch's media now (no pool) or on the helper thread (a Future)."""
-        return pool.submit(self._load, batch, encoded) if pool is not None else self._load(batch, encoded)
-
-    def _load(self, batch: list[int], encoded: dict[int, Encoded]) -> list[tuple[int, Any]]:
-        """(index, loaded vision blocks or the item's InputError) for each item of the batch."""
-        out: list[tuple[int, Any]] = []
-        for i in batch:
-            try:
-                out.append((i, self.encoder.load(encoded[i].media)))
-            except InputError as e:
-                out.append((i, e))
-        return out
+    def _loaded_batches(self, batches: list[list[Plan]]) -> Iterator[list[Loaded | InputError]]:
+        """Each batch's loaded items; with `prefetch`, batch k+1 decodes while batch k runs."""
+        pending = self.submit_load(batches[0]) if batches else []
+        try:
+            for k in range(len(batches)):
+                current, last = pending, k + 1 == len(batches)
+                pending = self.submit_load(batches[k + 1]) if self.prefetch and not last else []
+                yield [f.result() for f in current]
+                if not self.prefetch and not last:
+                    pending = self.submit_load(batches[k + 1])
+        finally:
+            for f in pending:  # an error must not wait for loads it will never use
+                f.cancel()
 
     @staticmethod
-    def _fail(e: InputError, i: int, on_error: str) -> InputError:
-        err = e.at(i) if e.index is None else e
+    def _fail(e: InputError, on_error: str) -> InputError:
         if on_error == "raise":
-            raise err from e
-        log.warning("skipping %s", err)
-        return err
+            raise e
+        log.warning("skipping %s", e)
+        return e
+
+    # ------------------------------------------------------------------ resources
+    def close(self) -> None:
+        """Release the backend (device memory, sessions) and stop the loader pool."""
+        self._finalizer()
+
+    def __enter__(self: Any) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _progress(progress: bool | None, total: int, desc: str) -> Any:
-    """A tqdm bar when asked, or by default on a TTY for more than one batch of work."""
-    show = progress if progress is not None else (sys.stderr.isatty() and total > 32)
-    if not show:
-        return None
-    from tqdm.auto import tqdm
+def _release(backend: Any, pool: ThreadPoolExecutor) -> None:
+    """Finalizer: runs once, at `close()` or when the model is garbage-collected."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    backend.close()
 
-    return tqdm(total=total, desc=desc, unit="item")
+
+def _completed(value: T) -> Future[T]:
+    future: Future[T] = Future()
+    future.set_result(value)
+    return future
+
+
+def _positive_ints(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, not {value!r}")
+
+
+def _progress(progress: bool | None, total: int, desc: str) -> Progress | None:
+    """Progress when asked (a bar on a terminal, log lines elsewhere), or by default a bar on a
+    terminal for more than a few batches of work (a library stays quiet in logs unless asked).
+    """
+    show = progress if progress is not None else (on_terminal() and total > 32)
+    return Progress(total, desc) if show else None
 
 
 def check_kwargs(kwargs: dict[str, Any], allowed: Sequence[str], where: str) -> None:
     """Unknown keyword arguments raise, naming the allowed ones."""
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise TypeError(f"{where} got unexpected keyword arguments {unknown}; allowed: {sorted(allowed)}")
+        raise UnknownOptionError(f"{where} got unexpected keyword arguments {unknown}; allowed: {sorted(allowed)}")
+
+
+__all__ = ["BundleModel", "as_input_error", "check_kwargs", "guarded"]

@@ -1,106 +1,190 @@
-"""`q3vl embed` and `q3vl rerank`: the torch-free runtime from the command line."""
+"""`q3vl embed` and `q3vl rerank`: the torch-free runtime from the command line.
+
+Both read items in the one input dialect (`q3vl/runtime/inputs.py`), check every option and the
+output path before the model is loaded, and write their output beside the target first, so a
+failed run leaves no half-written file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from q3vl.cli import command
 from q3vl.errors import InputError
 
+if TYPE_CHECKING:  # imported where used: option checks run before numpy and the runtime load
+    import numpy as np
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per non-empty line; a bad line is an InputError naming its number."""
-    items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: invalid JSON: {e}") from e
-    if not items:
-        raise InputError(f"{path} holds no items")
-    return items
+    from q3vl.runtime.inputs import Record
+
+log = logging.getLogger(__name__)
+EMBED_SUFFIXES = (".npy", ".jsonl")
+CODES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def common_args(p: argparse.ArgumentParser) -> None:
+    """Runtime options every command that runs a bundle takes."""
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", default="cpu", help="cpu | cuda | tensorrt-ep | tensorrt")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="skip: bad items get NaN results and are reported on stderr")
-    p.add_argument("--no-progress", action="store_true")
+                   help="skip: bad items get NaN results (null in .jsonl) and are reported on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a bundle whose export-time parity check failed")
 
 
 def _embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path)
-    p.add_argument("inputs", type=Path, help="JSONL, one item per line ({'text': ..., 'image': ...})")
-    p.add_argument("-o", "--output", type=Path, required=True, help=".npy (float32 [N, D]) or .jsonl")
-    p.add_argument("--dim", type=int, help="Matryoshka dimension (truncate + renormalise)")
-    p.add_argument("--quantize", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
-                   default="float32", help="output precision (int8/uint8 need --calibration)")
-    p.add_argument("--calibration", type=Path, help="calibration file for int8/uint8 (q3vl quantize calibrate)")
-    _common(p)
+    p.add_argument("bundle", type=Path, help="an embedding bundle (q3vl export)")
+    p.add_argument("inputs", type=Path, help="JSONL, one item per line: text/image/video/instruction/fps/"
+                                             "max_frames and an optional id; relative paths resolve against "
+                                             "the file's directory")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help=".npy (the matrix; ids, if any, in <stem>.ids.json) or .jsonl ({id, index, embedding})")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension: keep the first DIM values and renormalise")
+    p.add_argument("--quantize", choices=CODES, default="float32",
+                   help="output precision (int8/uint8 need --calibration)")
+    p.add_argument("--calibration", type=Path,
+                   help="calibration file for int8/uint8, fitted at the same --dim (q3vl calibrate)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    common_args(p)
+
+
+def check_runtime_options(a: argparse.Namespace) -> None:
+    """Options shared by the runtime commands, checked before anything loads."""
+    from q3vl.checks import positive
+    from q3vl.runtime.backends import BACKENDS
+
+    positive(batch_size=a.batch_size)
+    if a.backend not in BACKENDS:
+        from q3vl.errors import ConfigError
+
+        raise ConfigError(f"--backend {a.backend} is not one of {sorted(BACKENDS)}")
+
+
+class _RuntimeSkips(logging.Filter):
+    """Drops the runtime's own "skipping input N" lines: the command reports them by line and id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("skipping ")
+
+
+def run_items(model: Any, records: list[Record], a: argparse.Namespace, request: Any = None, **kw: Any) -> Any:
+    """`model.process_details` over the records' items (or `request`, for a reranker); errors, raised
+    or skipped, name the line and id of their item.
+    """
+    from q3vl.runtime.inputs import locate
+
+    runtime_log, quiet = logging.getLogger("q3vl.runtime.base"), _RuntimeSkips()
+    runtime_log.addFilter(quiet)
+    try:
+        details = model.process_details([r.item for r in records] if request is None else request,
+                                        on_error=a.on_error, progress=not a.no_progress, **kw)
+    except InputError as e:
+        raise locate(e, records) from None
+    finally:
+        runtime_log.removeFilter(quiet)
+    for err in details.errors.values():
+        log.warning("skipped %s", locate(err, records))
+    return details.values
 
 
 @command("embed", _embed_args)
 def _embed(a: argparse.Namespace) -> int:
-    """Embed the items of a JSONL file with a bundle."""
+    """Embed the items of a JSONL file with an embedding bundle (.npy or .jsonl out)."""
+    from q3vl.checks import bundle_for, check_calibration, check_dim
+    from q3vl.outputs import check_output
+    from q3vl.runtime.inputs import read_items
+
+    manifest = bundle_for(a.bundle, "embedding")
+    width = check_dim(a.dim, manifest, a.bundle)
+    check_calibration(a.calibration, a.quantize, width)
+    check_output(a.output, suffixes=EMBED_SUFFIXES, overwrite=a.overwrite)
+    check_runtime_options(a)
+    records = read_items(a.inputs, "embed")
+    import numpy as np
+
     from q3vl.runtime import Embedder
 
-    items = read_jsonl(a.inputs)
-    emb = Embedder(a.bundle, batch_size=a.batch_size, backend=a.backend).process(
-        items, dim=a.dim, on_error=a.on_error, progress=not a.no_progress)
+    with Embedder(a.bundle, batch_size=a.batch_size, backend=a.backend, allow_unverified=a.allow_unverified) as m:
+        emb = run_items(m, records, a, dim=a.dim)
     out = emb
     if a.quantize != "float32":
         from q3vl.quantization import Calibration, quantize_embeddings
 
         calib = Calibration.load(a.calibration) if a.calibration else None
-        out = quantize_embeddings(emb, a.quantize, calibration=calib)
-    _write(a.output, out)
-    bad = int(np.isnan(emb).any(axis=1).sum())
-    sys.stderr.write(f"embedded {len(items) - bad}/{len(items)} items -> {a.output} {out.shape} {out.dtype}\n")
+        out = quantize_embeddings(np.nan_to_num(emb), a.quantize, calibration=calib)
+    failed = np.isnan(emb).any(axis=1)
+    write_vectors(a.output, out, records, failed, a.overwrite)
+    sys.stderr.write(f"embedded {int((~failed).sum())}/{len(records)} items -> {a.output} "
+                     f"{tuple(out.shape)} {out.dtype}\n")
     return 0
 
 
-def _write(path: Path, arr: np.ndarray) -> None:
+def write_vectors(path: Path, arr: np.ndarray, records: list[Record], failed: np.ndarray, overwrite: bool) -> None:
+    """`.npy` (plus `<stem>.ids.json` when the items have ids) or `.jsonl` rows `{id, index, embedding}`
+    (embedding null for a failed item), written beside the target and renamed into place.
+    """
+    import numpy as np
+
+    from q3vl.outputs import staged_file
+    from q3vl.runtime.inputs import ids
+
+    names = ids(records)
     if path.suffix == ".npy":
-        np.save(path, arr)
-    elif path.suffix == ".jsonl":
-        with open(path, "w", encoding="utf-8") as f:
-            for i, row in enumerate(arr):
-                vec = None if np.isnan(row.astype(np.float64)).any() else row.tolist()
-                f.write(json.dumps({"index": i, "embedding": vec}) + "\n")
-    else:
-        raise InputError(f"output must end in .npy or .jsonl, not {path.suffix!r}")
+        if names is not None:
+            with staged_file(path.with_name(path.stem + ".ids.json"), overwrite=True) as tmp:
+                tmp.write_text(json.dumps(names) + "\n", encoding="utf-8")
+        with staged_file(path, overwrite=overwrite) as tmp:
+            np.save(tmp, arr)
+        return
+    with staged_file(path, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i, (rec, row) in enumerate(zip(records, arr)):
+            vec = None if failed[i] else row.tolist()
+            f.write(json.dumps({"id": rec.id, "index": i, "embedding": vec}) + "\n")
 
 
 def _rerank_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path)
-    p.add_argument("query", type=Path, help="JSON file with the query dict (and optional 'instruction')")
-    p.add_argument("documents", type=Path, help="JSONL, one document per line")
-    p.add_argument("-o", "--output", type=Path, help="JSONL of scores (default: print)")
-    _common(p)
+    p.add_argument("bundle", type=Path, help="a reranker bundle (q3vl export of a reranker checkpoint)")
+    p.add_argument("query", type=Path, help="JSON file with the query: text/image/video and an optional "
+                                            "instruction; relative paths resolve against its directory")
+    p.add_argument("documents", type=Path, help="JSONL, one document per line: text/image/video and an "
+                                                "optional id")
+    p.add_argument("-o", "--output", type=Path, help="JSONL of {id, index, score} (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    common_args(p)
 
 
 @command("rerank", _rerank_args)
 def _rerank(a: argparse.Namespace) -> int:
     """Score the documents of a JSONL file against a query with a reranker bundle."""
+    from q3vl.checks import bundle_for
+    from q3vl.outputs import check_output, staged_file
+    from q3vl.preprocess.items import CONTENT_KEYS
+    from q3vl.runtime.inputs import read_items, read_object
+
+    bundle_for(a.bundle, "reranker")
+    if a.output is not None:
+        check_output(a.output, suffixes=(".jsonl",), overwrite=a.overwrite)
+    check_runtime_options(a)
+    query = read_object(a.query, (*CONTENT_KEYS, "instruction"))
+    instruction = query.pop("instruction", None)
+    records = read_items(a.documents, "document")
     from q3vl.runtime import Reranker
 
-    query = json.loads(Path(a.query).read_text(encoding="utf-8"))
-    instruction = query.pop("instruction", None) if isinstance(query, dict) else None
-    docs = read_jsonl(a.documents)
-    request = {"query": query, "documents": docs, **({"instruction": instruction} if instruction else {})}
-    scores = Reranker(a.bundle, batch_size=a.batch_size, backend=a.backend).process(
-        request, on_error=a.on_error, progress=not a.no_progress)
-    lines = [json.dumps({"index": i, "score": None if s != s else s}) for i, s in enumerate(scores)]
-    if a.output:
-        a.output.write_text("\n".join(lines) + "\n")
-    else:
-        sys.stdout.write("\n".join(lines) + "\n")
+    request = {"query": query, "documents": [r.item for r in records],
+               **({"instruction": instruction} if instruction else {})}
+    with Reranker(a.bundle, batch_size=a.batch_size, backend=a.backend, allow_unverified=a.allow_unverified) as m:
+        scores = run_items(m, records, a, request)
+    lines = "".join(json.dumps({"id": r.id, "index": i, "score": None if s != s else s}) + "\n"
+                    for i, (r, s) in enumerate(zip(records, scores)))
+    if a.output is None:
+        sys.stdout.write(lines)
+        return 0
+    with staged_file(a.output, overwrite=a.overwrite) as tmp:
+        tmp.write_text(lines, encoding="utf-8")
     return 0

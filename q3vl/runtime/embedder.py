@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.bundle import EMBEDDING, POOLED
-from q3vl.errors import InputError
+from q3vl.errors import ConfigError, InputError
 from q3vl.preprocess.items import embed_item
+from q3vl.quantization.embeddings import truncate
 from q3vl.runtime.base import BundleModel
-
-DEFAULT_INSTRUCTION = "Represent the user's input."
+from q3vl.runtime.batch import Details, Plan
+from q3vl.tasks import EMBEDDING, POOLED, TASKS
 
 
 class Embedder(BundleModel):
@@ -29,45 +29,62 @@ class Embedder(BundleModel):
         ((2, 2048), dtype('float32'))
     """
 
-    task = "embedding"
-    DEFAULT_MAX_LENGTH = 8192
-    DEFAULT_INSTRUCTION = DEFAULT_INSTRUCTION
+    task = TASKS["embedding"]
 
     @property
     def dim(self) -> int:
         """Width of the full embedding (the backbone's hidden size)."""
         return self.manifest.spec.text.hidden_size
 
+    def plan(self, inputs: Sequence[Any]) -> list[Plan | InputError]:
+        """Batch API step 1: one `Plan` (token ids, positions, sized media) or `InputError` per input."""
+        if not isinstance(inputs, (list, tuple)):
+            raise InputError(f"inputs must be a list of dicts, not {type(inputs).__name__}")
+        with self.media_call():
+            return self._plan_each(len(inputs), lambda i: self.encoder.embedding(embed_item(inputs[i]),
+                                                                                 self.default_instruction))
+
+    def vectors(self, outputs: dict[str, np.ndarray], normalize: bool = True, dim: int | None = None) -> np.ndarray:
+        """Embeddings float32 `[B, dim or D]` from `run_batch` outputs (rows `[B, D]`): the normalised
+        or raw pooled state, Matryoshka-truncated (and renormalised when `normalize`) when `dim` is given.
+        """
+        self.check_dim(dim)
+        rows = np.asarray(outputs[EMBEDDING if normalize else POOLED], np.float32)
+        return truncate(rows, dim, normalize) if dim else rows
+
+    def check_dim(self, dim: int | None) -> None:
+        """A Matryoshka dimension must be an integer in 1..D."""
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= self.dim):
+            raise ConfigError(f"dim must be in 1..{self.dim} (an integer Matryoshka dimension), got {dim!r}")
+
+    def process_details(self, inputs: Sequence[dict[str, Any]], normalize: bool = True, dim: int | None = None, *,
+                        on_error: str = "raise", progress: bool | None = None) -> Details:
+        """`process()` plus per-item token counts and errors (for usage accounting): a `Details` whose
+        `values` are exactly what `process()` returns.
+        """
+        if not isinstance(inputs, (list, tuple)) or not inputs:
+            raise InputError("inputs must be a non-empty list of dicts")
+        self.check_dim(dim)
+        plans = self.plan(inputs)
+        outputs, errors = self._run(plans, on_error, progress, "embedding")
+        out = np.full((len(inputs), dim or self.dim), np.nan, np.float32)
+        if outputs:
+            done = sorted(outputs)
+            out[done] = self.vectors({k: np.stack([outputs[i][k] for i in done]) for k in outputs[done[0]]},
+                                     normalize, dim)
+        return Details.of(out, plans, errors)
+
     def process(self, inputs: Sequence[dict[str, Any]], normalize: bool = True, dim: int | None = None, *,
                 on_error: str = "raise", progress: bool | None = None) -> np.ndarray:
         """Embeddings float32 `[N, D]` in input order.
 
         Args:
-            inputs: dicts with `text`, `image`, `video` (scalar or list), `instruction`, `fps`, `max_frames`.
+            inputs: dicts with `text`, `image`, `video` (scalar or list), `instruction`, `fps`, `max_frames`,
+                and `min_pixels` / `max_pixels` / `total_pixels` to override the constructor's for that item.
             normalize: L2-normalise (the wrapper's default). False returns the raw pooled state.
             dim: Matryoshka dimension: keep the first `dim` values, then L2-normalise again.
             on_error: "raise" (an `InputError` naming the item) or "skip" (that row is NaN).
             progress: show a progress bar (default: on a TTY for large inputs).
         """
-        if not isinstance(inputs, (list, tuple)) or not inputs:
-            raise InputError("inputs must be a non-empty list of dicts")
-        if dim is not None and not 0 < dim <= self.dim:
-            raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
+        return self.process_details(inputs, normalize, dim, on_error=on_error, progress=progress).values
 
-        def plan(i: int) -> Any:
-            return self.encoder.embedding(embed_item(inputs[i]), self.default_instruction)
-
-        outputs, _ = self.run_items(len(inputs), plan, on_error, progress, "embedding")
-        key = EMBEDDING if normalize else POOLED
-        out = np.full((len(inputs), self.dim), np.nan, np.float32)
-        for i, o in outputs.items():
-            out[i] = o[key]
-        return truncate_dim(out, dim, renormalize=normalize) if dim else out
-
-
-def truncate_dim(emb: np.ndarray, dim: int, renormalize: bool = True) -> np.ndarray:
-    """Matryoshka truncation: the first `dim` values of each row, L2-normalised again."""
-    out = np.ascontiguousarray(emb[:, :dim], dtype=np.float32)
-    if renormalize:
-        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out

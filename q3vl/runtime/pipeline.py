@@ -94,7 +94,7 @@ class GraphRunner:
         if not flat:
             return self.backend.run("text", feeds)
         d, k, v = self.spec.text.hidden_size, self.spec.num_deepstack, self.spec.vision
-        rows = sum(b.num_tokens for b in flat)
+        rows = sum(b.num_tokens(v.spatial_merge_size) for b in flat)
         visual, deep = self.backend.alloc((rows, d)), self.backend.alloc((rows, k, d))
         start, row = 0, 0
         while start < len(flat):
@@ -103,7 +103,7 @@ class GraphRunner:
             budget = max(1, self.max_vision_patches // n)  # blocks per call
             while end < len(flat) and flat[end].num_patches == n and end - start < budget:
                 end += 1
-            chunk, m = flat[start:end], n // 4
+            chunk, m = flat[start:end], n // v.spatial_merge_size**2
             vision_in = stack_blocks(chunk, v.spatial_merge_size, v.num_position_embeddings)
             self.backend.run_bound("vision", vision_in, {
                 "visual_embeds": DeviceView(visual, row * d, (len(chunk), m, d)),

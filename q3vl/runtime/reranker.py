@@ -1,19 +1,23 @@
 """`q3vl.Reranker`: the published `Qwen3VLReranker.process()` on an exported bundle, without torch.
 
 The published wrapper scores one (query, document) pair per forward pass; this runs pairs in
-micro-batches (right padding, last valid token) and gives the same scores (tested).
+micro-batches (right padding, last valid token) and gives the same scores (tested). The query is
+planned once per call and its media decoded once, whatever the number of documents.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from q3vl.bundle import SCORE
+import numpy as np
+
 from q3vl.errors import InputError
 from q3vl.preprocess.items import content, rerank_request
 from q3vl.runtime.base import BundleModel
+from q3vl.runtime.batch import Details, Plan
+from q3vl.tasks import SCORE, TASKS
 
-DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+DOCUMENT_KEYS = ("text", "image", "video")
 
 
 class Reranker(BundleModel):
@@ -25,31 +29,54 @@ class Reranker(BundleModel):
         [0.93, 0.12]                                                             # doctest: +SKIP
     """
 
-    task = "reranker"
-    DEFAULT_MAX_LENGTH = 10240
-    DEFAULT_INSTRUCTION = DEFAULT_INSTRUCTION
+    task = TASKS["reranker"]
+
+    def plan(self, inputs: dict[str, Any]) -> list[Plan | InputError]:
+        """Batch API step 1: one `Plan` or `InputError` per document (`[]` for an empty query or no
+        documents). A bad query raises `QueryError` (every score depends on it).
+        """
+        req = rerank_request(inputs)
+        if not req.query_given or not req.documents:  # the wrapper: an empty query dict or no documents
+            return []
+        # the wrapper: a (instruction, text) query tuple replaces the request's instruction
+        instruction = (req.query_instruction if req.query_is_tuple else req.instruction) or self.default_instruction
+        encoder = self.encoder.configured(req.pixels)  # the request's own pixel limits, if it sets any
+        with self.media_call():
+            shared = encoder.plan_query(req.query, instruction, req.fps, req.max_frames)
+            return self._plan_each(len(req.documents), lambda i: self._plan_pair(encoder, req, shared, instruction, i))
+
+    @staticmethod
+    def _plan_pair(encoder: Any, req: Any, shared: Any, instruction: str, i: int) -> Any:
+        doc = req.documents[i]
+        if not isinstance(doc, dict):
+            raise InputError(f"document must be a dict, not {type(doc).__name__}")
+        extra = sorted(set(doc) - set(DOCUMENT_KEYS))
+        if extra:
+            raise InputError(f"document has unknown keys {extra}; allowed: {list(DOCUMENT_KEYS)}")
+        return encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames, shared)
+
+    def process_details(self, inputs: dict[str, Any], *, on_error: str = "raise",
+                        progress: bool | None = None) -> Details:
+        """`process()` plus per-document token counts and errors: a `Details` whose `values` are
+        exactly what `process()` returns.
+        """
+        plans = self.plan(inputs)
+        outputs, errors = self._run(plans, on_error, progress, "reranking")
+        scores = [float(outputs[i][SCORE]) if i in outputs else float("nan") for i in range(len(plans))]
+        return Details.of(scores, plans, errors)
 
     def process(self, inputs: dict[str, Any], *, on_error: str = "raise", progress: bool | None = None) -> list[float]:
         """One float score in [0, 1] per document, in order; `[]` for an empty query or no documents.
 
         Args:
-            inputs: {"query": {...}, "documents": [{...}, ...], "instruction"?, "fps"?, "max_frames"?}.
+            inputs: {"query": {...}, "documents": [{...}, ...], "instruction"?, "fps"?, "max_frames"?,
+                "min_pixels"?, "max_pixels"?, "total_pixels"?} (the last three override the constructor's).
             on_error: "raise" (an `InputError` naming the document index) or "skip" (that score is NaN).
             progress: show a progress bar (default: on a TTY for large inputs).
         """
-        req = rerank_request(inputs)
-        if req.query.empty or not req.documents:
-            return []
-        instruction = req.query_instruction or req.instruction or self.default_instruction
+        return self.process_details(inputs, on_error=on_error, progress=progress).values
 
-        def plan(i: int) -> Any:
-            doc = req.documents[i]
-            if not isinstance(doc, dict):
-                raise InputError(f"document must be a dict, not {type(doc).__name__}")
-            extra = sorted(set(doc) - {"text", "image", "video"})
-            if extra:
-                raise InputError(f"document has unknown keys {extra}; allowed: ['image', 'text', 'video']")
-            return self.encoder.rerank_pair(req.query, content(doc), instruction, req.fps, req.max_frames)
-
-        outputs, _ = self.run_items(len(req.documents), plan, on_error, progress, "reranking")
-        return [float(outputs[i][SCORE]) if i in outputs else float("nan") for i in range(len(req.documents))]
+    @staticmethod
+    def scores(outputs: dict[str, np.ndarray]) -> list[float]:
+        """Python float scores from `run_batch` outputs."""
+        return [float(s) for s in outputs[SCORE]]

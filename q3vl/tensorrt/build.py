@@ -10,17 +10,19 @@ the errors) is tested everywhere.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from q3vl.bundle import Manifest, describe_files
 from q3vl.errors import BackendUnavailableError, BundleError
+from q3vl.outputs import partial_name
+from q3vl.precision import ENGINE_PRECISIONS, check
 from q3vl.tensorrt.profiles import Limits, Profile, profiles
 from q3vl.tensorrt.support import check_graph
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def require_tensorrt() -> Any:
@@ -37,14 +39,14 @@ def require_tensorrt() -> Any:
 def check_bundle_for_tensorrt(bundle: Path) -> Manifest:
     """The bundle must hold plain graphs whose every op/dtype TensorRT 10 supports."""
     manifest = Manifest.read(bundle)
-    kinds = {m.get("kind", "plain") for m in manifest.graphs.values()}
+    kinds = {m.kind for m in manifest.graphs.values()}
     if kinds != {"plain"}:
         raise BundleError(f"{bundle} holds {sorted(kinds)} graphs; TensorRT needs the plain graphs (their fused "
                           "variants use ONNX Runtime contrib ops): export with --graph plain")
     if manifest.extra.get("quantization"):
         raise BundleError(f"{bundle} is weight-quantized for ONNX Runtime; build engines from the fp32/fp16 bundle")
     for graph, meta in manifest.graphs.items():
-        report = check_graph(bundle / meta["file"])
+        report = check_graph(bundle / meta.file)
         if not report.ok:
             raise BundleError(f"{graph} graph is not TensorRT-compatible: {report.summary()}")
     return manifest
@@ -80,8 +82,7 @@ def _build_one(trt: Any, onnx_path: Path, engine_path: Path, profile: Profile, p
 def build_engines(bundle: str | Path, limits: Limits | None = None, precision: str = "fp16",
                   workspace_gb: float = 8.0) -> Manifest:
     """Build `vision.engine` and `text.engine` in the bundle and record them (with profiles) in its manifest."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
+    check(precision, ENGINE_PRECISIONS, "engine precision")
     bundle, limits = Path(bundle), limits or Limits()
     manifest = check_bundle_for_tensorrt(bundle)
     trt = require_tensorrt()
@@ -90,14 +91,25 @@ def build_engines(bundle: str | Path, limits: Limits | None = None, precision: s
     probe = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()
     cache = probe.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     engines: dict[str, Any] = {}
-    for graph, meta in manifest.graphs.items():
-        t0 = time.perf_counter()
-        engine = bundle / f"{graph}.engine"
-        cache = _build_one(trt, bundle / meta["file"], engine, profs[graph], precision, cache, workspace_gb)
-        engines[graph] = {"file": engine.name, "precision": precision, "profile": profs[graph].to_dict(),
-                          "seconds": round(time.perf_counter() - t0, 1)}
-        log.info("built %s in %.0f s", engine.name, engines[graph]["seconds"])
-    cache_path.write_bytes(bytes(cache.serialize()))
+    staged: dict[Path, Path] = {}  # partial -> final: engines appear in the bundle together, or not at all
+    try:
+        for graph, meta in manifest.graphs.items():
+            t0 = time.perf_counter()
+            engine = bundle / f"{graph}.engine"
+            staged[partial_name(engine)] = engine
+            cache = _build_one(trt, bundle / meta.file, partial_name(engine), profs[graph], precision, cache,
+                               workspace_gb)
+            engines[graph] = {"file": engine.name, "precision": precision, "profile": profs[graph].to_dict(),
+                              "seconds": round(time.perf_counter() - t0, 1)}
+            log.info("built %s in %.0f s", engine.name, engines[graph]["seconds"])
+        staged[partial_name(cache_path)] = cache_path
+        partial_name(cache_path).write_bytes(bytes(cache.serialize()))
+    except BaseException:
+        for partial in staged:
+            partial.unlink(missing_ok=True)
+        raise
+    for partial, final in staged.items():
+        os.replace(partial, final)
     manifest.extra["tensorrt"] = {"version": trt.__version__, "limits": limits.to_dict(), "engines": engines}
     manifest.files.update(describe_files(bundle, [e["file"] for e in engines.values()]))
     manifest.write(bundle)

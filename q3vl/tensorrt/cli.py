@@ -15,10 +15,18 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 @command("trt check", _check_args)
 def _check(a: argparse.Namespace) -> int:
-    """Check every op and data type against TensorRT 10's ONNX operator table; non-zero exit on problems."""
+    """Check a bundle's ops and data types against TensorRT 10's ONNX table; exit 1 on problems."""
+    from q3vl.checks import require
+    from q3vl.errors import ConfigError
+
+    require("export", ["onnx"])
+    files = [f for p in a.paths for f in (sorted(p.glob("*.onnx")) if p.is_dir() else [p])]
+    missing = [str(p) for p in a.paths if not p.exists()]
+    if missing or not files:
+        raise ConfigError(f"no such bundle or .onnx file: {', '.join(missing)}" if missing
+                          else f"no .onnx files in {', '.join(map(str, a.paths))}")
     from q3vl.tensorrt.support import check_graph
 
-    files = [f for p in a.paths for f in (sorted(p.glob("*.onnx")) if p.is_dir() else [p])]
     reports = [check_graph(f) for f in files]
     for r in reports:
         sys.stdout.write(r.summary() + "\n")
@@ -57,5 +65,13 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 
 @command("trt build", _build_args)
 def _build(a: argparse.Namespace) -> int:
-    """Build TensorRT engines for a bundle with profiles from the given limits."""
+    """Build TensorRT engines into a plain-graph bundle, with profiles from the given limits."""
+    from q3vl.checks import positive, require
+    from q3vl.tensorrt.build import check_bundle_for_tensorrt, require_tensorrt
+
+    positive(max_batch=a.max_batch, max_tokens=a.max_tokens, max_image_pixels=a.max_image_pixels,
+             max_frames=a.max_frames, max_images=a.max_images, workspace_gb=a.workspace_gb)
+    require("export", ["onnx"])  # the static op check reads the graphs
+    check_bundle_for_tensorrt(a.bundle)
+    require_tensorrt()
     return build_from_args(a.bundle, a, a.precision)

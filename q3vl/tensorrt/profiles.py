@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from q3vl.spec import ModelSpec
+from q3vl.errors import ConfigError, LimitError
+from q3vl.spec import ModelSpec, VisionSpec
 
 Shape = tuple[int, ...]
 
@@ -32,7 +33,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.max_tokens, self.max_image_pixels, self.max_frames, self.max_images) < 1:
-            raise ValueError("every limit must be >= 1")
+            raise ConfigError("every limit must be >= 1")
         # opt values are tuning hints: clamp them into range rather than reject a small max
         for opt, top in (("opt_batch", "max_batch"), ("opt_tokens", "max_tokens"),
                          ("opt_image_pixels", "max_image_pixels")):
@@ -42,9 +43,10 @@ class Limits:
         return asdict(self)
 
 
-def _patches(pixels: int) -> int:
-    """Patches of an image with `pixels` pixels (16x16 patches), a multiple of 4 (2x2 merge)."""
-    return max(4, pixels // 256 // 4 * 4)
+def _patches(pixels: int, v: VisionSpec) -> int:
+    """Patches of an image with `pixels` pixels, a whole number of merge blocks (16x16 patches, 2x2 merge)."""
+    block = v.spatial_merge_size**2
+    return max(block, pixels // v.patch_size**2 // block * block)
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,12 @@ class Profile:
         return {"trt_profile_min_shapes": fmt(0), "trt_profile_opt_shapes": fmt(1), "trt_profile_max_shapes": fmt(2)}
 
     def check(self, feeds: dict[str, Any]) -> None:
-        """Raise ValueError naming the limit when a feed falls outside the profile."""
+        """Raise `LimitError` naming the limit when a feed falls outside the profile."""
         for name, (lo, _, hi) in self.shapes.items():
             shape = tuple(feeds[name].shape)
             for axis, (v, a, b) in enumerate(zip(shape, lo, hi)):
                 if not a <= v <= b:
-                    raise ValueError(f"input {name!r} dimension {axis} is {v}, outside the engine's range [{a}, {b}]"
+                    raise LimitError(f"input {name!r} dimension {axis} is {v}, outside the engine's range [{a}, {b}]"
                                      f" ({_limit_hint(name, axis)}); rebuild the engines with a larger limit")
 
 
@@ -85,8 +87,8 @@ def _limit_hint(name: str, axis: int) -> str:
 def vision_profile(spec: ModelSpec, limits: Limits) -> Profile:
     """Shapes of the vision graph: [blocks, patches, ...]."""
     v = spec.vision
-    blocks = (1, 1, max(limits.max_images, limits.max_frames // 2))
-    patches = (4, _patches(limits.opt_image_pixels), _patches(limits.max_image_pixels))
+    blocks = (1, 1, max(limits.max_images, limits.max_frames // v.temporal_patch_size))
+    patches = (v.spatial_merge_size**2, _patches(limits.opt_image_pixels, v), _patches(limits.max_image_pixels, v))
     dims = {"pixel_values": v.patch_dim, "pos_ids": 2, "interp_idx": 4, "interp_w": 4}
     return Profile({name: ((blocks[0], patches[0], d), (blocks[1], patches[1], d), (blocks[2], patches[2], d))
                     for name, d in dims.items()})

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.errors import missing_extra
+from q3vl.precision import check
+from q3vl.tasks import task_for
 from q3vl.testing.outliers import Plan, describe, edit, make_plan
 from q3vl.testing.shapes import config_dict, processor_configs
 
 log = logging.getLogger(__name__)
 
-TASKS = ("embedding", "reranker")
 ACTIVATIONS = ("default", "realistic")
 SHARD_BYTES = 2 * 1024**3
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -182,10 +183,8 @@ def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tin
         import torch
     except ImportError as e:
         raise missing_extra("torch", "export") from e
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    task_for(task)  # a ConfigError naming the known tasks
+    check(activations, ACTIVATIONS, "activations")
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,5 +208,5 @@ def make_checkpoint(path: str | Path, task: str = "embedding", shape: str = "tin
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2))
     _write_tokenizer(out)
-    log.info("checkpoint %s (%s, %s, %s activations) written to %s", shape, task, dtype, activations, out)
+    log.debug("checkpoint %s (%s, %s, %s activations) written to %s", shape, task, dtype, activations, out)
     return out

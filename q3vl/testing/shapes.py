@@ -1,6 +1,6 @@
 """The model shapes q3vl makes random-weight checkpoints for.
 
-`2b` and `8b` are the published Qwen3-VL-Embedding/Reranker shapes (REFERENCE.md section 4).
+`2b` and `8b` are the published Qwen3-VL-Embedding/Reranker shapes (docs/reference-behaviour.md#model-sizes).
 `tiny` keeps every structural feature (GQA, q/k norms, interleaved M-RoPE, DeepStack, the real
 vocabulary and position table) at toy widths for fast tests; `small` (217M parameters) is sized
 for CPU benchmarks.
@@ -9,6 +9,8 @@ for CPU benchmarks.
 from __future__ import annotations
 
 from typing import Any
+
+from q3vl.tasks import task_for
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -59,9 +61,8 @@ def config_dict(shape: str, task: str) -> dict[str, Any]:
         "model_type": "qwen3_vl", "num_position_embeddings": 2304, "out_hidden_size": t["hidden_size"],
         "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, **v,
     }
-    name = "Embedding" if task == "embedding" else "Reranker"
     return {
-        "_name_or_path": f"q3vl-testing/Qwen3-VL-{name}-{shape}-random",
+        "_name_or_path": f"q3vl-testing/{task_for(task).model_name}-{shape}-random",
         "architectures": ["Qwen3VLForConditionalGeneration"],
         "image_token_id": 151655, "model_type": "qwen3_vl", "text_config": text_config,
         "tie_word_embeddings": tie, "transformers_version": "4.57.3", "video_token_id": 151656,

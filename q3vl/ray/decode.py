@@ -1,0 +1,106 @@
+"""The optional CPU decode stage: images decoded and resized on CPU actors before the embedding stage.
+
+On a GPU node the embedding actor's own loader threads decode the next micro-batch while the current
+one runs; when a node has too few cores for that (large photos, many GPUs), `DecodeImages` moves the
+decode and the resize to separate CPU actors, which Ray can place anywhere in the cluster.
+
+Each single image (a path, URL, data URI, encoded bytes or an array) is read under the media policy,
+resized exactly as the embedder would resize it (smart_resize with the bundle's patch factor and the
+same `min_pixels` / `max_pixels`, PIL bicubic) and passed on as raw RGB bytes at that final size. The
+embedder's own resize of an image already at its target size is the identity (smart_resize of a
+conforming size returns it; Pillow's resize to the same size is a copy), so the embedding is the one
+the file gives (tested). Image lists, frame lists and videos pass through and are decoded in the
+embedding stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from q3vl.errors import ConfigError
+from q3vl.ray.rows import ColumnMap, resolve, table_rows
+
+PIXELS = "_q3vl_pixels_{}"
+SHAPE = "_q3vl_shape_{}"
+PRIVATE = "_q3vl_"
+
+
+class DecodeImages:
+    """`map_batches` callable (CPU actors): adds, per image column, the decoded pixels of each row's
+    single image; a row whose image cannot be read gets that error in `error` (and is not embedded).
+
+    `min_pixels`, `max_pixels` and `media_policy` must be the embedding stage's (the pipeline helper
+    passes the same values to both).
+    """
+
+    def __init__(self, bundle: str | Path, *, columns: ColumnMap | None = None, base_dir: str | None = None,
+                 min_pixels: int = 4096, max_pixels: int = 1_843_200, media_policy: Any = None,
+                 timeout: float = 10.0) -> None:
+        from q3vl.bundle import Manifest
+        from q3vl.preprocess.media import MediaPolicy
+        from q3vl.preprocess.vision import Geometry
+
+        self.columns = columns or ColumnMap()
+        if self.columns.json:
+            raise ConfigError("the decode stage reads columns, not JSON lines")
+        self.factor = Geometry.from_spec(Manifest.read(Path(bundle)).spec.vision).factor
+        self.base_dir, self.min_pixels, self.max_pixels = base_dir, min_pixels, max_pixels
+        self.policy = media_policy or MediaPolicy()
+        self.timeout = timeout
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        from q3vl.ray.udf import ERROR, _RowStage
+
+        errors = _RowStage._prior_errors(batch)
+        rows = table_rows(batch, self.columns.image)
+        table = batch
+        for column in self.columns.image:
+            if column not in batch.column_names:
+                continue
+            pixels: list[bytes | None] = [None] * len(rows)
+            shapes: list[list[int] | None] = [None] * len(rows)
+            for i, row in enumerate(rows):
+                value = row.get(column)
+                if errors[i] or not isinstance(value, (str, bytes, np.ndarray)):
+                    continue  # nothing, a list of images or a bad value: left to the embedding stage
+                try:
+                    rgb = self._decode(resolve(value, self.base_dir) if isinstance(value, str) else value)
+                except Exception as e:
+                    from q3vl.runtime.base import as_input_error
+
+                    errors[i] = as_input_error(e).reason
+                    continue
+                pixels[i], shapes[i] = rgb.tobytes(), list(rgb.shape)
+            table = table.append_column(PIXELS.format(column), pa.array(pixels, pa.binary()))
+            table = table.append_column(SHAPE.format(column), pa.array(shapes, pa.list_(pa.int32())))
+        table = table.drop_columns([ERROR]) if ERROR in table.column_names else table
+        return table.append_column(ERROR, pa.array(errors, pa.string()))
+
+    def _decode(self, ref: Any) -> np.ndarray:
+        """The image at its final size, uint8 `[h, w, 3]`: the embedder's own probe and resize."""
+        from q3vl.preprocess.image import probe_image, smart_resize
+        from q3vl.preprocess.media import MediaAccess, media_call
+
+        with media_call(self.policy):
+            image = probe_image(ref, MediaAccess.current(self.policy, self.timeout))
+            h, w = smart_resize(image.height, image.width, self.factor, self.min_pixels, self.max_pixels)
+            return image.resized(h, w)
+
+
+def apply_decoded(batch: Any, rows: list[dict[str, Any]], columns: ColumnMap) -> None:
+    """Put the decode stage's pixels (arrays at their final size) in place of the image values they
+    were decoded from, in `rows` (the embedding stage's view of `batch`).
+    """
+    for column in columns.image:
+        name = PIXELS.format(column)
+        if name not in batch.column_names:
+            continue
+        shapes = batch.column(SHAPE.format(column)).to_pylist()
+        for row, data, shape in zip(rows, batch.column(name).to_pylist(), shapes):
+            if data is not None:
+                row[column] = np.frombuffer(data, np.uint8).reshape(shape)

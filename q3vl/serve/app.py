@@ -1,0 +1,47 @@
+"""The FastAPI application: routes, error handlers and middlewares around one `Service`.
+
+Middleware order, outermost first: metrics (counts every response, 401s and 413s included), auth
+(an unauthenticated client never gets its body read), body limit (413 before parsing), the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from q3vl._version import __version__
+from q3vl.serve.http import AuthMiddleware, BodyLimitMiddleware, install_handlers
+from q3vl.serve.metrics import MetricsMiddleware
+from q3vl.serve.routes import build_router
+from q3vl.serve.service import Service
+
+PROBES = {"/health", "/metrics"}
+
+
+def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The app for a `Service`; starting it starts loading the models (`on_failure` if they cannot load)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.start(on_failure)
+        try:
+            yield
+        finally:
+            svc.close()
+
+    app = FastAPI(title="q3vl serve", version=__version__, lifespan=lifespan,
+                  description="Qwen3-VL-Embedding / Qwen3-VL-Reranker bundles behind the OpenAI, Cohere and "
+                              "vLLM embedding and rerank APIs.")
+    install_handlers(app)
+    app.state.svc = svc
+    router = build_router()
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=svc.config.max_request_bytes)
+    if svc.config.api_key:
+        app.add_middleware(AuthMiddleware, api_key=svc.config.api_key,
+                           open_paths=set() if svc.config.auth_probes else PROBES)
+    routes = {getattr(r, "path", "") for r in router.routes} | {"/openapi.json", "/docs", "/redoc"}
+    app.add_middleware(MetricsMiddleware, metrics=svc.metrics, routes=routes)
+    return app

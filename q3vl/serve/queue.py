@@ -1,0 +1,384 @@
+"""The cross-request queue: items of concurrent requests gathered into micro-batches for one model.
+
+Each model has one `ModelQueue` and one scheduler thread (ONNX Runtime releases the GIL, so the
+event loop keeps serving while a batch runs). The thread repeats one step, a *round*:
+
+1. gather up to `batch_size` items, at most `max_batch_tokens` real tokens (text + vision) and at most
+   `max_batch_requests` distinct requests: first up to a quarter of the round from the **oldest**
+   waiting request (so it always progresses), then the requests with the **fewest items left**
+   (shortest remaining first, ties by age) until the round is full. A request of 100 items thus
+   shares every round with the small requests that arrived after it, which finish in the next round
+   instead of waiting for all of its items, and equal requests complete in arrival order rather
+   than all at once at the end (lower mean latency than item-by-item round-robin);
+2. cut the round into micro-batches with the model's own `BatchPolicy` (`model.batches`: length-sorted,
+   padded-token budget, padding ratio), start their media loads on the model's loader pool
+   (`model.submit_load`), and run each with `model.run_batch`, delivering each row to its request.
+
+When the model is idle a round starts at once with whatever is queued (after `max_wait_ms`, 0 by
+default: a lone request never waits); while a round runs, new items queue up and form the next one,
+which is how batches fill under load. A full round found while another runs is cut and its loads
+started early (prefetch), so decoding overlaps inference only when that cannot shrink a batch.
+
+A request that fails (a bad item found while loading) or whose client disconnects has its waiting
+items dropped; items already in a running micro-batch finish and are discarded. Nothing here
+batches on its own: grouping is `model.batches`, loading `model.submit_load`, running `model.run_batch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from q3vl.errors import BackendError, InputError, OverloadedError, QueryError, UnavailableError
+from q3vl.runtime.batch import Loaded, Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's items in a queue: what is waiting, what came back, and its timings (seconds)."""
+
+    plans: list[Plan]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Job]
+    enqueued: float = field(default_factory=time.monotonic)
+    pending: deque[Plan] = field(default_factory=deque)
+    rows: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    error: BaseException | None = None
+    cancelled: bool = False
+    queue_time: float = 0.0  # the longest wait of its items before their round started
+    load_time: float = 0.0  # waiting for its micro-batches' media loads
+    inference_time: float = 0.0  # its micro-batches' run_batch time
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or self.error is not None or len(self.rows) == len(self.plans)
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        """Every output stacked in the request's order (rows `[N, ...]`)."""
+        keys = self.rows[self.plans[0].index]
+        return {k: np.stack([self.rows[p.index][k] for p in self.plans]) for k in keys}
+
+
+@dataclass
+class Round:
+    """Items taken from the queue together, with their started loads."""
+
+    items: list[tuple[Job, Plan]]
+    loads: dict[int, Future[Loaded | InputError]] = field(default_factory=dict)  # by id(plan)
+
+    def job(self, plan: Plan) -> Job:
+        return next(j for j, p in self.items if p is plan)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How rounds are gathered and how much may wait (see `ServeConfig`)."""
+
+    batch_size: int
+    max_batch_tokens: int
+    max_wait: float = 0.0  # seconds
+    max_batch_requests: int = 0  # 0: no cap
+    max_items: int = 1024
+
+
+class _Round:
+    """Items being taken for one round, within its item, token and request caps."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.picked: list[tuple[Job, Plan]] = []
+        self.members: set[int] = set()
+        self.tokens = 0
+
+    def take(self, job: Job, n: int) -> bool:
+        """Up to `n` of `job`'s waiting items; False once the round is full (stop gathering)."""
+        lim = self.limits
+        if lim.max_batch_requests and id(job) not in self.members and len(self.members) >= lim.max_batch_requests:
+            return True  # no room for another request: try the next one
+        while n and job.pending:
+            if len(self.picked) >= lim.batch_size:
+                return False
+            plan = job.pending[0]
+            if self.picked and self.tokens + plan.tokens > lim.max_batch_tokens:
+                return False
+            job.pending.popleft()
+            self.picked.append((job, plan))
+            self.members.add(id(job))
+            self.tokens += plan.tokens
+            n -= 1
+        return len(self.picked) < lim.batch_size
+
+
+class ModelQueue:
+    """One model's queue and scheduler thread; `submit`/`cancel`/`run` are called on the event loop."""
+
+    def __init__(self, model: Any, name: str, limits: Limits, metrics: Any) -> None:
+        self.model, self.name, self.limits, self.metrics = model, name, limits, metrics
+        self._cond = threading.Condition()
+        self._jobs: deque[Job] = deque()  # requests with waiting items, in arrival order
+        self._queued = 0
+        self._queued_tokens = 0
+        self._closing = False
+        self._rate = 0.0  # tokens per second, smoothed, for Retry-After
+        self._thread = threading.Thread(target=self._loop, name=f"q3vl-serve-{name}", daemon=True)
+
+    # ------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        self._thread.start()
+
+    def check_room(self, n: int) -> None:
+        """Refuse (429/503) a request of `n` items now, before it is planned, if it could not be queued."""
+        with self._cond:
+            self._refuse(n, 0)
+
+    def _refuse(self, n: int, tokens: int) -> None:
+        if self._closing:
+            raise UnavailableError("the server is draining before it exits; retry on another replica")
+        if self._queued + n > self.limits.max_items:
+            raise OverloadedError(f"the {self.name} queue is full ({self._queued} items waiting, limit "
+                                  f"{self.limits.max_items}); retry later", self._retry_after(tokens))
+
+    def submit(self, plans: list[Plan]) -> Job:
+        """Queue a request's planned items; 429 (`OverloadedError`) when the queue is full."""
+        loop = asyncio.get_running_loop()
+        job = Job(list(plans), loop, loop.create_future())
+        tokens = sum(p.tokens for p in plans)
+        with self._cond:
+            self._refuse(len(plans), tokens)
+            job.pending.extend(plans)
+            self._jobs.append(job)
+            self._queued += len(plans)
+            self._queued_tokens += tokens
+            self.metrics.queue_items.labels(self.name).set(self._queued)
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job, reason: str = "disconnected") -> None:
+        """Drop a request's waiting items (its client went away); running ones finish unseen."""
+        with self._cond:
+            if job.finished:
+                return
+            job.cancelled = True
+            dropped = self._drop(job)
+        if dropped:
+            self.metrics.failed_items.labels(self.name, reason).inc(dropped)
+        log.debug("%s: dropped %d queued items of a cancelled request", self.name, dropped)
+
+    async def run(self, plans: list[Plan], disconnected: Callable[[], Awaitable[Any]] | None) -> Job | None:
+        """Queue `plans` and wait for their outputs; None when the client disconnected first.
+
+        Raises the request's error (an `InputError` found while loading, a `BackendError`).
+        """
+        job = self.submit(plans)
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            await asyncio.wait([job.future, *([watcher] if watcher else [])], return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done():
+                self.cancel(job)
+                return None
+            return job.future.result()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not job.future.done():  # the handler itself was cancelled
+                self.cancel(job, "cancelled")
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def close(self, timeout: float) -> bool:
+        """Stop taking requests, finish every queued item (up to `timeout` s), stop the thread; whether
+        the thread has stopped (a queue closed before it started has nothing to finish).
+        """
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.ident is not None:
+            self._thread.join(max(timeout, 0.0))
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        ahead: Round | None = None
+        while True:
+            rnd = ahead or self._wait_round()
+            ahead = None
+            if rnd is None:
+                return
+            for batch in self.model.batches([p for _, p in rnd.items]):
+                if ahead is None:
+                    ahead = self._take_round(full_only=True)  # prefetch: only a round that is already full
+                try:
+                    self._run_batch(rnd, batch)
+                except Exception as e:  # a bug here must not strand every waiting request
+                    log.exception("%s: scheduler error", self.name)
+                    for plan in batch:
+                        self._fail(rnd.job(plan), BackendError(f"internal error: {type(e).__name__}"), "internal_error")
+
+    def _wait_round(self) -> Round | None:
+        """The next round: at once when items wait (after `max_wait` unless a round is full); None at close."""
+        with self._cond:
+            while True:
+                if not self._queued:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                left = min(j.enqueued for j in self._jobs) + self.limits.max_wait - time.monotonic()
+                if left > 0 and not self._closing and not self._full():
+                    self._cond.wait(left)
+                    continue
+                rnd = Round(self._gather())
+                break
+        return self._start_loads(rnd)
+
+    def _take_round(self, full_only: bool) -> Round | None:
+        with self._cond:
+            if not self._queued or (full_only and not self._full()):
+                return None
+            rnd = Round(self._gather())
+        return self._start_loads(rnd)
+
+    def _start_loads(self, rnd: Round) -> Round:
+        plans = [p for _, p in rnd.items]
+        rnd.loads = {id(p): f for p, f in zip(plans, self.model.submit_load(plans))}
+        return rnd
+
+    def _full(self) -> bool:
+        return self._queued >= self.limits.batch_size or self._queued_tokens >= self.limits.max_batch_tokens
+
+    def _gather(self) -> list[tuple[Job, Plan]]:
+        """The next round's items (lock held): the oldest waiting request first, up to a quarter of the
+        round, then the requests with the fewest items left (ties: the older) until the round is full.
+        """
+        lim = self.limits
+        round_ = _Round(lim)
+        if round_.take(self._jobs[0], max(1, lim.batch_size // 4)):
+            for job in sorted(self._jobs, key=lambda j: len(j.pending)):  # stable: ties stay in arrival order
+                if not round_.take(job, len(job.pending)):
+                    break
+        now = time.monotonic()
+        for job, _ in round_.picked:
+            job.queue_time = max(job.queue_time, now - job.enqueued)
+            self.metrics.queue_seconds.labels(self.name).observe(now - job.enqueued)
+        self._jobs = deque(j for j in self._jobs if j.pending)
+        self._queued -= len(round_.picked)
+        self._queued_tokens -= round_.tokens
+        self.metrics.queue_items.labels(self.name).set(self._queued)
+        return round_.picked
+
+    def _run_batch(self, rnd: Round, batch: list[Plan]) -> None:
+        """Wait for the batch's loads, run it, deliver each row; a bad item fails only its request."""
+        start = time.monotonic()
+        live: list[tuple[Job, Loaded]] = []
+        for plan in batch:
+            job = rnd.job(plan)
+            if job.finished:  # failed or cancelled meanwhile: its rows are not wanted
+                continue
+            try:
+                result = rnd.loads[id(plan)].result()
+            except QueryError as e:  # a rerank query whose media failed to load: that request alone fails
+                self._fail(job, e, "invalid_input")
+                continue
+            if isinstance(result, InputError):
+                self._fail(job, result, "invalid_input")
+            elif not job.finished:
+                live.append((job, result))
+        waited = time.monotonic() - start
+        live = [(j, x) for j, x in live if not j.finished]  # a failure above may have ended a request
+        self.metrics.preprocess_seconds.labels(self.name, "load").observe(waited)
+        if live:
+            self._infer(live, waited)
+
+    def _infer(self, live: list[tuple[Job, Loaded]], waited: float) -> None:
+        start = time.monotonic()
+        try:
+            out = self.model.run_batch([x for _, x in live])
+        except Exception as e:
+            if len(live) > 1:  # find the item that breaks the graph: the others still get their rows
+                log.warning("%s: a micro-batch of %d failed (%s); running its items one by one", self.name,
+                            len(live), e)
+                for pair in live:
+                    self._infer([pair], waited)
+                return
+            log.exception("%s: inference failed", self.name)
+            self._fail(live[0][0], BackendError(f"inference failed: {type(e).__name__}"), "inference_error")
+            return
+        took = time.monotonic() - start
+        self._observe(live, took)
+        for job in {id(j): j for j, _ in live}.values():
+            job.inference_time += took
+            job.load_time += waited
+        for row, (job, x) in enumerate(live):
+            if job.finished:
+                continue
+            job.rows[x.plan.index] = {k: v[row] for k, v in out.items()}
+            if job.finished:
+                _post(job, job, None)
+
+    def _observe(self, live: list[tuple[Job, Loaded]], took: float) -> None:
+        tokens = sum(x.plan.tokens for _, x in live)
+        m, name = self.metrics, self.name
+        m.inference_seconds.labels(name).observe(took)
+        m.batch_items.labels(name).observe(len(live))
+        m.batch_requests.labels(name).observe(len({id(j) for j, _ in live}))
+        m.batch_tokens.labels(name).observe(tokens)
+        rate = tokens / max(took, 1e-6)
+        self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
+
+    def _fail(self, job: Job, err: BaseException, reason: str) -> None:
+        with self._cond:
+            if job.finished:
+                return
+            job.error = err
+            dropped = self._drop(job)
+        self.metrics.failed_items.labels(self.name, reason).inc(1 + dropped)
+        _post(job, None, err)
+
+    def _drop(self, job: Job) -> int:
+        """Remove a request's waiting items (lock held); how many there were."""
+        dropped = len(job.pending)
+        if dropped:
+            self._queued -= dropped
+            self._queued_tokens -= sum(p.tokens for p in job.pending)
+            job.pending.clear()
+            self.metrics.queue_items.labels(self.name).set(self._queued)
+        if job in self._jobs:
+            self._jobs.remove(job)
+        return dropped
+
+    def _retry_after(self, tokens: int) -> int:
+        """Seconds until the queue has room, from the measured token rate (1 s before any batch ran)."""
+        if not self._rate:
+            return 1
+        return int(min(600, (self._queued_tokens + tokens) / self._rate)) + 1
+
+
+def _post(job: Job, result: Job | None, err: BaseException | None) -> None:
+    """From the scheduler thread: resolve a request's future on its event loop (gone at shutdown: nothing to do)."""
+    try:
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, err)
+    except RuntimeError:  # the loop is closed
+        log.debug("request finished after its event loop closed")
+
+
+def _resolve(future: asyncio.Future[Job], job: Job | None, err: BaseException | None) -> None:
+    """On the event loop: complete a request's future once (it may have been cancelled meanwhile)."""
+    if future.done():
+        return
+    if err is not None:
+        future.set_exception(err)
+    else:
+        future.set_result(job)  # type: ignore[arg-type]

@@ -1,0 +1,291 @@
+"""Request and response bodies, copied field for field from the APIs the official clients speak.
+
+- OpenAI `POST /v1/embeddings` (openai-python `embeddings.create`), with vLLM's multimodal `messages`
+  form (one embedding per request) and its `normalize` extension;
+- Cohere v2 `POST /v2/embed` (cohere-python `ClientV2.embed`; vLLM implements it too);
+- rerank (`/v1/rerank`, `/rerank`, `/v2/rerank`): the Cohere/Jina/vLLM shape, with vLLM's
+  `{"content": [...]}` documents and query.
+
+Unknown fields are refused (a typo must not be silently ignored). q3vl's own per-item options
+(`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels) may be given on the request
+(they apply to every item) or, where an item is an object, on the item. Numbers are bounded and
+finite (JSON parsers accept NaN and 1e999), lists and strings have caps, so a request's size is
+limited before any work starts.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXT = 4 * 1024 * 1024  # characters in one string; the body limit is usually lower
+MAX_PARTS = 256  # content parts in one item
+MAX_LIST = 100_000  # any list; the per-request item limit (--max-client-batch-size) is checked after
+MAX_FRAMES = 1024
+MAX_PIXELS = 1 << 28
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Name = Annotated[str, Field(max_length=256)]
+
+
+class Strict(BaseModel):
+    """A request body part: unknown fields are a 400 naming them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ItemOptions(Strict):
+    """q3vl's per-item options (extensions to every API), honoured exactly as `process()` does."""
+
+    instruction: Text | None = Field(None, description="Instruction for this item (the system prompt).")
+    fps: float | None = Field(None, gt=0, le=120, allow_inf_nan=False, description="Video sampling rate.")
+    max_frames: int | None = Field(None, ge=2, le=MAX_FRAMES, description="Most frames sampled from a video.")
+    min_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Smallest image area (pixels).")
+    max_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Largest image area (pixels).")
+    total_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Pixel budget of a frame-list video.")
+
+    def options(self) -> dict[str, Any]:
+        """The options that were given, as runtime item keys."""
+        return {k: v for k, v in self.model_dump(include=set(ItemOptions.model_fields)).items() if v is not None}
+
+
+# ---------------------------------------------------------------- content parts (OpenAI / vLLM / Cohere)
+class URL(Strict):
+    """A media reference: a data: URI, an http(s) URL, or (with --media-root) a path."""
+
+    url: Text
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's image_url.detail (accepted, not used)
+
+
+class TextPart(Strict):
+    """A text content part."""
+
+    type: Literal["text"]
+    text: Text
+
+
+class ImagePart(Strict):
+    """An image content part (OpenAI/Cohere `image_url`)."""
+
+    type: Literal["image_url"]
+    image_url: URL
+
+
+class VideoPart(Strict):
+    """A video content part (vLLM's `video_url`)."""
+
+    type: Literal["video_url"]
+    video_url: URL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+Parts = Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)]
+
+
+# ---------------------------------------------------------------- OpenAI / vLLM embeddings
+class ChatMessage(Strict):
+    """vLLM's chat message: a system message is the instruction, user messages the content."""
+
+    role: Literal["system", "user"]
+    content: Text | Parts
+
+
+class EmbeddingRequest(ItemOptions):
+    """OpenAI's embeddings request; `messages` is vLLM's multimodal form (all of it is one input)."""
+
+    model: Name | None = None
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_PARTS)] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=1 << 16)
+    user: Name | None = None
+    normalize: bool = Field(True, description="vLLM extension: False returns the raw pooled state.")
+
+
+class EmbeddingData(BaseModel):
+    """One embedding: a float list, or base64 of little-endian float32 bytes."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    """Tokens of the request, text and vision."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """OpenAI's embeddings response."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ---------------------------------------------------------------- Cohere v2 embed
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereInput(ItemOptions):
+    """One mixed input of `inputs`: its content parts (text, image_url; q3vl adds video_url) are one item."""
+
+    content: Parts
+
+
+class EmbedV2Request(ItemOptions):
+    """Cohere's v2 embed request: exactly one of `texts`, `images` (data URIs) or `inputs`."""
+
+    model: Name | None = None
+    input_type: Name | None = None
+    texts: Annotated[list[Text], Field(max_length=MAX_LIST)] | None = None
+    images: Annotated[list[Text], Field(max_length=MAX_LIST)] | None = None
+    inputs: Annotated[list[CohereInput], Field(max_length=MAX_LIST)] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    output_dimension: int | None = Field(None, ge=1, le=1 << 16)
+    embedding_types: Annotated[list[EmbeddingType], Field(min_length=1, max_length=6)] | None = None
+    truncate: Literal["NONE", "START", "END"] = "END"
+    priority: int | None = Field(None, ge=0, le=1 << 16)
+
+
+class EmbedByType(BaseModel):
+    """One array per requested type, each as long as the inputs."""
+
+    float: list[list[builtins.float]] | None = None
+    int8: list[list[int]] | None = None
+    uint8: list[list[int]] | None = None
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[str] | None = None
+
+
+class ApiVersion(BaseModel):
+    """Cohere's API version marker."""
+
+    version: str = "2"
+
+
+class Units(BaseModel):
+    """Cohere's billed units."""
+
+    input_tokens: int | None = None
+    images: int | None = None
+    search_units: int | None = None
+
+
+class Tokens(BaseModel):
+    """Cohere's token counts."""
+
+    input_tokens: int | None = None
+
+
+class Meta(BaseModel):
+    """Cohere's response metadata."""
+
+    api_version: ApiVersion = Field(default_factory=ApiVersion)
+    billed_units: Units | None = None
+    tokens: Tokens | None = None
+
+
+class EmbedV2Response(BaseModel):
+    """Cohere's v2 embed response (`embeddings_by_type`)."""
+
+    id: str
+    embeddings: EmbedByType
+    texts: list[str] | None = None
+    meta: Meta
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+
+
+# ---------------------------------------------------------------- rerank (Cohere / Jina / vLLM)
+class MultiModal(Strict):
+    """vLLM's multimodal query or document: its content parts are one query / one document."""
+
+    content: Parts
+
+
+class RerankRequest(ItemOptions):
+    """Rerank request (Cohere/Jina/vLLM): a query, documents, `top_n`, `return_documents`."""
+
+    model: Name | None = None
+    query: Text | MultiModal
+    documents: Annotated[list[Text | MultiModal], Field(max_length=MAX_LIST)]
+    top_n: int | None = Field(None, ge=0, le=1 << 31, description="0 or absent: every document.")
+    return_documents: bool = True
+    max_tokens_per_doc: int | None = Field(None, ge=1, le=1 << 20)
+    priority: int | None = Field(None, ge=0, le=1 << 16)
+
+
+class RerankDocument(BaseModel):
+    """The document echoed in a rerank result: text, or vLLM's multimodal parts."""
+
+    text: str | None = None
+    multi_modal: list[dict[str, Any]] | None = None
+
+
+class RerankResult(BaseModel):
+    """One document's score and its index in the request."""
+
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    """Tokens of every (query, document) pair."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    """Rerank response: results sorted by `relevance_score`, cut to `top_n`."""
+
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+    meta: Meta
+
+
+# ---------------------------------------------------------------- the rest
+class ModelCard(BaseModel):
+    """One served model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "q3vl"
+    task: str
+
+
+class ModelList(BaseModel):
+    """The served models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    """What went wrong; `param` names the request field."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, used for every 4xx and 5xx."""
+
+    error: ErrorBody
+
+
+class Status(BaseModel):
+    """A probe's answer."""
+
+    status: str
