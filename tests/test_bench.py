@@ -1,7 +1,8 @@
 """The benchmark in --quick form: it runs and writes well-formed results (no speed asserted).
 
-This is what the README means by "the smoke test CI runs": `q3vl bench --quick --out results` from
-scratch in an empty directory, and the harness with 2 pooled rounds.
+The smoke test is `q3vl bench --quick --out results` from scratch in an empty directory, and the
+harness with 2 pooled rounds; both run under `-m slow` (about two minutes on 2 cores: CI time). Every
+CI run rebuilds the committed reports from their JSON and checks the speed-ups by hand.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +57,7 @@ def test_quick_benchmark_pools_rounds(tiny_embedding, tiny_embedding_bundle, tmp
     assert "| workload | batch | tokens | reference ms | q3vl fp32 |" in table
 
 
+@pytest.mark.slow  # CI time: a minute on 2 cores (makes and exports both tiny models, 4 workers)
 def test_quick_cli_from_scratch_writes_only_where_asked(tmp_path):
     from tests.test_cli import q3vl
 
@@ -85,3 +88,22 @@ def test_quick_cli_from_scratch_writes_only_where_asked(tmp_path):
     assert "\r" not in r.stderr and "Traceback" not in r.stderr
     print(f"q3vl bench --quick from scratch: {wall:.0f} s wall, {cpu:.0f} s CPU")
     assert cpu < 120  # the tiny shape stays a smoke test: 2 cores x 1 minute
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("name", ["cpu-small"])
+def test_committed_report_is_rebuilt_from_its_json(name):
+    from q3vl.bench.report import markdown, speedups
+
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    assert markdown(data) == (RESULTS / f"{name}.md").read_text()
+    ref = next(r for s, r in zip(data["systems"], data["results"])
+               if s["kind"] == "reference" and s["task"] == "embedding")
+    ref_ms = {(w["workload"], w["batch"]): w["median_ms"] for w in ref["workloads"]}
+    rows = speedups(data)
+    assert rows and {r["column"] for r in rows} >= {"q3vl fp32", "q3vl int8"}
+    for row in rows:
+        if row["system"].endswith("(embedding)"):  # speed-up = reference ms / system ms, same workload
+            assert row["e2e"] == pytest.approx(ref_ms[(row["workload"], row["batch"])] / row["median_ms"])
