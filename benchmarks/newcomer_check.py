@@ -4,7 +4,7 @@
 
 1. `git clone` this repository's branch into a temporary directory (outside any source tree).
 2. The README's from-source install there: `python3 -m venv .venv && . .venv/bin/activate &&
-   pip install -q -e '.[dev]'`, then its test command `python -m pytest` (unless --no-tests).
+   pip install -q --no-compile -e '.[dev]'`, then its test command `python -m pytest` (unless --no-tests).
 3. Every runnable block of the clone's README (bash and python; `slow` ones included, `skip` ones
    not), in order, in an empty work directory, with the clone's venv first on PATH and each block's
    stderr appended to one file, as a reader pasting them into a shell would. The install block is
@@ -73,7 +73,7 @@ def main() -> int:
     rows: list[tuple[str, int, float]] = []
     rc, s = sh(f"git clone -q -b {a.branch} {ROOT} {clone}", base, log)
     rows.append((f"git clone -b {a.branch} (this repository)", rc, s))
-    install = "python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[dev]'"
+    install = "python3 -m venv .venv && . .venv/bin/activate && pip install -q --no-compile -e '.[dev]'"
     rows.append((install, *sh(install, clone, log)))
     venv_bin = clone / ".venv" / "bin"
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(clone / ".venv"),

@@ -153,10 +153,10 @@ def fake_tensorrt() -> types.ModuleType:
     return trt
 
 
-def test_native_tensorrt_backend_is_safe_under_concurrent_calls(tiny_embedding_plain, tmp_path, monkeypatch):
+def test_native_tensorrt_backend_is_safe_under_concurrent_calls(tiny_embedding_bundle, tmp_path, monkeypatch):
     from q3vl.runtime.backends.base import create
 
-    bundle = shutil.copytree(tiny_embedding_plain, tmp_path / "bundle")
+    bundle = shutil.copytree(tiny_embedding_bundle, tmp_path / "bundle")  # engines are faked: any graphs do
     manifest = json.loads((bundle / "q3vl.json").read_text())
     profile = {"x": [[1], [64], [4096]]}
     manifest["tensorrt"] = {"engines": {g: {"file": f"{g}.engine", "profile": profile} for g in ("vision", "text")}}

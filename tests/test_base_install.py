@@ -49,8 +49,7 @@ def test_the_blocker_blocks(base_env):
     assert "torch is not installed; " + EXPORT in one_error_line(r)
 
 
-def test_commands_that_need_an_extra_say_which(base_env, tiny_embedding, tiny_embedding_bundle,
-                                               tiny_embedding_plain, tmp_path):
+def test_commands_that_need_an_extra_say_which(base_env, tiny_embedding, tiny_embedding_bundle, tmp_path):
     items = tmp_path / "items.jsonl"
     items.write_text(json.dumps({"id": "a", "text": "hello"}) + "\n")
     ckpt, bundle, out = str(tiny_embedding), str(tiny_embedding_bundle), str(tmp_path / "out")
@@ -58,8 +57,8 @@ def test_commands_that_need_an_extra_say_which(base_env, tiny_embedding, tiny_em
         "export": (["export", ckpt, "-o", out], "torch is not installed; " + EXPORT),
         "parity": (["parity", ckpt, bundle], "torch is not installed; " + EXPORT),
         "quantize": (["quantize", bundle, "--weights", "int8", "-o", out], "onnx is not installed; " + EXPORT),
-        "trt check": (["trt", "check", str(tiny_embedding_plain)], "onnx is not installed; " + EXPORT),
-        "trt build": (["trt", "build", str(tiny_embedding_plain)], "onnx is not installed; " + EXPORT),
+        "trt check": (["trt", "check", bundle], "onnx is not installed; " + EXPORT),
+        "trt build": (["trt", "build", bundle], "onnx is not installed; " + EXPORT),
         "serve": (["serve", "--embedding", bundle, "--port", "0"], SERVE),
         "embed-dataset": (["embed-dataset", str(items), "-o", out, "--bundle", bundle],
                           "ray is not installed; it comes with the 'ray' extra: pip install 'q3vl[ray]'"),

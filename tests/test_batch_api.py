@@ -209,7 +209,7 @@ def test_bad_query_is_reported_as_the_query(tiny_reranker_bundle, tmp_path):
 
 
 def test_concurrent_batch_api_calls_are_identical(tiny_embedding_bundle, media):
-    """8 threads x 50 mixed calls on one model through the batch API == one thread."""
+    """8 threads x 50 mixed calls on one model through the batch API == one thread (issue 11)."""
     model = Embedder(tiny_embedding_bundle)
     pool_items = mixed_items(media)
     jobs = [[pool_items[(k + j) % len(pool_items)] for j in range(1 + k % 3)] for k in range(400)]

@@ -1,7 +1,9 @@
 """The benchmark in --quick form: it runs and writes well-formed results (no speed asserted).
 
-This is what the README means by "the smoke test CI runs": `q3vl bench --quick --out results` from
-scratch in an empty directory, and the harness with 2 pooled rounds.
+CI's smoke test runs `q3vl bench --quick` for the embedding task on one workload, reusing the tiny
+models the other tests made (put in its work directory). Under `-m slow` (about two minutes on 2
+cores): the same command from scratch in an empty directory with all four workloads and both tasks,
+and the harness with 2 pooled rounds. Every CI run also rebuilds the committed report from its JSON.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +58,30 @@ def test_quick_benchmark_pools_rounds(tiny_embedding, tiny_embedding_bundle, tmp
     assert "| workload | batch | tokens | reference ms | q3vl fp32 |" in table
 
 
+def test_quick_cli_reuses_the_models_in_its_work_directory(tiny_embedding, tiny_embedding_bundle, tmp_path):
+    from tests.test_cli import q3vl
+
+    work, cwd = tmp_path / "work", tmp_path / "cwd"
+    (work / "bundles").mkdir(parents=True)
+    cwd.mkdir()
+    (work / "tiny-embedding").symlink_to(tiny_embedding)
+    (work / "bundles" / "tiny-embedding-fp32").symlink_to(tiny_embedding_bundle)
+    r = q3vl("bench", "--quick", "--tasks", "embedding", "--workloads", "text-32", "--workdir", str(work),
+             "--out", "results", cwd=cwd, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (work / "bundles").iterdir()) == ["tiny-embedding-fp32"]  # reused, none made
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == [
+        "results", "results/quick-tiny.json", "results/quick-tiny.md", "results/quick-tiny.png"]
+    data = json.loads((cwd / "results" / "quick-tiny.json").read_text())
+    assert [s["name"] for s in data["systems"]] == ["reference float32 (embedding)", "q3vl fp32 (embedding)"]
+    assert not [x for x in data["results"] if "error" in x]
+    ref, ours = ([(w["workload"], w["batch"], w["tokens"]) for w in x["workloads"]] for x in data["results"])
+    assert ref == ours == [("text-32", 8, ref[0][2])] and ref[0][2] > 0  # same tokens on both sides
+    assert "| text-32 | 8 |" in r.stdout and "bench: 2/2 systems in" in r.stderr
+    assert "\r" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow  # CI time: a minute on 2 cores (makes and exports both tiny models, 4 workers)
 def test_quick_cli_from_scratch_writes_only_where_asked(tmp_path):
     from tests.test_cli import q3vl
 
@@ -85,3 +112,22 @@ def test_quick_cli_from_scratch_writes_only_where_asked(tmp_path):
     assert "\r" not in r.stderr and "Traceback" not in r.stderr
     print(f"q3vl bench --quick from scratch: {wall:.0f} s wall, {cpu:.0f} s CPU")
     assert cpu < 120  # the tiny shape stays a smoke test: 2 cores x 1 minute
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("name", ["cpu-small"])
+def test_committed_report_is_rebuilt_from_its_json(name):
+    from q3vl.bench.report import markdown, speedups
+
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    assert markdown(data) == (RESULTS / f"{name}.md").read_text()
+    ref = next(r for s, r in zip(data["systems"], data["results"])
+               if s["kind"] == "reference" and s["task"] == "embedding")
+    ref_ms = {(w["workload"], w["batch"]): w["median_ms"] for w in ref["workloads"]}
+    rows = speedups(data)
+    assert rows and {r["column"] for r in rows} >= {"q3vl fp32", "q3vl int8"}
+    for row in rows:
+        if row["system"].endswith("(embedding)"):  # speed-up = reference ms / system ms, same workload
+            assert row["e2e"] == pytest.approx(ref_ms[(row["workload"], row["batch"])] / row["median_ms"])
