@@ -154,21 +154,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading_main() else None
     try:
         return int(args.func(args))
-    except (Q3VLError, OSError) as e:  # a user mistake or an unusable file: one line, no traceback
-        if (stop := _terminated(e)) is not None:
-            return int(stop.code)  # type: ignore[arg-type]
-        if verbose:
-            traceback.print_exc()
-        sys.stderr.write(f"q3vl: error: {_one_line(e)}\n")
-        return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("q3vl: interrupted\n")
         return EXIT_INTERRUPTED
-    except Exception as e:  # SIGTERM surfacing through a library that wrapped it: still a quiet termination
-        stop = _terminated(e)
-        if stop is None:
+    except Exception as e:
+        if (stop := _terminated(e)) is not None:  # SIGTERM wrapped by a library: still a quiet termination
+            return int(stop.code)  # type: ignore[arg-type]
+        if not isinstance(e, (Q3VLError, OSError)):
             raise
-        return int(stop.code)  # type: ignore[arg-type]
+        if verbose:  # a user mistake or an unusable file: one line, no traceback
+            traceback.print_exc()
+        sys.stderr.write(f"q3vl: error: {_one_line(e)}\n")
+        return EXIT_USAGE
     finally:
         if previous is not None:  # `main` called from Python (tests) leaves the caller's handler in place
             signal.signal(signal.SIGTERM, previous)

@@ -112,7 +112,6 @@ class SharedMedia:
                     self._blocks = self._load(self.media)
                 except Exception as e:
                     self._error = QueryError(f"query: {getattr(e, 'reason', None) or e}")
-                    self._error.__cause__ = e
                     raise self._error from e
             return self._blocks
 
