@@ -24,10 +24,14 @@ TOLERANCES = {
     "fp32": Tolerance(vision_cos=0.99999, embed_cos=0.9999, score_abs=1e-4),
     "fp16": Tolerance(vision_cos=0.999, embed_cos=0.999, score_abs=5e-3),
     "bf16": Tolerance(vision_cos=0.99, embed_cos=0.99, score_abs=3e-2),
-    "fp16-weights": Tolerance(vision_cos=0.999, embed_cos=0.999, score_abs=5e-3),
+    # Weight formats, against the fp32 bundle. Worst item on the 28-item parity set (56 reranker scores),
+    # small shape, outlier-realistic checkpoints (docs/quantization.md; benchmarks/quant_parity.py):
+    # fp16 weights: cos 1.000000, |diff| 1.2e-5
+    "fp16-weights": Tolerance(vision_cos=0.999, embed_cos=0.9999, score_abs=1e-3),
+    # int8 (method smooth): cos 0.9986, |diff| 0.0113 (method dynamic: 0.38 / 0.196, outside)
     "int8-weights": Tolerance(vision_cos=0.99, embed_cos=0.99, score_abs=2e-2),
-    # random-weight checkpoints are a hard case for 4 bits: measured min cosine 0.965 (tiny), 0.941 (small)
-    "int4-weights": Tolerance(vision_cos=0.90, embed_cos=0.90, score_abs=1e-1),
+    # int4: cos 0.964, |diff| 0.132 (default checkpoints: cos 0.941 small, 0.965 tiny)
+    "int4-weights": Tolerance(vision_cos=0.90, embed_cos=0.90, score_abs=0.15),
 }
 
 

@@ -158,9 +158,29 @@ def test_int8_options_are_refused_before_any_work(tiny_embedding, tiny_embedding
           "-o", str(tmp_path / "q")], "--checkpoint is for --weights int8 with --method smooth"),
         (["export", str(tiny_embedding), "--weights", "int8", "--precision", "fp16", "-o", str(tmp_path / "q")],
          "--weights needs the fused fp32 graphs"),
+        (["export", str(tiny_embedding), "--weights", "int4", "--int8-alpha", "0.4", "-o", str(tmp_path / "q")],
+         "--int8-alpha is for --weights int8"),
+        (["export", str(tiny_embedding), "--weights", "int8", "--int8-alpha", "nan", "-o", str(tmp_path / "q")],
+         "int8 smoothing strength nan must be a number in (0, 1)"),
+        (["quantize", str(tiny_embedding_bundle), "--weights", "int8", "--int8-alpha", "1.5", "-o", str(tmp_path / "q")],
+         "int8 smoothing strength 1.5 must be a number in (0, 1)"),
+        (["quantize", str(tiny_embedding_bundle), "--weights", "int8", "--method", "dynamic", "--int8-alpha", "0.4",
+          "-o", str(tmp_path / "q")], "--int8-alpha is for --weights int8 with --method smooth"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fixed_smoothing_strength_calibrates_one_branch(realistic):
+    """`--int8-alpha A`: no search (no simulated copies of the model), the same projections planned."""
+    from q3vl.export.calibrate import calibrate
+    from q3vl.quantization.int8 import plan_for_alpha
+
+    ckpt, _, searched = realistic
+    fixed = calibrate(ckpt, "embedding", plan_for_alpha(0.5))
+    assert fixed.alpha == 0.5 and fixed.search == {} and fixed.alphas == (0.5,)
+    assert set(fixed.projections) == set(searched.projections)
+    assert plan_for_alpha(None) is None

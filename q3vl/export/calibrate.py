@@ -128,6 +128,7 @@ def _vision(spec: Any, w: Any, blocks: list[Any], br: _Branches) -> dict[int, li
         xs = {0: embed(None), **br.step(dict.fromkeys(br.keys), embed, {"patch_embed.w": patch})}
         deep: dict[int, list[list[Any]]] = {b: [[] for _ in feeds] for b in br.keys}
         for i in range(v.depth):
+            log.info("int8 calibration: vision block %d/%d", i + 1, v.depth)
             xs = _vision_block(br, VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, F32, v.layer_norm_eps),
                                i, xs, rot)
             if i in v.deepstack_visual_indexes:
@@ -205,6 +206,7 @@ def _text(spec: Any, w: Any, feeds: dict[int, dict[str, np.ndarray]], br: _Branc
     bias = torch.where(allowed, 0.0, -1e9).to(F32).unsqueeze(1)
     with torch.no_grad():
         for i in range(t.num_layers):
+            log.info("int8 calibration: text layer %d/%d", i + 1, t.num_layers)
             p = f"model.language_model.layers.{i}."
             layer, taps = DecoderLayer(spec, w, p[:-1], F32), _Taps()
             for key, mod in (("qkv", layer.q), ("o_proj", layer.o), ("gate_up", layer.gate), ("down_proj", layer.down)):

@@ -32,6 +32,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                         "default), nbits (MatMulNBits 8-bit, accuracy level 4)")
     p.add_argument("--checkpoint", type=Path,
                    help="int8 smooth: the checkpoint to calibrate on (default: the bundle's recorded source)")
+    p.add_argument("--int8-alpha", type=float, metavar="A",
+                   help="int8 smooth: one smoothing strength in (0, 1) instead of trying 0.3-0.6 (calibrates "
+                        "~5x faster)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
@@ -47,6 +50,11 @@ def _quantize(a: argparse.Namespace) -> int:
     require("export", ["onnx"])
     positive(block_size=a.block_size)
     method = check_method(a.weights, a.method)
+    if a.int8_alpha is not None and method != "smooth":
+        raise ConfigError("--int8-alpha is for --weights int8 with --method smooth (the default)")
+    from q3vl.quantization.int8 import plan_for_alpha
+
+    plan = plan_for_alpha(a.int8_alpha)
     manifest = check_quantizable(a.bundle)
     if method == "smooth":  # calibration runs the checkpoint's layers in torch
         check_smooth(a.bundle, manifest, a.checkpoint)
@@ -59,7 +67,7 @@ def _quantize(a: argparse.Namespace) -> int:
     from q3vl.export.exporter import summary
 
     out = quantize_bundle(a.bundle, a.output, a.weights, block_size=a.block_size, overwrite=a.overwrite,
-                          progress=not a.no_progress, method=method, checkpoint=a.checkpoint)
+                          progress=not a.no_progress, method=method, checkpoint=a.checkpoint, plan=plan)
     sys.stdout.write(summary(out) + "\n")
     return 0
 
