@@ -5,7 +5,7 @@ tensor, as each projection is assembled from the checkpoint: no fp32 graph exist
 disk. The ops and weight values are the ones the fp32-bundle path writes (`q3vl quantize`):
 int8 through `q3vl.quantization.int8.emit_matmul` with the same calibrated plan, int4 through
 ONNX Runtime's own block quantizer (the one `MatMulNBitsQuantizer` calls), so both paths give the
-same numbers (tests/test_quantized_export.py).
+same numbers (tests/test_int8.py::test_export_time_weights_equal_quantizing_the_fp32_bundle).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ Yang et al. 2024 for activation spikes), chosen by measurement (docs/quantizatio
   products in int16 and saturate with 8-bit weights on CPUs without VNNI (measured: 10% max error
   per matmul); 7 bits cannot saturate.
 - **Float fallback**: a projection whose simulated int8 error on the calibration activations
-  stays above `max_error` after smoothing (a spike-carrying down_proj) keeps a float MatMul.
+  stays above `max_error` after smoothing keeps a float MatMul (on the realistic checkpoints: the
+  fc2 of the vision block whose register neurons fire).
 """
 
 from __future__ import annotations
