@@ -149,7 +149,7 @@ def bundle(a: argparse.Namespace) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.tag}.json").write_text(json.dumps(data, indent=2) + "\n")
     mi = data["machine"]
-    figure = "cosine" if task.name == "embedding" else "|score diff|"
+    figure = "cosine" if task.name == "embedding" else "\\|score diff\\|"  # escaped: a table cell
     lines = [f"{task.name}: {a.bundle.name} ({manifest.precision}, {size / 1e9:.2f} GB) vs the bfloat16 PyTorch "
              f"reference of {Path(meta['checkpoint']).name}; {mi['cpu']}, {mi['cores']} cores, {mi['memory_gib']} GiB; "
              f"{mi['date']}", "",
