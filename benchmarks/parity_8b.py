@@ -58,16 +58,22 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def request(task: Any, item: dict[str, Any]) -> Any:
+    """One item as the task's request: an embedding item, or a document (no instruction) scored against QUERY."""
+    if task.name == "embedding":
+        return [item]
+    return {"query": QUERY, "documents": [{k: v for k, v in item.items() if k != "instruction"}]}
+
+
 def reference(a: argparse.Namespace) -> int:
     import torch
 
+    from q3vl.tasks import task_for
+
     torch.set_num_threads(a.threads)
+    task = task_for(a.task)
     started = time.perf_counter()
-    if a.task == "embedding":
-        from q3vl.reference.embedder import ReferenceEmbedder as Ref
-    else:
-        from q3vl.reference.reranker import ReferenceReranker as Ref
-    model = Ref(a.checkpoint, dtype="bfloat16")
+    model = task.reference(a.checkpoint, dtype="bfloat16")
     load_s = time.perf_counter() - started
     out, seconds, labels = [], [], []
     with tempfile.TemporaryDirectory(prefix="q3vl-8b-") as tmp:
@@ -76,13 +82,8 @@ def reference(a: argparse.Namespace) -> int:
             if wanted is not None and label not in wanted:
                 continue
             t = time.perf_counter()
-            if a.task == "embedding":
-                value = model.process([item]).float().numpy()[0]
-            else:
-                doc = {k: v for k, v in item.items() if k != "instruction"}
-                value = np.asarray(model.process({"query": QUERY, "documents": [doc]}), np.float64)[0]
+            out.append(task.reference_values(model, request(task, item))[0])
             seconds.append(time.perf_counter() - t)
-            out.append(np.asarray(value, np.float64))
             labels.append(label)
             sys.stderr.write(f"reference {label}: {seconds[-1]:.1f} s, peak RSS {peak_rss_gb():.1f} GB\n")
     np.savez(a.out, values=np.stack(out), labels=np.array(labels), seconds=np.array(seconds),
@@ -110,34 +111,21 @@ def bundle(a: argparse.Namespace) -> int:
             if label not in ran:
                 continue
             t = time.perf_counter()
-            if task.name == "embedding":
-                value = np.asarray(model.process([item]), np.float64)[0]
-            else:
-                doc = {k: v for k, v in item.items() if k != "instruction"}
-                value = np.asarray(model.process({"query": QUERY, "documents": [doc]}), np.float64)[0]
+            got.append(task.values(model, request(task, item))[0])
             seconds.append(time.perf_counter() - t)
-            got.append(value)
             sys.stderr.write(f"bundle {label}: {seconds[-1]:.1f} s\n")
         latency = {}
         for name, item in (("text-32", dict(work)["text/32 tokens"]), ("image-448x448", dict(work)["image/448x448"])):
             ts = []
             for _ in range(a.repeats):
                 t = time.perf_counter()
-                if task.name == "embedding":
-                    model.process([item])
-                else:
-                    model.process({"query": QUERY, "documents": [item]})
+                model.process(request(task, item))
                 ts.append(time.perf_counter() - t)
             latency[name] = {"median_s": statistics.median(ts), "runs": len(ts)}
     model.close()
-    values = np.stack(got)
-    refs = ref["values"]
-    if task.name == "embedding":
-        figures = (values * refs).sum(-1) / (np.linalg.norm(values, axis=-1) * np.linalg.norm(refs, axis=-1))
-        worst = float(figures.min())
-    else:
-        figures = np.abs(values - refs)
-        worst = float(figures.max())
+    key = task.outputs[0]
+    figures = task.compare({key: np.stack(got)}, {key: ref["values"]})
+    worst = task.worst(figures)
     labels = [str(x) for x in ref["labels"]]
     manifest = Manifest.read(a.bundle)
     size = sum(f.stat().st_size for f in a.bundle.iterdir() if f.is_file())
