@@ -102,6 +102,6 @@ def test_install_hints_name_extras_that_exist():
     # every call in the package names an existing extra (or a base dependency)
     import re
 
-    root = Path(__file__).parents[1] / "q3vl"
+    root = Path(__file__).parents[1] / "src" / "q3vl"
     named = {m for f in root.rglob("*.py") for m in re.findall(r"missing_extra\([^)]*?, \"(\w+)\"\)", f.read_text())}
     assert named and named <= declared, named - declared
