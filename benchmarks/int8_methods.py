@@ -27,7 +27,7 @@ from q3vl.bench.run import machine_info, pool_rounds, run_system
 from q3vl.bench.workloads import Workload
 from q3vl.bundle import Manifest
 from q3vl.errors import ParityError
-from q3vl.quantization.int8 import Int8Plan
+from q3vl.export.quantize.int8 import Int8Plan
 
 # method -> (weights, what it is)
 METHODS = {
@@ -58,7 +58,7 @@ def checkpoint_and_fp32(workdir: Path, shape: str, activations: str, task: str) 
 
 def make_bundle(fp32: Path, out: Path, method: str, plans: dict[str, Int8Plan]) -> Path:
     """One method's bundle (reused when present). Calibrations are shared where the settings allow."""
-    from q3vl.quantization.weights import quantize_bundle
+    from q3vl.export.quantize.weights import quantize_bundle
 
     if (out / "q3vl.json").exists():
         return out
@@ -74,7 +74,7 @@ def make_bundle(fp32: Path, out: Path, method: str, plans: dict[str, Int8Plan]) 
 
 
 def _plan(fp32: Path, method: str, plans: dict[str, Int8Plan]) -> Int8Plan:
-    from q3vl.export.calibrate import calibrate
+    from q3vl.export.quantize.calibrate import calibrate
 
     settings = {"token": Int8Plan(alphas=None, max_error=None), "smooth-tensor": Int8Plan(activations="tensor",
                                                                                            max_error=None),

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.quantization.embeddings import Calibration, dequantize, describe, quantize_embeddings, truncate
-from q3vl.quantization.index import BinaryIndex
+from q3vl.codes.embeddings import Calibration, dequantize, describe, quantize_embeddings, truncate
+from q3vl.codes.index import BinaryIndex
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -81,7 +81,7 @@ def test_embed_refuses_before_loading_a_model(case, message, tiny_embedding_bund
                                               tiny_embedding, items, tmp_path, monkeypatch, capsys):
     import numpy as np
 
-    from q3vl.quantization import Calibration
+    from q3vl.codes import Calibration
 
     Calibration.fit(np.random.default_rng(0).normal(size=(8, 16))).save(tmp_path / "c16.json")
     (tmp_path / "old.npy").write_bytes(b"keep")
@@ -136,7 +136,7 @@ def test_index_rerank_calibrate_and_quantize_check_first(tiny_embedding_bundle, 
 # ---------------------------------------------------------------- item 2: whole outputs or none
 def test_a_failed_quantize_or_export_leaves_no_output(tiny_embedding, tiny_embedding_bundle, tmp_path, monkeypatch):
     from q3vl.export import exporter
-    from q3vl.quantization import weights
+    from q3vl.export.quantize import weights
 
     def broken(*a: object, **k: object) -> None:
         raise RuntimeError("disk on fire")

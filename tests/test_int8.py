@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from q3vl.quantization.int8 import Int8Plan, Projection, emit_matmul, quantize_rows, quantize_weight, smoothing_scales
+from q3vl.export.quantize.int8 import (
+    Int8Plan,
+    Projection,
+    emit_matmul,
+    quantize_rows,
+    quantize_weight,
+    smoothing_scales,
+)
 
 
 def _run_one_matmul(tmp_path, x, w, plan, name="proj"):
@@ -48,7 +55,7 @@ def test_smoothing_is_exact_and_folds_where_planned(tmp_path):
     s = smoothing_scales(np.abs(x).max(0), np.abs(w).max(1), 0.5)
     assert np.all(np.log2(s) == np.round(np.log2(s))) and s[7] >= 4 * np.median(s)  # sqrt(300) ~ 17x larger input: ~16x
     plan = Int8Plan(max_error=None)
-    from q3vl.quantization.int8 import Fold
+    from q3vl.export.quantize.int8 import Fold
 
     plan.add(Projection("proj", s, True, 0.0, [Fold("gain", 0, s)]))  # float: folding alone must be exact
     gain = np.ones(32, np.float32)
@@ -59,7 +66,7 @@ def test_smoothing_is_exact_and_folds_where_planned(tmp_path):
 
 
 def test_plan_save_load_round_trip(tmp_path):
-    from q3vl.quantization.int8 import Fold
+    from q3vl.export.quantize.int8 import Fold
 
     plan = Int8Plan(activations="token", weight_bits=7, alpha=0.5, max_error=0.04)
     s = np.array([1, 2, 0.5], np.float32)
@@ -76,8 +83,8 @@ def test_plan_save_load_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
     """A tiny realistic embedding checkpoint, its fp32 bundle, and its calibrated int8 plan."""
-    from q3vl.export.calibrate import calibrate
     from q3vl.export.exporter import export_bundle
+    from q3vl.export.quantize.calibrate import calibrate
     from q3vl.testing import make_checkpoint
 
     root = tmp_path_factory.mktemp("realistic")
@@ -88,7 +95,7 @@ def realistic(tmp_path_factory):
 
 def test_int8_bundle_parity_on_a_realistic_checkpoint(realistic, tmp_path):
     from q3vl.bundle import Manifest
-    from q3vl.quantization.weights import compare_bundles, quantize_bundle
+    from q3vl.export.quantize.weights import compare_bundles, quantize_bundle
     from q3vl.tolerances import tolerance
 
     _, fp32, plan = realistic
@@ -105,7 +112,7 @@ def test_int8_bundle_parity_on_a_realistic_checkpoint(realistic, tmp_path):
 
 def _dynamic(fp32, out):
     from q3vl.errors import ParityError
-    from q3vl.quantization.weights import quantize_bundle
+    from q3vl.export.quantize.weights import quantize_bundle
 
     try:
         return quantize_bundle(fp32, out, "int8", method="dynamic")
@@ -118,7 +125,7 @@ def test_export_time_weights_equal_quantizing_the_fp32_bundle(realistic, tmp_pat
     from q3vl.bundle import Manifest
     from q3vl.errors import ParityError
     from q3vl.export.exporter import export_bundle
-    from q3vl.quantization.weights import quantize_bundle
+    from q3vl.export.quantize.weights import quantize_bundle
 
     ckpt, fp32, plan = realistic
     try:
@@ -177,8 +184,8 @@ def test_int8_options_are_refused_before_any_work(tiny_embedding, tiny_embedding
 
 def test_a_fixed_smoothing_strength_calibrates_one_branch(realistic):
     """`--int8-alpha A`: no search (no simulated copies of the model), the same projections planned."""
-    from q3vl.export.calibrate import calibrate
-    from q3vl.quantization.int8 import plan_for_alpha
+    from q3vl.export.quantize.calibrate import calibrate
+    from q3vl.export.quantize.int8 import plan_for_alpha
 
     ckpt, _, searched = realistic
     fixed = calibrate(ckpt, "embedding", plan_for_alpha(0.5))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from q3vl.quantization.embeddings import (
+from q3vl.codes.embeddings import (
     Calibration,
     dequantize,
     describe,
@@ -83,7 +83,7 @@ def test_truncate_then_normalise_then_quantize(emb):
 
 # ---------------------------------------------------------------- index
 def test_exact_hamming_search_equals_numpy(emb):
-    from q3vl.quantization.index import BinaryIndex
+    from q3vl.codes.index import BinaryIndex
 
     index = BinaryIndex.build(emb, rescore="none")
     queries = emb[:20] + 0.05 * np.random.default_rng(1).normal(size=(20, 64)).astype(np.float32)
@@ -96,7 +96,7 @@ def test_exact_hamming_search_equals_numpy(emb):
 
 
 def test_rescoring_improves_recall(emb):
-    from q3vl.quantization.index import BinaryIndex
+    from q3vl.codes.index import BinaryIndex
 
     rng = np.random.default_rng(2)
     queries = emb[rng.choice(500, 50, replace=False)] + 0.3 * rng.normal(size=(50, 64)).astype(np.float32)
@@ -114,7 +114,7 @@ def test_rescoring_improves_recall(emb):
 
 
 def test_index_save_load(emb, tmp_path):
-    from q3vl.quantization.index import BinaryIndex
+    from q3vl.codes.index import BinaryIndex
 
     index = BinaryIndex.build(emb, keys=np.arange(1000, 1500), rescore="int8", meta={"bundle": "b"})
     a = index.search(emb[:5], 5, exact=True)
@@ -130,7 +130,7 @@ def test_index_save_load(emb, tmp_path):
 @pytest.mark.parametrize("weights", ["int8", "int4", "fp16"])
 def test_weight_quantized_bundles_meet_their_tolerance(tiny_embedding_bundle, tmp_path, ref_embedder, weights):
     from q3vl.bundle import Manifest
-    from q3vl.quantization.weights import quantize_bundle
+    from q3vl.export.quantize.weights import quantize_bundle
     from q3vl.runtime import Embedder
     from q3vl.tolerances import tolerance
 

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from q3vl.quantization import Calibration, quantize_embeddings  # noqa: E402
+from q3vl.codes import Calibration, quantize_embeddings  # noqa: E402
 from q3vl.ray import ColumnMap, EmbedBatch, RerankBatch, embed_corpus  # noqa: E402
 from q3vl.ray.store import iter_shards, read_manifest  # noqa: E402
 from q3vl.runtime import Embedder, Reranker  # noqa: E402

@@ -333,7 +333,7 @@ def test_cli_index_and_quantized_embeddings(tiny_embedding_bundle, tmp_path):
     r = run("embed", str(tiny_embedding_bundle), str(plain), "-o", str(tmp_path / "q.npy"), "--quantize", "int8",
             "--calibration", str(tmp_path / "c.json"))
     assert r.returncode == 0, r.stderr
-    from q3vl.quantization import Calibration, quantize_embeddings
+    from q3vl.codes import Calibration, quantize_embeddings
 
     expected = quantize_embeddings(np.load(tmp_path / "f.npy"), "int8", Calibration.load(tmp_path / "c.json"))
     assert np.array_equal(np.load(tmp_path / "q.npy"), expected)

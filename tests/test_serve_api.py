@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from q3vl.quantization import Calibration, quantize_embeddings
+from q3vl.codes import Calibration, quantize_embeddings
 from q3vl.runtime import Embedder, Reranker
 from q3vl.testing.inputs import gradient_image, write_video
 from tests.conftest import noise_image

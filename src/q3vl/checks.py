@@ -82,7 +82,7 @@ def check_calibration(path: Path | None, quantize: str, width: int) -> None:
     if path is None:
         raise ConfigError(f"--quantize {quantize} needs --calibration FILE (fit one with `q3vl calibrate "
                           f"EMBEDDINGS.npy -o FILE` on a float32 sample of the same --dim)")
-    from q3vl.quantization.embeddings import Calibration
+    from q3vl.codes.embeddings import Calibration
 
     if not path.is_file():
         raise ConfigError(f"--calibration {path}: no such file")

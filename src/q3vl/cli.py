@@ -189,8 +189,8 @@ def _register_more() -> None:
     """Import the modules whose commands live beside their implementation (all import light)."""
     import importlib
 
-    for module in ("q3vl.testing.cli", "q3vl.export.cli", "q3vl.runtime.cli", "q3vl.quantization.cli",
-                   "q3vl.bench.cli", "q3vl.tensorrt.cli", "q3vl.serve.cli", "q3vl.ray.cli"):
+    for module in ("q3vl.testing.cli", "q3vl.export.cli", "q3vl.runtime.cli", "q3vl.export.quantize.cli",
+                   "q3vl.codes.cli", "q3vl.bench.cli", "q3vl.tensorrt.cli", "q3vl.serve.cli", "q3vl.ray.cli"):
         importlib.import_module(module)
 
 

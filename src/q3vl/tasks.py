@@ -139,7 +139,7 @@ class Task(abc.ABC):
         """Add the head's ops and outputs to a hand-built text graph `g` (`q3vl.export.heads`).
 
         `matmul(x, w, name)`, when given, writes the head's constant-weight MatMuls (a quantized
-        export's weight format, `q3vl.export.quantized`); otherwise they are float32 MatMuls.
+        export's weight format, `q3vl.export.quantize.quantized`); otherwise they are float32 MatMuls.
         """
 
 

@@ -75,7 +75,7 @@ def ensure_bundle(workdir: Path, shape: str, task: str, variant: str, activation
     if variant in ("fp32", "fp16"):
         return export_bundle(ckpt, out, variant, task, overwrite=True)
     from q3vl.errors import ParityError
-    from q3vl.quantization.weights import quantize_bundle
+    from q3vl.export.quantize.weights import quantize_bundle
 
     try:
         return quantize_bundle(ensure_bundle(workdir, shape, task, "fp32", activations), out, variant, overwrite=True)

@@ -2,7 +2,7 @@
 
 Used twice with different references: export validation (the bundle against transformers,
 `export/parity.py`) and weight quantization (a quantized bundle against the fp32 bundle it came
-from, `quantization/weights.py`). Inputs go through the runtime's own batch API (`plan` -> `load` ->
+from, `export/quantize/weights.py`). Inputs go through the runtime's own batch API (`plan` -> `load` ->
 `run_batch`), so both sides see identical token ids and pixel values and what is compared is the
 graphs. The per-item figure, the worst-of rule and the bound come from the bundle's task.
 """

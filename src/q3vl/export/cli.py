@@ -53,7 +53,7 @@ def _check_export(a: argparse.Namespace, graph: str) -> None:
     if a.int8_alpha is not None:
         if a.weights != "int8":
             raise ConfigError("--int8-alpha is for --weights int8")
-        from q3vl.quantization.int8 import plan_for_alpha
+        from q3vl.export.quantize.int8 import plan_for_alpha
 
         plan_for_alpha(a.int8_alpha)
     if a.tensorrt and graph == "fused":
@@ -73,7 +73,7 @@ def _export(a: argparse.Namespace) -> int:
     graph = a.graph or ("plain" if a.tensorrt else "fused")
     _check_export(a, graph)
     from q3vl.export.exporter import export_bundle, summary
-    from q3vl.quantization.int8 import plan_for_alpha
+    from q3vl.export.quantize.int8 import plan_for_alpha
 
     out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=graph, overwrite=a.overwrite,
                         validate=not a.no_validate, progress=not a.no_progress, weights=a.weights,

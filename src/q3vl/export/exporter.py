@@ -13,12 +13,12 @@ from typing import Any
 from q3vl.bundle import GraphEntry, Manifest, describe_files, looks_like_bundle
 from q3vl.errors import CheckpointError, ConfigError, ParityError, missing_extra, option
 from q3vl.export.onnx_export import export_graph, text_example, vision_example
-from q3vl.export.quantized import Int8Hook, NBitsHook
+from q3vl.export.quantize.int8 import PLAN_FILE
+from q3vl.export.quantize.quantized import Int8Hook, NBitsHook
 from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity
 from q3vl.outputs import check_output, staged_dir
 from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, check, weights_precision
 from q3vl.progress import Progress
-from q3vl.quantization.int8 import PLAN_FILE
 from q3vl.spec import ModelSpec
 from q3vl.tasks import TASKS, Task, task_for
 
@@ -75,8 +75,8 @@ def _quant_hook(ckpt: Path, task: Task, weights: str | None, block_size: int, pl
         return None
     if weights == "int4":
         return NBitsHook(4, block_size)
-    from q3vl.export.calibrate import calibrate
-    from q3vl.quantization.int8 import Int8Plan
+    from q3vl.export.quantize.calibrate import calibrate
+    from q3vl.export.quantize.int8 import Int8Plan
 
     return Int8Hook(plan if plan is not None and plan.projections else calibrate(ckpt, task.name, plan or Int8Plan()))
 
@@ -214,7 +214,7 @@ def _write_bundle(ckpt: Path, out: Path, spec: ModelSpec, kind: Task, precision:
                   quant: Any = None) -> Manifest:
     """Graphs, tokenizer, template and manifest into `out` (the staging directory), then validation.
 
-    `quant` (a `q3vl.export.quantized` hook, fused fp32 graphs only) writes the weights quantized;
+    `quant` (a `q3vl.export.quantize.quantized` hook, fused fp32 graphs only) writes the weights quantized;
     the graphs are then recorded, and validated, at that weight format's precision.
     """
     started = time.perf_counter()

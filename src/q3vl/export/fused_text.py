@@ -22,7 +22,7 @@ import numpy as np
 from onnx import TensorProto as T
 
 from q3vl.export.onnx_writer import MS, GraphWriter
-from q3vl.export.quantized import QuantHook
+from q3vl.export.quantize.quantized import QuantHook
 from q3vl.export.weights import Weights
 from q3vl.spec import ModelSpec
 from q3vl.tasks import Task

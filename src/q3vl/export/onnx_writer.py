@@ -28,7 +28,7 @@ class GraphWriter:
     """Collects nodes, inputs and outputs; weights go straight to disk.
 
     `transform(name, array)`, when given, maps every weight before it is written (an int8 plan's
-    smoothing folds, `q3vl.export.quantized`).
+    smoothing folds, `q3vl.export.quantize.quantized`).
     """
 
     def __init__(self, path: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:

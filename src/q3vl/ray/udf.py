@@ -164,7 +164,7 @@ class EmbedBatch(_RowStage):
 
     def _encode(self, vectors: np.ndarray, valid: np.ndarray, precision: str) -> np.ndarray:
         """Codes of the valid rows (zeros under the nulls), exactly `quantize_embeddings`'."""
-        from q3vl.quantization import quantize_embeddings
+        from q3vl.codes import quantize_embeddings
 
         width = self.width if precision in ("int8", "uint8") else -(-self.width // 8)
         out = np.zeros((len(vectors), width), np.int8 if precision in ("int8", "binary") else np.uint8)
@@ -175,7 +175,7 @@ class EmbedBatch(_RowStage):
 
 def _calibration(codes: tuple[str, ...], path: str | Path | None, width: int) -> Any:
     """The stored calibration int8/uint8 codes need, checked against the embedding width."""
-    from q3vl.quantization import Calibration
+    from q3vl.codes import Calibration
 
     unknown = sorted(set(codes) - set(CODES))
     if unknown:

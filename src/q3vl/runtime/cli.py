@@ -114,7 +114,7 @@ def _embed(a: argparse.Namespace) -> int:
         emb = run_items(m, records, a, dim=a.dim)
     out = emb
     if a.quantize != "float32":
-        from q3vl.quantization import Calibration, quantize_embeddings
+        from q3vl.codes import Calibration, quantize_embeddings
 
         calib = Calibration.load(a.calibration) if a.calibration else None
         out = quantize_embeddings(np.nan_to_num(emb), a.quantize, calibration=calib)

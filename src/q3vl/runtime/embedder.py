@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.codes.embeddings import truncate
 from q3vl.errors import ConfigError, InputError
 from q3vl.preprocess.items import embed_item
-from q3vl.quantization.embeddings import truncate
 from q3vl.runtime.base import BundleModel
 from q3vl.runtime.batch import Details, Plan
 from q3vl.tasks import EMBEDDING, POOLED, TASKS

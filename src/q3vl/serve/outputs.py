@@ -1,7 +1,7 @@
 """Embeddings in the encodings the APIs return: float lists, base64 float32, and Cohere's code types.
 
 base64 is the little-endian float32 bytes of the vector (what openai-python decodes with numpy and
-what Cohere documents). int8/uint8/binary/ubinary are `q3vl.quantization.quantize_embeddings`, in the
+what Cohere documents). int8/uint8/binary/ubinary are `q3vl.codes.quantize_embeddings`, in the
 order truncate -> normalise -> quantize; int8/uint8 need the calibration given at start
 (`--calibration`), never ranges fitted on the request itself.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.codes.embeddings import Calibration, quantize_embeddings
 from q3vl.errors import RequestError
-from q3vl.quantization.embeddings import Calibration, quantize_embeddings
 
 CODE_TYPES = ("int8", "uint8", "binary", "ubinary")
 HOW_TO_CALIBRATE = ("start the server with --calibration FILE; make FILE from embeddings of a sample of your "

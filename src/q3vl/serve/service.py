@@ -20,6 +20,7 @@ import anyio
 import numpy as np
 from PIL import Image
 
+from q3vl.codes.embeddings import Calibration
 from q3vl.errors import (
     ConfigError,
     InputError,
@@ -29,7 +30,6 @@ from q3vl.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from q3vl.quantization.embeddings import Calibration
 from q3vl.runtime import Embedder, Plan, Reranker
 from q3vl.serve import media
 from q3vl.serve.config import ServeConfig

@@ -2,7 +2,7 @@
 
 The plain torch modules of `q3vl.export.modules` (the parity baseline of the exported graphs) are
 built one layer at a time from the checkpoint tensors, run on generated calibration inputs, and
-each projection's input rows are handed to `q3vl.quantization.planner` with the layer's weights;
+each projection's input rows are handed to `q3vl.export.quantize.planner` with the layer's weights;
 then the layer is dropped. Peak memory is one layer plus the calibration activations, so the 8B
 shape calibrates in a few GB. The inputs are prepared by the runtime's own preprocessing and are
 distinct from the export parity cases that judge the result.
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.quantization.int8 import Int8Plan
-from q3vl.quantization.planner import merger, project, text_layer, vision_block
+from q3vl.export.quantize.int8 import Int8Plan
+from q3vl.export.quantize.planner import merger, project, text_layer, vision_block
 from q3vl.tasks import Task, task_for
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class _Branches:
 
         Branch 0 (float, recorded) is run by the caller.
         """
-        from q3vl.export.fakequant import quantized
+        from q3vl.export.quantize.fakequant import quantized
 
         out = {}
         for k in self.keys[1:]:
@@ -262,7 +262,7 @@ def calibrate(checkpoint: str | Path, task: str, plan: Int8Plan | None = None) -
     is returned, with every candidate's figure in `search`.
     """
     from q3vl.export.exporter import _chat_template
-    from q3vl.export.fakequant import head_error
+    from q3vl.export.quantize.fakequant import head_error
     from q3vl.export.weights import Weights
     from q3vl.preprocess.encode import Encoder, PreprocessConfig
     from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer

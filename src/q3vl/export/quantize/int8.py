@@ -1,6 +1,6 @@
 """int8 projections that survive activation outliers: smoothing, per-token activations, float fallback.
 
-Numpy and ONNX only (no torch): the plan is computed on the export side (`q3vl.export.calibrate`),
+Numpy and ONNX only (no torch): the plan is computed on the export side (`q3vl.export.quantize.calibrate`),
 and both ways of making an int8 bundle apply it through this module, so they write the same
 graphs: the fused builder at export time (`q3vl export --weights int8`) and the rewrite of an
 fp32 bundle (`q3vl quantize --weights int8`).

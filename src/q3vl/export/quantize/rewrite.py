@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.quantization.int8 import Int8Plan, emit_matmul
+from q3vl.export.quantize.int8 import Int8Plan, emit_matmul
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 `q3vl export --weights int8|int4` builds the fused graphs with quantized weights written tensor by
 tensor, as each projection is assembled from the checkpoint: no fp32 graph exists in memory or on
 disk. The ops and weight values are the ones the fp32-bundle path writes (`q3vl quantize`):
-int8 through `q3vl.quantization.int8.emit_matmul` with the same calibrated plan, int4 through
+int8 through `q3vl.export.quantize.int8.emit_matmul` with the same calibrated plan, int4 through
 ONNX Runtime's own block quantizer (the one `MatMulNBitsQuantizer` calls), so both paths give the
 same numbers (tests/test_int8.py::test_export_time_weights_equal_quantizing_the_fp32_bundle).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.quantization.int8 import MS, Int8Plan, OpSink, emit_matmul
+from q3vl.export.quantize.int8 import MS, Int8Plan, OpSink, emit_matmul
 
 
 class QuantHook(ABC):

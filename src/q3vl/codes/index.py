@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.codes.embeddings import Calibration, dequantize, quantize_embeddings
 from q3vl.errors import missing_extra, option
-from q3vl.quantization.embeddings import Calibration, dequantize, quantize_embeddings
 
 RESCORE = ("int8", "float32", "none")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.quantization.int8 import Int8Plan, Projection, quantize_weight
+from q3vl.export.quantize.int8 import Int8Plan, Projection, quantize_weight
 from q3vl.tasks import Task
 
 

@@ -1,6 +1,6 @@
 """From calibration activations and weights to an `Int8Plan`, one layer at a time (numpy only).
 
-The calibrator (`q3vl.export.calibrate`) runs the checkpoint layer by layer and hands each layer's
+The calibrator (`q3vl.export.quantize.calibrate`) runs the checkpoint layer by layer and hands each layer's
 projection inputs `x [tokens, K]` and graph-layout weights `w [K, N]` here; they are dropped as
 soon as the layer's plan entries are made, so an 8B model is planned in one layer's memory.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from q3vl.quantization.int8 import Fold, Int8Plan, Projection, simulated_error, smoothing_scales
+from q3vl.export.quantize.int8 import Fold, Int8Plan, Projection, simulated_error, smoothing_scales
 
 SIM_ROWS = 512  # simulate the int8 error on at most this many rows (the largest ones always kept)
 

@@ -1,4 +1,4 @@
-"""`q3vl quantize` (weight-quantized bundles), `q3vl calibrate` and `q3vl index build|search`.
+"""`q3vl calibrate` and `q3vl index build|search`: embedding codes and the binary index.
 
 Every command checks its options, inputs, output path and optional packages before it starts
 (`q3vl.checks`, `q3vl.outputs.check_output`) and writes through a staging path, so a failure or a
@@ -21,57 +21,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-def _quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="an fp32 bundle")
-    p.add_argument("--weights", choices=["int8", "int4", "fp16"], required=True)
-    p.add_argument("-o", "--output", type=Path, required=True, help="the new bundle directory")
-    p.add_argument("--block-size", type=int, default=32, help="int4 (and int8 nbits) block size")
-    p.add_argument("--method", choices=["smooth", "dynamic", "nbits"],
-                   help="int8 only: smooth (default: calibrated smoothing, per-token activations, spiking "
-                        "projections kept float), dynamic (ONNX Runtime dynamic quantization, the previous "
-                        "default), nbits (MatMulNBits 8-bit, accuracy level 4)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="int8 smooth: the checkpoint to calibrate on (default: the bundle's recorded source)")
-    p.add_argument("--int8-alpha", type=float, metavar="A",
-                   help="int8 smooth: one smoothing strength in (0, 1) instead of trying 0.3-0.6 (calibrates "
-                        "~5x faster)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-
-
-@command("quantize", _quantize_args)
-def _quantize(a: argparse.Namespace) -> int:
-    """Write a weight-quantized copy of a bundle, with its parity measured and stored."""
-    from q3vl.bundle import looks_like_bundle
-    from q3vl.checks import positive, require
-    from q3vl.outputs import check_output
-    from q3vl.quantization.weights import check_method, check_quantizable, check_smooth, quantize_bundle
-
-    require("export", ["onnx"])
-    positive(block_size=a.block_size)
-    method = check_method(a.weights, a.method)
-    if a.int8_alpha is not None and method != "smooth":
-        raise ConfigError("--int8-alpha is for --weights int8 with --method smooth (the default)")
-    from q3vl.quantization.int8 import plan_for_alpha
-
-    plan = plan_for_alpha(a.int8_alpha)
-    manifest = check_quantizable(a.bundle)
-    if method == "smooth":  # calibration runs the checkpoint's layers in torch
-        check_smooth(a.bundle, manifest, a.checkpoint)
-        require("export", ["torch", "safetensors"])
-    elif a.checkpoint is not None:
-        raise ConfigError("--checkpoint is for --weights int8 with --method smooth (the default), which calibrates "
-                          "on it")
-    check_output(a.output, overwrite=a.overwrite, directory=True, replaceable=looks_like_bundle,
-                 what="bundle directory")
-    from q3vl.export.exporter import summary
-
-    out = quantize_bundle(a.bundle, a.output, a.weights, block_size=a.block_size, overwrite=a.overwrite,
-                          progress=not a.no_progress, method=method, checkpoint=a.checkpoint, plan=plan)
-    sys.stdout.write(summary(out) + "\n")
-    return 0
-
-
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("embeddings", type=Path, help=".npy float32 [N, D] sample (e.g. from q3vl embed)")
     p.add_argument("-o", "--output", type=Path, required=True, help="calibration .json")
@@ -83,8 +32,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 @command("calibrate", _calibrate_args)
 def _calibrate(a: argparse.Namespace) -> int:
     """Fit int8/uint8 calibration ranges on a sample of embeddings (for --quantize int8/uint8)."""
+    from q3vl.codes.embeddings import Calibration, truncate
     from q3vl.outputs import check_output, staged_file
-    from q3vl.quantization.embeddings import Calibration, truncate
 
     check_output(a.output, suffixes=(".json",), overwrite=a.overwrite)
     if not 50 < a.percentile <= 100:
@@ -155,7 +104,7 @@ def _index_build(a: argparse.Namespace) -> int:
     a.on_error = "raise"
     check_runtime_options(a)
     records = read_items(a.inputs, "embed")
-    from q3vl.quantization.index import BinaryIndex
+    from q3vl.codes.index import BinaryIndex
     from q3vl.runtime import Embedder
 
     with Embedder(a.bundle, batch_size=a.batch_size, backend=a.backend) as model:
@@ -187,9 +136,9 @@ def _index_from_parquet(a: argparse.Namespace) -> int:
                  replaceable=lambda p: (p / "index.json").is_file())
     import numpy as np
 
+    from q3vl.codes.embeddings import Calibration
+    from q3vl.codes.index import BinaryIndex
     from q3vl.outputs import staged_dir
-    from q3vl.quantization.embeddings import Calibration
-    from q3vl.quantization.index import BinaryIndex
     from q3vl.ray.store import read_manifest
 
     manifest = read_manifest(a.from_parquet)
@@ -226,7 +175,7 @@ def _shard_vectors(directory: Path, dim: int | None, skipped: list[int]) -> Iter
     """
     import numpy as np
 
-    from q3vl.quantization.embeddings import truncate
+    from q3vl.codes.embeddings import truncate
     from q3vl.ray.store import iter_shards
 
     for table in iter_shards(directory, columns=["id", "embedding"]):
@@ -256,9 +205,9 @@ def _index_search(a: argparse.Namespace) -> int:
     if not (a.index / "index.json").is_file():
         raise ConfigError(f"{a.index} is not an index directory (q3vl index build makes one)")
     require("index")
+    from q3vl.codes.embeddings import truncate
+    from q3vl.codes.index import BinaryIndex
     from q3vl.preprocess.items import EMBED_KEYS
-    from q3vl.quantization.embeddings import truncate
-    from q3vl.quantization.index import BinaryIndex
     from q3vl.runtime import Embedder
     from q3vl.runtime.inputs import read_object
 

@@ -1,7 +1,7 @@
 """Weight-quantized bundles: int8, int4 (MatMulNBits) and fp16 weights, from an fp32 bundle.
 
 - int8, method "smooth" (the default): calibrated smoothing folded into the norms, per-token
-  activations, 7-bit weights, spike-carrying projections kept float (`q3vl.quantization.int8`;
+  activations, 7-bit weights, spike-carrying projections kept float (`q3vl.export.quantize.int8`;
   the plan is calibrated on the source checkpoint and stored in the bundle as int8_plan.npz).
   Method "dynamic" (the previous default): ONNX Runtime's dynamic quantization of every MatMul
   with a constant weight (per-channel int8 weights, one activation scale per call) ->
@@ -111,7 +111,7 @@ def _convert(src: Path, dst: Path, weights: str, block_size: int, method: str | 
     for f in (dst, dst.with_name(dst.name + ".data")):
         f.unlink(missing_ok=True)
     if weights == "int8" and method == "smooth":
-        from q3vl.quantization.rewrite import rewrite
+        from q3vl.export.quantize.rewrite import rewrite
 
         rewrite(src, dst, plan)
     elif weights == "int8" and method == "nbits":
@@ -214,8 +214,8 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int
             staged_dir(out, overwrite=overwrite) as tmp:
         if calibrate_on is not None:
             steps.step(f"int8 calibration on {calibrate_on}")
-            from q3vl.export.calibrate import calibrate
-            from q3vl.quantization.int8 import Int8Plan
+            from q3vl.export.quantize.calibrate import calibrate
+            from q3vl.export.quantize.int8 import Int8Plan
 
             plan = calibrate(calibrate_on, manifest.task, plan or Int8Plan())
             steps.update()
@@ -244,7 +244,7 @@ def require_onnx() -> None:
 def _write_quantized(src: Path, out: Path, manifest: Manifest, weights: str, block_size: int,
                      steps: Progress, method: str | None = None, plan: Any = None) -> None:
     """Quantize each graph of `src` into `out` (the staging directory), then measure parity."""
-    from q3vl.quantization.int8 import PLAN_FILE
+    from q3vl.export.quantize.int8 import PLAN_FILE
 
     started = time.perf_counter()
     for name in ("tokenizer.json", "chat_template.jinja"):
