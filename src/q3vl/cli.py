@@ -190,7 +190,8 @@ def _register_more() -> None:
     import importlib
 
     for module in ("q3vl.testing.cli", "q3vl.export.cli", "q3vl.runtime.cli", "q3vl.export.quantize.cli",
-                   "q3vl.codes.cli", "q3vl.bench.cli", "q3vl.tensorrt.cli", "q3vl.serve.cli", "q3vl.ray.cli"):
+                   "q3vl.codes.cli", "q3vl.bench.cli", "q3vl.tensorrt.cli", "q3vl.serve.cli", "q3vl.ray.cli",
+                   "q3vl.hub.cli"):
         importlib.import_module(module)
 
 

@@ -12,7 +12,8 @@ from q3vl.tensorrt.cli import add_engine_args, build_from_args
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("checkpoint", help="Hugging Face checkpoint directory, or a Hub repo id ORG/NAME[@REVISION] "
+                                      "(downloaded into the Hub cache; an existing local path wins)")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--task", choices=["auto", "embedding", "reranker"], default="auto")
@@ -31,6 +32,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (stamped in the manifest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--token", help="Hub token for a private or gated repo (default: $HF_TOKEN or the stored login)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the memory and disk check made before a Hub download (when it misjudges this machine)")
     trt = p.add_argument_group("TensorRT", "--tensorrt also builds engines, as `q3vl trt build` does")
     trt.add_argument("--tensorrt", action="store_true", help="build TensorRT engines after the export")
     add_engine_args(trt, prefix="trt-")
@@ -41,10 +45,14 @@ def _check_export(a: argparse.Namespace, graph: str) -> None:
     from q3vl.bundle import looks_like_bundle
     from q3vl.checks import positive, require
     from q3vl.export.weights import check_checkpoint
+    from q3vl.hub.source import RepoRef, parse_source
     from q3vl.outputs import check_output
 
     require("export")
-    check_checkpoint(a.checkpoint)
+    if isinstance(parse_source(a.checkpoint), RepoRef):  # a bad repo id: one line, before any work
+        require("hub")
+    else:
+        check_checkpoint(Path(a.checkpoint))
     if graph == "fused" and a.precision == "bf16":
         raise ConfigError("--precision bf16 needs --graph plain (fused graphs are built in fp32 or fp16)")
     if a.weights and (a.tensorrt or graph != "fused" or a.precision != "fp32"):
@@ -77,14 +85,15 @@ def _export(a: argparse.Namespace) -> int:
 
     out = export_bundle(a.checkpoint, a.output, a.precision, a.task, graph=graph, overwrite=a.overwrite,
                         validate=not a.no_validate, progress=not a.no_progress, weights=a.weights,
-                        block_size=a.block_size, int8_plan=plan_for_alpha(a.int8_alpha))
+                        block_size=a.block_size, int8_plan=plan_for_alpha(a.int8_alpha), token=a.token,
+                        preflight=not a.no_preflight)
     sys.stdout.write(summary(out) + "\n")
     return build_from_args(out, a, a.trt_precision) if a.tensorrt else 0
 
 
 def _parity_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="the checkpoint the bundle was exported from")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("checkpoint", help="the checkpoint the bundle was exported from (a folder or a Hub repo id)")
+    p.add_argument("bundle", help="the bundle (a folder or a Hub repo id)")
     p.add_argument("--inputs", type=Path, help="JSONL of items, as `q3vl embed` reads them (an optional id labels "
                                                "each row); default: the built-in set of 28 items")
     p.add_argument("--batch-size", type=int, default=8, help="items per comparison step")
@@ -95,11 +104,19 @@ def _parity_args(p: argparse.ArgumentParser) -> None:
 def _parity(a: argparse.Namespace) -> int:
     """Compare the runtime with the PyTorch reference item by item; exit 1 below tolerance."""
     from q3vl.bundle import Manifest
-    from q3vl.checks import positive, require
+    from q3vl.checks import bundle_source, positive, require
     from q3vl.export.weights import check_checkpoint
+    from q3vl.hub.source import RepoRef, parse_source
 
     require("export", ["torch", "transformers", "torchvision", "qwen_vl_utils"])
     positive(batch_size=a.batch_size)
+    a.bundle = bundle_source(a.bundle)
+    if isinstance(parse_source(a.checkpoint), RepoRef):
+        require("hub")
+        from q3vl.hub.checkpoint import resolve_checkpoint
+
+        a.checkpoint = resolve_checkpoint(a.checkpoint, progress=not a.no_progress).path
+    a.checkpoint = Path(a.checkpoint)
     check_checkpoint(a.checkpoint)
     manifest = Manifest.read(a.bundle)
     from q3vl.reference.parity import check_source, load_inputs, run

@@ -12,7 +12,9 @@ from q3vl.cli import command
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="Parquet file, JSONL, CSV, or a folder of images/videos (recursive)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (shards + manifest)")
-    p.add_argument("--bundle", type=Path, required=True, help="embedding bundle (readable by every worker)")
+    p.add_argument("--bundle", required=True, help="embedding bundle: a directory every worker can read, or a Hub "
+                                                   "repo id ORG/NAME[@REVISION] (downloaded once; each worker "
+                                                   "resolves the same commit from the Hub cache)")
     p.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--workers", type=int, default=1, help="embedding actors")
@@ -44,16 +46,17 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("embed-dataset", _args)
 def _embed_dataset(a: argparse.Namespace) -> int:
     """Embed a corpus on Ray Data into resumable, exactly-once Parquet shards."""
-    from q3vl.checks import bundle_for, check_dim, require
+    from q3vl.checks import bundle_for, check_dim, locate_source, require
 
     require("ray")
-    check_dim(a.dim, bundle_for(a.bundle, "embedding"), a.bundle)
+    local, source = locate_source(a.bundle)
+    check_dim(a.dim, bundle_for(local, "embedding"), local)
     from q3vl.ray.job import embed_corpus
     from q3vl.ray.rows import ColumnMap
 
     model = {k: v for k, v in (("max_pixels", a.max_pixels), ("max_frames", a.max_frames), ("fps", a.fps))
              if v is not None}
-    run = embed_corpus(a.input, a.output, a.bundle, input_format=a.input_format,
+    run = embed_corpus(a.input, a.output, source, input_format=a.input_format,
                        columns=ColumnMap.parse(a.column) if a.column else None, id_column=a.id_column, dim=a.dim,
                        codes=[c for c in a.codes.split(",") if c], calibration=a.calibration, workers=a.workers,
                        gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,

@@ -40,13 +40,14 @@ class DecodeImages:
                  min_pixels: int = 4096, max_pixels: int = 1_843_200, media_policy: Any = None,
                  timeout: float = 10.0) -> None:
         from q3vl.bundle import Manifest
+        from q3vl.checks import bundle_source
         from q3vl.preprocess.media import MediaPolicy
         from q3vl.preprocess.vision import Geometry
 
         self.columns = columns or ColumnMap()
         if self.columns.json:
             raise ConfigError("the decode stage reads columns, not JSON lines")
-        self.factor = Geometry.from_spec(Manifest.read(Path(bundle)).spec.vision).factor
+        self.factor = Geometry.from_spec(Manifest.read(bundle_source(bundle)).spec.vision).factor
         self.base_dir, self.min_pixels, self.max_pixels = base_dir, min_pixels, max_pixels
         self.policy = media_policy or MediaPolicy()
         self.timeout = timeout

@@ -74,16 +74,17 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def settings(src: Source, bundle: Path, embed: dict[str, Any]) -> dict[str, Any]:
+def settings(src: Source, bundle: Path, embed: dict[str, Any], source: str | None = None) -> dict[str, Any]:
     """What the output directory is bound to: the bundle (by hash), the input and the options that
-    change the numbers (not workers, batch sizes or the backend).
+    change the numbers (not workers, batch sizes or the backend). `source`: a Hub bundle's pinned id
+    (`org/name@<sha>`), recorded instead of its cache path.
     """
     model = {k: v for k, v in embed["model_options"].items() if k not in NEUTRAL_OPTIONS}
     calib = embed["calibration"]
     options = {"dim": embed["dim"], "normalize": embed["normalize"], "codes": sorted(embed["codes"]),
                "calibration_sha256": file_sha256(calib) if calib else None, "columns": src.columns.as_dict(),
                "id_column": src.id_column, **{f"model.{k}": v for k, v in sorted(model.items())}}
-    out = {"bundle": {"path": str(bundle.resolve()), "sha256": file_sha256(bundle / "q3vl.json")},
+    out = {"bundle": {"path": source or str(bundle.resolve()), "sha256": file_sha256(bundle / "q3vl.json")},
            "input": {"path": str(src.path), "format": src.format}, "options": options}
     return json.loads(json.dumps(out))  # as the manifest will hold them (tuples become lists)
 
@@ -117,7 +118,7 @@ def check_columns(src: Source, codes: Sequence[str]) -> None:
                           f"{src.names}); map them with --column KEY=COLUMN")
 
 
-def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus_per_worker: float,
+def build_pipeline(src: Source, bundle: str | Path, done: IdSet, *, workers: int, gpus_per_worker: float,
                    cpus_per_worker: float | None, rows_per_call: int, embed: dict[str, Any],
                    decode_workers: int = 0) -> Any:
     """Read -> ids (skip done) in blocks of `rows_per_call` rows (so every worker gets work) ->
@@ -144,7 +145,7 @@ def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus
                        rows_per_call=rows_per_call, **kwargs)
 
 
-def decode_stage(ds: Any, bundle: Path, src: Source, actors: int, rows_per_call: int, model: dict[str, Any],
+def decode_stage(ds: Any, bundle: str | Path, src: Source, actors: int, rows_per_call: int, model: dict[str, Any],
                  cpus: float = DECODE_CPUS) -> Any:
     """`DecodeImages` on `actors` CPU actors, with the embedding stage's pixel limits and media policy."""
     from q3vl.ray.decode import DecodeImages
@@ -314,7 +315,10 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
     cluster at `address` joined. `decode_workers` > 0 adds the CPU decode stage (`DecodeImages`) on that
     many actors. `model_options` go to `Embedder` (batch_size, max_pixels, media_policy, ...).
     """
-    bundle = Path(bundle)
+    from q3vl.checks import locate_source
+
+    bundle, source = locate_source(bundle)  # a Hub id: downloaded here once; workers get it pinned to its commit
+    pinned = source if source != str(bundle) else None
     batch = model_options.get("batch_size", 8)
     rows_per_call = rows_per_call or 4 * batch
     for name, value, least in (("workers", workers, 1), ("rows_per_call", rows_per_call, 1),
@@ -331,7 +335,7 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
         quiet_ray_data()
         src = open_input(input, input_format, columns, id_column)
         check_columns(src, codes)
-        with OutputDir(output_dir, settings(src, bundle, embed)) as out:
+        with OutputDir(output_dir, settings(src, bundle, embed, pinned)) as out:
             if calibration is not None and not (out.path / "calibration.json").exists():
                 shutil.copyfile(calibration, out.path / "calibration.json")  # what `index build` rescales with
             run: dict[str, Any] = {"started": now(), "finished": None, "workers": workers,
@@ -339,9 +343,9 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
                                    "input_rows": src.total, "already_written": len(out.done),
                                    "skipped_files": src.skipped_files}
             record_run(out, run)
-            ds = build_pipeline(src, bundle, out.done, workers=workers, gpus_per_worker=gpus_per_worker,
-                                cpus_per_worker=cpus_per_worker, rows_per_call=rows_per_call, embed=embed,
-                                decode_workers=decode_workers)
+            ds = build_pipeline(src, pinned or bundle, out.done, workers=workers,
+                                gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                                rows_per_call=rows_per_call, embed=embed, decode_workers=decode_workers)
             total = None if src.total is None else max(src.total - len(out.done), 0)
             bar = Progress(total, progress)
             start = time.perf_counter()

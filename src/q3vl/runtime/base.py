@@ -50,6 +50,21 @@ def as_input_error(e: BaseException) -> InputError:
     return err
 
 
+def _local(bundle: str | Path) -> Path:
+    """The bundle directory: a local path as it is; a Hub repo id `org/name[@rev]` downloaded into the Hub
+    cache and verified (`q3vl.hub.bundle`, imported only then: the runtime never imports huggingface_hub
+    for a local bundle).
+    """
+    from q3vl.hub.source import parse_source
+
+    where = parse_source(bundle)
+    if isinstance(where, Path):
+        return where
+    from q3vl.hub.bundle import resolve_bundle
+
+    return resolve_bundle(bundle)
+
+
 def guarded(index: int, fn: Callable[[], T]) -> T | InputError:
     """`fn()`, or the `InputError` (attributed to item `index`) that any exception it raises becomes.
 
@@ -67,7 +82,9 @@ def guarded(index: int, fn: Callable[[], T]) -> T | InputError:
 class BundleModel:
     """A loaded bundle for one task, with its backend, preprocessing and loader pool.
 
-    The first eight arguments are the published wrapper's constructor arguments; `max_length` and
+    `bundle` is a bundle directory or a Hub repo id `org/name[@revision]` (downloaded once into the Hub
+    cache and checked against its manifest; an existing local path wins). The first eight arguments
+    are the published wrapper's constructor arguments; `max_length` and
     `default_instruction` default to the task's values (8192 and "Represent the user's input." for
     the embedder, 10240 and "Given a search query, retrieve relevant candidates that answer the
     query." for the reranker). Keyword-only: `backend` ("cpu", "cuda", "tensorrt-ep", "tensorrt"),
@@ -111,7 +128,7 @@ class BundleModel:
             check_text(self.default_instruction, "default_instruction")
         except InputError as e:
             raise ConfigError(e.reason) from None
-        self.path = Path(bundle)
+        self.path = _local(bundle)
         self.manifest = Manifest.read(self.path)
         self._check_bundle(verify, allow_unverified)
         tokenizer = TextTokenizer(self.path / "tokenizer.json")

@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 
 def _args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--embedding", type=Path, help="embedding bundle")
-    g.add_argument("--reranker", type=Path, help="reranker bundle")
-    g.add_argument("--embedding-name", help="the `model` name clients use (default: the bundle directory's name)")
-    g.add_argument("--reranker-name", help="the reranker's `model` name (default: the bundle directory's name)")
+    g.add_argument("--embedding", help="embedding bundle: a directory or a Hub repo id ORG/NAME[@REVISION]")
+    g.add_argument("--reranker", help="reranker bundle: a directory or a Hub repo id ORG/NAME[@REVISION]")
+    g.add_argument("--embedding-name", help="the `model` name clients use (default: the bundle directory's name, "
+                                            "or the repo id)")
+    g.add_argument("--reranker-name", help="the reranker's `model` name (default: the bundle directory's name, or "
+                                           "the repo id)")
     g.add_argument("--backend", default="cpu", help="cpu | cuda | tensorrt-ep | tensorrt")
     g.add_argument("--calibration", type=Path, help="calibration JSON for Cohere's int8/uint8 embedding types")
     g.add_argument("--input-type-instruction", action="append", default=[], metavar="TYPE=TEXT",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from q3vl.errors import ConfigError
+from q3vl.hub.source import RepoRef, parse_source
 
 MIB = 1024**2
 
@@ -25,8 +26,8 @@ class ServeConfig:
     `media_item_bytes` / `media_request_bytes` caps, a `media_deadline` per item, `max_redirects`.
     """
 
-    embedding: Path | None = None
-    reranker: Path | None = None
+    embedding: str | Path | None = None  # a bundle directory or a Hub repo id (q3vl.hub.source)
+    reranker: str | Path | None = None
     embedding_name: str | None = None
     reranker_name: str | None = None
     host: str = "127.0.0.1"
@@ -56,6 +57,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.embedding is None and self.reranker is None:
             raise ConfigError("q3vl serve needs --embedding BUNDLE and/or --reranker BUNDLE")
+        for source in (self.embedding, self.reranker):
+            if source is not None:
+                parse_source(source)  # a malformed repo id: refused here, before the server starts
         for name in ("batch_size", "max_batch_tokens", "max_client_batch_size", "max_request_bytes",
                      "max_queue_items", "media_item_bytes", "media_request_bytes"):
             _at_least(name, getattr(self, name), 1)
@@ -80,13 +84,19 @@ class ServeConfig:
         """Task -> the name clients put in `model` (the flag's, or the bundle directory's)."""
         names = {}
         if self.embedding is not None:
-            names["embedding"] = self.embedding_name or Path(self.embedding).resolve().name
+            names["embedding"] = self.embedding_name or _default_name(self.embedding)
         if self.reranker is not None:
-            names["reranker"] = self.reranker_name or Path(self.reranker).resolve().name
+            names["reranker"] = self.reranker_name or _default_name(self.reranker)
         if len(set(names.values())) < len(names):
             raise ConfigError("the embedding and reranker bundles need different names "
                               "(--embedding-name / --reranker-name)")
         return names
+
+
+def _default_name(source: str | Path) -> str:
+    """A local bundle's directory name, or a Hub bundle's repo id (without its revision)."""
+    where = parse_source(source)
+    return where.repo_id if isinstance(where, RepoRef) else Path(where).resolve().name
 
 
 def _at_least(name: str, value: object, low: int) -> None:

@@ -16,7 +16,7 @@ from q3vl.errors import ConfigError
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="an fp32 bundle")
+    p.add_argument("bundle", help="an fp32 bundle, or a Hub repo id ORG/NAME[@REVISION] of one")
     p.add_argument("--weights", choices=["int8", "int4", "fp16"], required=True)
     p.add_argument("-o", "--output", type=Path, required=True, help="the new bundle directory")
     p.add_argument("--block-size", type=int, default=32, help="int4 (and int8 nbits) block size")
@@ -37,7 +37,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 def _quantize(a: argparse.Namespace) -> int:
     """Write a weight-quantized copy of a bundle, with its parity measured and stored."""
     from q3vl.bundle import looks_like_bundle
-    from q3vl.checks import positive, require
+    from q3vl.checks import bundle_source, positive, require
     from q3vl.export.quantize.weights import check_method, check_quantizable, check_smooth, quantize_bundle
     from q3vl.outputs import check_output
 
@@ -49,6 +49,7 @@ def _quantize(a: argparse.Namespace) -> int:
     from q3vl.export.quantize.int8 import plan_for_alpha
 
     plan = plan_for_alpha(a.int8_alpha)
+    a.bundle = bundle_source(a.bundle)
     manifest = check_quantizable(a.bundle)
     if method == "smooth":  # calibration runs the checkpoint's layers in torch
         check_smooth(a.bundle, manifest, a.checkpoint)
