@@ -23,12 +23,13 @@ NEEDED = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_
           "model.safetensors", "README.md"}
 EXTRAS = {  # what a real repo carries beside the export's files: none of it may be downloaded
     "pytorch_model.bin": b"\0" * 4096, "onnx/model.onnx": b"\0" * 2048, "images/architecture.png": b"\x89PNG" * 64,
-    "modules.json": json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
-                                ]).encode(),
+    "modules.json": json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]).encode(),
     "config_sentence_transformers.json": b'{"similarity_fn_name": "cosine"}',
     "1_Pooling/config.json": b'{"pooling_mode_lasttoken": true}',
-    "README.md": b"---\nlicense: apache-2.0\npipeline_tag: sentence-similarity\nlibrary_name: transformers\n---\n# model\n",
+    "README.md": b"---\nlicense: apache-2.0\npipeline_tag: sentence-similarity\nlibrary_name: transformers\n---\n"
+                 b"# model\n",
 }
 
 
@@ -326,7 +327,7 @@ def test_a_bundle_file_whose_content_differs_from_the_manifest_is_refused(hub, t
     hub.add_folder("org/b", tiny_embedding_bundle)
     hub.corrupt.add("org/b/text.onnx")
     point_client_at(hub, tmp_path / "hf", monkeypatch)
-    with pytest.raises(BundleError, match="org/b: the downloaded text.onnx has sha256 .* it was removed from the cache"):
+    with pytest.raises(BundleError, match="org/b: the downloaded text.onnx has sha256 .* removed from the cache"):
         resolve_bundle("org/b", progress=False)
     assert not (tmp_path / "hf" / "hub" / "models--org--b" / "q3vl").exists()
 
@@ -343,8 +344,9 @@ def test_runtime_imports_no_hub_client_for_a_local_bundle(tiny_embedding_bundle)
     import subprocess
     import sys
 
-    code = ("import sys, q3vl, q3vl.runtime\nassert 'huggingface_hub' not in sys.modules\n"
-            f"m = q3vl.Embedder({str(tiny_embedding_bundle)!r})\nassert 'huggingface_hub' not in sys.modules, 'loaded'\n")
+    code = ("import sys, q3vl, q3vl.runtime\nfrom q3vl.runtime.base import _local\n"
+            f"assert _local({str(tiny_embedding_bundle)!r}).is_dir()\n"
+            "assert not [m for m in sys.modules if m.startswith(('huggingface_hub', 'torch', 'transformers'))]\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -366,3 +368,25 @@ def test_the_hub_cache_copy_survives_a_moved_branch_and_a_second_process(hub, ti
         locate_bundle("org/b", progress=False)
     assert locate_bundle(f"org/b@{first}", progress=False).path == a.path  # the verified commit still loads
     assert second != first
+
+
+@pytest.mark.slow  # a server process (~10 s); the README's serve-by-id block runs in the default suite
+def test_serve_by_id_gives_the_local_vectors_and_downloads_each_file_once(hub, tiny_embedding_bundle, tmp_path):
+    from q3vl import Embedder
+    from tests.serve_server import Server, request
+
+    hub.add_folder("org/served", tiny_embedding_bundle)
+    server = Server(["--embedding", "org/served"], tmp_path, env=hub_env(hub, tmp_path / "hf"))
+    try:
+        server.wait_ready()
+        texts = ["a cat on a sofa", "quarterly revenue"]
+        status, _, body = request(server.base, "POST", "/v1/embeddings", {"model": "org/served", "input": texts})
+        assert status == 200, body
+    finally:
+        assert server.stop() == 0, server.log()
+    remote = np.array([d["embedding"] for d in body["data"]])
+    with Embedder(tiny_embedding_bundle) as local:
+        expected = local.process([{"text": t} for t in texts])
+    assert np.all(np.sum(remote * expected, axis=1) >= 0.999999)
+    files = json.loads((tiny_embedding_bundle / "q3vl.json").read_text())["files"]
+    assert sorted(hub.downloads()) == sorted(["q3vl.json", *files])

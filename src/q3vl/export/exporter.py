@@ -15,13 +15,13 @@ from q3vl.errors import CheckpointError, ConfigError, ParityError, missing_extra
 from q3vl.export.onnx_export import export_graph, text_example, vision_example
 from q3vl.export.quantize.int8 import PLAN_FILE
 from q3vl.export.quantize.quantized import Int8Hook, NBitsHook
-from q3vl.export.weights import Weights, check_checkpoint, check_processor_configs, checkpoint_identity
+from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity
 from q3vl.hub.card import write_card
 from q3vl.hub.preflight import ExportPlan
 from q3vl.outputs import check_output, staged_dir
 from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, check, weights_precision
 from q3vl.progress import Progress
-from q3vl.spec import ModelSpec
+from q3vl.spec import ModelSpec, check_processor_configs
 from q3vl.tasks import TASKS, Task, task_for
 
 log = logging.getLogger(__name__)

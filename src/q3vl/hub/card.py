@@ -128,7 +128,8 @@ def _parity(manifest: Manifest) -> str:
 
 
 def _num(x: Any) -> str:
-    return "" if x is None else f"{x:.7f}" if isinstance(x, float) else str(x)
+    """A figure exactly as the manifest holds it (the shortest repr that reads back to the same float)."""
+    return "" if x is None else repr(x) if isinstance(x, float) else str(x)
 
 
 def _files(manifest: Manifest) -> str:

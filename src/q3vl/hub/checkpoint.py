@@ -27,7 +27,7 @@ from q3vl.hub import cache, client, preflight
 from q3vl.hub.client import Connection, Listing
 from q3vl.hub.progress import DownloadBar
 from q3vl.hub.source import RepoRef, parse_source
-from q3vl.spec import ModelSpec
+from q3vl.spec import ModelSpec, check_processor_configs
 
 log = logging.getLogger(__name__)
 KIND = "checkpoint"
@@ -113,6 +113,7 @@ def _download(listing: Listing, conn: Connection, plan: preflight.ExportPlan | N
             raise HubError(f"{name} moved to another commit while downloading ({path.parent.name} instead of "
                            f"{listing.sha}): run again")
     spec = ModelSpec.from_checkpoint(snapshot)  # refuses another architecture, naming it
+    check_processor_configs(snapshot, spec)
     wanted = _wanted(listing, _shards(snapshot, listing))
     if check_resources and plan is not None:
         download = _missing_bytes(listing, snapshot, wanted)

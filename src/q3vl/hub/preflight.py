@@ -19,7 +19,7 @@ bytes, derived from the repository's measurements on the 2B and 8B shapes
   8B 6.0 GB (4.3 GB fp16, 5.5 GB int8 incl. calibration). Plain graphs (traced whole by torch.onnx):
   1 GB + 1.1 x P x 4: 2B 10.4 GB (measured 9.7).
 - validation RAM (the float32 transformers reference beside the bundle's ONNX Runtime sessions):
-  1 GB + P x 4 + bundle bytes. 2B fp32 18.1 GB (measured 17.4 GB peak); 8B fp16 52 GB (the 8B notes:
+  1 GB + P x 4 + bundle bytes. 2B fp32 18.0 GB (measured 17.4 GB peak); 8B fp16 52.4 GB (the 8B notes:
   ">= ~48 GB").
 - disk: the download (into the Hub cache) and the bundle (beside the output, staged then renamed),
   summed when both are on one filesystem.
