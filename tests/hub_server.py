@@ -315,7 +315,8 @@ def hub_env(hub: LoopbackHub, home: Path, **extra: str) -> dict[str, str]:
             "HF_TOKEN": "", **extra}
 
 
-def point_client_at(hub: LoopbackHub, home: Path, monkeypatch: Any, download_timeout: float | None = None) -> None:
+def point_client_at(hub: LoopbackHub, home: Path, monkeypatch: Any, download_timeout: float | None = None,
+                    cache: Path | None = None) -> None:
     """Point this process's Hub client at `hub`: the environment q3vl reads at call time, and the client's
     constants, which it read when first imported (with the test session's HF_HUB_OFFLINE=1); and make every
     request it sends to anything but 127.0.0.1 fail (a guard on its HTTP client).
@@ -329,7 +330,7 @@ def point_client_at(hub: LoopbackHub, home: Path, monkeypatch: Any, download_tim
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # both, or the client builds URLs for the real Hub
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache or home / "hub"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))  # never a developer's stored login
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     if download_timeout is not None:

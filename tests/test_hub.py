@@ -94,19 +94,26 @@ def test_cli_refuses_a_malformed_id_in_one_line_and_touches_nothing(tmp_path):
 def test_export_by_id_downloads_only_what_it_needs_records_the_commit_and_passes_parity(
         hub, tiny_embedding, tiny_embedding_bundle, tmp_path, monkeypatch):
     sha = serve_checkpoint(hub, "tiny-org/ckpt", tiny_embedding)
-    home, out = tmp_path / "hf", tmp_path / "b"
-    r = q3vl("export", f"tiny-org/ckpt@{sha}", "-o", str(out), env=hub_env(hub, home))
+    home, cache, out = tmp_path / "hf", tmp_path / "cache", tmp_path / "b"
+    r = q3vl("export", f"tiny-org/ckpt@{sha}", "-o", str(out), env=hub_env(hub, home, HF_HUB_CACHE=str(cache)))
     assert r.returncode == 0, r.stderr
+    assert "download tiny-org/ckpt@" in r.stderr  # the progress report (a log line off a terminal)
     assert sorted(hub.downloads()) == sorted(NEEDED)  # once each; no .bin, ONNX, images or ST modules
     assert "parity: PASSED" in r.stdout
     m = json.loads((out / "q3vl.json").read_text())
     assert m["source"]["repo_id"] == "tiny-org/ckpt" and m["source"]["sha"] == sha
     assert m["source"]["license"] == "apache-2.0" and m["parity"]["passed"] is True
+    assert m["source"]["path"] == str(cache / "models--tiny-org--ckpt" / "snapshots" / sha)  # HF_HUB_CACHE
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md").data
+    assert (card.base_model, card.base_model_revision, card.license) == ("tiny-org/ckpt", sha, "apache-2.0")
+    assert card.pipeline_tag == "sentence-similarity"  # the base model's own
     for name in ("text.onnx.data", "vision.onnx.data", "tokenizer.json"):  # the same bytes as the local export
         assert m["files"][name]["sha256"] == json.loads((tiny_embedding_bundle / "q3vl.json").read_text())[
             "files"][name]["sha256"]
     hub.__exit__()  # the server is gone: a second export runs from the cache alone
-    point_client_at(hub, home, monkeypatch)
+    point_client_at(hub, home, monkeypatch, cache=cache)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from q3vl.export.exporter import export_bundle
 
@@ -390,3 +397,27 @@ def test_serve_by_id_gives_the_local_vectors_and_downloads_each_file_once(hub, t
     assert np.all(np.sum(remote * expected, axis=1) >= 0.999999)
     files = json.loads((tiny_embedding_bundle / "q3vl.json").read_text())["files"]
     assert sorted(hub.downloads()) == sorted(["q3vl.json", *files])
+
+
+def test_without_the_hub_extra_a_repo_id_names_it_in_one_line(tmp_path, monkeypatch):
+    from q3vl.errors import BackendUnavailableError
+    from q3vl.hub import client
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'huggingface_hub':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, B())\n")
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    r = q3vl("embed", "org/name", str(tmp_path / "items.jsonl"), "-o", str(tmp_path / "v.npy"), env=env)
+    assert "huggingface_hub is not installed; it comes with the 'hub' extra: pip install 'q3vl[hub]'" in \
+        one_error_line(r)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "__version__", "0.36.0")  # what an old tokenizers pin may bring
+    with pytest.raises(BackendUnavailableError, match=r"huggingface_hub 0.36.0 is too old .* >= 2.4"):
+        client.hf()

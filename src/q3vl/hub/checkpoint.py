@@ -94,6 +94,8 @@ def _from_cache(ref: RepoRef, conn: Connection, offline_fallback: bool = False) 
                            "may not be asked (HF_HUB_OFFLINE=1): run once with the Hub reachable")
         return None
     snapshot = store / "snapshots" / sha  # type: ignore[operator]
+    if not conn.offline and not all((snapshot / n).exists() for n in record["files"]):
+        return None  # files deleted from the cache since (`hf cache delete`): download them again
     cache.verify(snapshot, record["files"], str(ref), record, CheckpointError)
     return Checkpoint(snapshot, ref, sha, record.get("card", {}))
 
@@ -115,10 +117,10 @@ def _download(listing: Listing, conn: Connection, plan: preflight.ExportPlan | N
     spec = ModelSpec.from_checkpoint(snapshot)  # refuses another architecture, naming it
     check_processor_configs(snapshot, spec)
     wanted = _wanted(listing, _shards(snapshot, listing))
-    if check_resources and plan is not None:
-        download = _missing_bytes(listing, snapshot, wanted)
+    if check_resources:
         _check_weight_sizes(name, listing, wanted, spec)
-        preflight.check_export(name, spec, plan, download, store.parent)
+        if plan is not None:
+            preflight.check_export(name, spec, plan, _missing_bytes(listing, snapshot, wanted), store.parent)
     rest = [n for n in wanted if n not in present]
     with DownloadBar(sum(listing.files[n].size for n in rest), f"download {name}", progress) as bar:
         for n in rest:
