@@ -44,7 +44,9 @@ def variant(base: Path, dest: Path, *, shards: int = 0, dtype: str | None = None
         tensors = {k: v.to(torch_dtype) for k, v in tensors.items()}
         config["text_config"].pop("dtype", None)
         config[dtype_key] = dtype
-    if untie or stray_head:  # untied: the head reads lm_head.weight; a stray one in a tied checkpoint: ignored
+    # untied: the head reads lm_head.weight. A tied config whose file also holds a different lm_head.weight:
+    # transformers 5 does not tie them (it warns) and scores with lm_head.weight, and so does q3vl.
+    if untie or stray_head:
         config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = not untie
         embed = tensors["model.language_model.embed_tokens.weight"]
         gen = torch.Generator().manual_seed(7)

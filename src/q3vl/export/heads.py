@@ -26,19 +26,8 @@ def yes_minus_no(weights: Any, token_ids: dict[str, int]) -> Any:
     """The torch tensor `w_yes - w_no` [D] from the LM head (or the tied token embeddings)."""
     if "yes" not in token_ids or "no" not in token_ids:
         raise ValueError("the reranker head needs the 'yes' and 'no' token ids")
-    rows = weights.get(head_table(weights))
+    rows = weights.get("lm_head.weight" if "lm_head.weight" in weights.map else EMBED_TABLE)
     return rows[token_ids["yes"]] - rows[token_ids["no"]]
-
-
-def head_table(weights: Any) -> str:
-    """The tensor the LM head reads: `lm_head.weight` when the checkpoint is untied, else the token
-    embeddings. The config decides, as in transformers: a tied checkpoint that also ships an
-    `lm_head.weight` (some exports write both) still scores with the embeddings.
-    """
-    from q3vl.spec import ModelSpec
-
-    tied = ModelSpec.from_checkpoint(weights.path).text.tie_word_embeddings
-    return "lm_head.weight" if "lm_head.weight" in weights.map and not tied else EMBED_TABLE
 
 
 # ---------------------------------------------------------------- hand-built (fused) graphs
