@@ -22,6 +22,30 @@ from q3vl.runtime.backends.base import Backend, DeviceView
 from q3vl.spec import ModelSpec
 
 
+def text_feeds(spec: ModelSpec, pad_id: int, seqs: Sequence[Encoded],
+               visual: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """The text graph's inputs for `seqs`: right-padded ids/mask/positions and the visual rows
+    (merged embeddings, DeepStack) of every sequence in token order; one dummy row when there are none.
+
+    A function of its own because int8 calibration feeds the same inputs to its layer-by-layer walk.
+    """
+    length = max(len(s.ids) for s in seqs)
+    ids = np.full((len(seqs), length), pad_id, np.int64)
+    mask = np.zeros((len(seqs), length), np.int64)
+    pos = np.zeros((3, len(seqs), length), np.int64)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s.ids)], mask[b, :len(s.ids)], pos[:, b, :len(s.ids)] = s.ids, 1, s.positions
+    rows = [r for per_seq in visual for r in per_seq]
+    d, k = spec.text.hidden_size, spec.num_deepstack
+    if rows:
+        vis = np.concatenate([r[0] for r in rows])
+        ds = np.concatenate([r[1] for r in rows])
+    else:
+        vis, ds = np.zeros((1, d), np.float32), np.zeros((1, k, d), np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "visual_embeds": vis,
+            "deepstack_embeds": ds}
+
+
 class GraphRunner:
     """Feeds for, and calls of, the bundle's vision and text graphs."""
 
@@ -60,21 +84,7 @@ class GraphRunner:
     def text_feeds(self, seqs: Sequence[Encoded], visual: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
                    ) -> dict[str, np.ndarray]:
         """Right-padded ids/mask/positions and the visual rows of every sequence, in token order."""
-        length = max(len(s.ids) for s in seqs)
-        ids = np.full((len(seqs), length), self.pad_id, np.int64)
-        mask = np.zeros((len(seqs), length), np.int64)
-        pos = np.zeros((3, len(seqs), length), np.int64)
-        for b, s in enumerate(seqs):
-            ids[b, :len(s.ids)], mask[b, :len(s.ids)], pos[:, b, :len(s.ids)] = s.ids, 1, s.positions
-        rows = [r for per_seq in visual for r in per_seq]
-        d, k = self.spec.text.hidden_size, self.spec.num_deepstack
-        if rows:
-            vis = np.concatenate([r[0] for r in rows])
-            ds = np.concatenate([r[1] for r in rows])
-        else:
-            vis, ds = np.zeros((1, d), np.float32), np.zeros((1, k, d), np.float32)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "visual_embeds": vis,
-                "deepstack_embeds": ds}
+        return text_feeds(self.spec, self.pad_id, seqs, visual)
 
     def text(self, seqs: Sequence[Encoded], visual: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
              ) -> dict[str, np.ndarray]:
