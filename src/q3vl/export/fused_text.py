@@ -43,14 +43,15 @@ def mrope_axis(section: tuple[int, int, int], half: int) -> np.ndarray:
 class TextGraph:
     """Builds text.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms and residual).
 
-    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format.
+    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format; `data=False`
+    writes a skeleton without weights (`GraphWriter`).
     """
 
     def __init__(self, spec: ModelSpec, weights: Weights, path: Path, task: Task, token_ids: dict[str, int],
-                 precision: str = "fp32", quant: QuantHook | None = None) -> None:
+                 precision: str = "fp32", quant: QuantHook | None = None, data: bool = True) -> None:
         self.spec, self.wts, self.task, self.token_ids = spec, weights, task, token_ids
         self.quant = quant
-        self.g = GraphWriter(path, quant.transform if quant is not None else None)
+        self.g = GraphWriter(path, quant.transform if quant is not None else None, data=data)
         self.half = precision == "fp16"
         self.wdt = np.float16 if self.half else np.float32
 

@@ -23,13 +23,14 @@ from q3vl.spec import ModelSpec
 class VisionGraph:
     """Builds vision.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms/residual).
 
-    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format.
+    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format; `data=False`
+    writes a skeleton without weights (`GraphWriter`).
     """
 
     def __init__(self, spec: ModelSpec, weights: Weights, path: Path, precision: str = "fp32",
-                 quant: QuantHook | None = None) -> None:
+                 quant: QuantHook | None = None, data: bool = True) -> None:
         self.spec, self.wts, self.quant = spec, weights, quant
-        self.g = GraphWriter(path, quant.transform if quant is not None else None)
+        self.g = GraphWriter(path, quant.transform if quant is not None else None, data=data)
         self.half = precision == "fp16"
         self.wdt = np.float16 if self.half else np.float32
 
