@@ -133,3 +133,19 @@ def skeleton_graphs(shape: str, task: str, precision: str, out_dir: str | Path) 
     return {"vision": VisionGraph(spec, weights, out / "vision.onnx", precision, data=False).build(),
             "text": TextGraph(spec, weights, out / "text.onnx", kind, token_ids, precision, data=False).build()}
 
+
+def skeleton_coverage(shape: str, out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """`cuda_support` reports of every fused graph of `shape`: {"text fp16": {"embedding": report, ...}, ...}.
+
+    The vision graph does not depend on the task, so it is checked once ("both tasks": the embedding export's).
+    """
+    from q3vl.export.cuda_support import check_graph
+
+    out: dict[str, dict[str, Any]] = {}
+    for precision in ("fp16", "fp32"):
+        for task in ("embedding", "reranker"):
+            graphs = skeleton_graphs(shape, task, precision, Path(out_dir) / f"{shape}-{task}-{precision}")
+            if task == "embedding":
+                out[f"vision {precision}"] = {"both tasks": check_graph(graphs["vision"])}
+            out.setdefault(f"text {precision}", {})[task] = check_graph(graphs["text"])
+    return out
