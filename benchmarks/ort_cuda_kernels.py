@@ -266,8 +266,13 @@ def ort_placement(python: str, stubs: Path, capi: Path, graph: Path, level: str,
     """ORT's own placement of `graph`'s nodes, the Memcpy nodes it adds, and whether the session loads."""
     proc = run_child(python, stubs, "place", str(capi), str(graph), level, "1" if cuda_graph else "0")
     placed: dict[str, str] = {}
-    provider, copies, status = "", [], ""
+    provider, copies, status, everything = "", [], "", ""
     for line in proc.stderr.splitlines():
+        m = re.search(r"All nodes placed on \[(\w+)\]. Number of nodes: (\d+)", line)
+        if m:  # ORT lists no nodes then
+            everything = m.group(1)
+            placed["*"] = m.group(1)
+            continue
         m = re.search(r"Node\(s\) placed on \[(\w+)\]", line)
         if m:
             provider = m.group(1)
@@ -279,11 +284,11 @@ def ort_placement(python: str, stubs: Path, capi: Path, graph: Path, level: str,
         if m:
             copies.append(f"{m.group(1)} {m.group(2)} {m.group(3)}")
         if line.startswith("SESSION"):
-            status = line
-    return {"placed": placed, "copies": copies, "session": status}
+            status = line.replace("[ONNXRuntimeError] : 1 : FAIL : ", "")[:160]
+    return {"placed": placed, "copies": copies, "session": status, "all_on": everything}
 
 
-def validate(wheel: Path, python: str, work: Path, graphs: list[Path]) -> str:
+def validate(wheel: Path, python: str, work: Path, graphs: list[Path], note: str = "") -> str:
     sys.path.insert(0, str(ROOT / "src"))
     from q3vl.export.cuda_support import check_graph
 
@@ -291,7 +296,10 @@ def validate(wheel: Path, python: str, work: Path, graphs: list[Path]) -> str:
     stubs = build_stubs(capi, work / "stubs")
     lines = ["# q3vl's static CUDA placement vs ONNX Runtime's partitioner", "",
              f"onnxruntime-gpu wheel `{wheel.name}` with stub CUDA libraries (no GPU); "
-             "made by `benchmarks/ort_cuda_kernels.py validate`.", "",
+             "made by `benchmarks/ort_cuda_kernels.py validate`. " + note, "",
+             "ORT's columns are parsed from its verbose session log (`Node placements`, `Add Memcpy...`); "
+             "'level all' is the runtime's optimization level, and its last column is a session created with "
+             "`enable_cuda_graph`.", "",
              "| graph | nodes | q3vl: CPU nodes / copies | ORT (no optimizations): CPU nodes / Memcpy | agree "
              "| ORT (level all): Memcpy | CUDA-graph session |", "|---|---|---|---|---|---|---|"]
     for graph in graphs:
@@ -299,7 +307,8 @@ def validate(wheel: Path, python: str, work: Path, graphs: list[Path]) -> str:
         ours = {n.name: n.provider for n in report.nodes}
         raw = ort_placement(python, stubs, capi, graph, "none", False)
         full = ort_placement(python, stubs, capi, graph, "all", True)
-        theirs = {k: ("CPU" if v == "CPUExecutionProvider" else "CUDA") for k, v in raw["placed"].items()
+        placed = {name: raw["all_on"] for name in ours} if raw["all_on"] else raw["placed"]
+        theirs = {k: ("CPU" if v == "CPUExecutionProvider" else "CUDA") for k, v in placed.items()
                   if not k.startswith("Memcpy")}
         # ORT's always-on transformers add or drop a few nodes even without optimizations (InsertCast
         # adds casts around fp16 nodes with CPU-only kernels, RemoveDuplicateCast drops Cast round trips)
@@ -345,6 +354,7 @@ def main() -> None:
     p.add_argument("--wheel", type=Path, help="the onnxruntime-gpu wheel (table, validate)")
     p.add_argument("--python", help="an interpreter matching the wheel's tag, with numpy and onnx (table, validate)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--note", default="", help="validate: a sentence saying where the graphs come from")
     a = p.parse_intermixed_args()
     if a.mode == "docs":
         return docs(a.out or ROOT / "docs" / "gpu.md")
@@ -357,7 +367,7 @@ def main() -> None:
             out.write_text(dump_table(table))
             print(f"wrote {out}: {len(table['kernels'])} ops with CUDA kernels, {len(table['schemas'])} schemas")
         else:
-            text = validate(a.wheel, a.python, Path(tmp), a.graphs)
+            text = validate(a.wheel, a.python, Path(tmp), a.graphs, a.note)
             (a.out.write_text(text) if a.out else sys.stdout.write(text))
 
 

@@ -1,19 +1,71 @@
 """The static CUDA check (`q3vl.export.cuda_support`) and what it keeps true of the fused graphs.
 
 Oracle for the check itself: ONNX Runtime's own partitioner, run on the pinned onnxruntime-gpu wheel
-with stub CUDA libraries (`benchmarks/ort_cuda_kernels.py validate`); the two hand-built graphs below
-are the two patterns it finds in the fused graphs, with ORT's placement of them.
+with stub CUDA libraries (`benchmarks/ort_cuda_kernels.py validate`). It agreed node for node on
+every tiny graph before and after the export fixes (benchmarks/results/cuda-coverage-validation.md);
+the two hand-built graphs below are the two patterns it found in the export before them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from q3vl.export.cuda_support import check_model, ort_gpu_version, table
-from q3vl.testing.skeleton import skeleton_graphs
+from q3vl.export.cuda_support import check_model, coverage_markdown, ort_gpu_version, rows, table
+from q3vl.testing.shapes import SHAPES
+from q3vl.testing.skeleton import skeleton_coverage, skeleton_graphs
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "gpu.md"
+BEGIN, END = "<!-- cuda-coverage:begin -->", "<!-- cuda-coverage:end -->"
+# the one fallback left, by design: ORT's CUDA GroupQueryAttention is fp16/bf16 only, and the fp32
+# bundle is the CPU product (docs/gpu.md says to export fp16 for the GPU)
+FP32_FALLBACK = {("com.microsoft:GroupQueryAttention", "float")}
+SHAPE_MATH = {"ai.onnx:Slice", "ai.onnx:Squeeze", "ai.onnx:Cast"}  # GQA's total_sequence_length, a host input
+
+
+@pytest.fixture(scope="module")
+def coverage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict]]:
+    return {shape: skeleton_coverage(shape, tmp_path_factory.mktemp(f"skeleton-{shape}"))
+            for shape in ("tiny", "small", "2b")}
+
+
+@pytest.mark.parametrize("shape", ["tiny", "small", "2b"])
+def test_fused_graphs_run_on_cuda_without_copies(coverage, shape):
+    layers = SHAPES[shape]["text"]["num_hidden_layers"]
+    for title, reports in coverage[shape].items():
+        for task, r in reports.items():
+            cpu = [n for n in r.nodes if n.provider == "CPU"]
+            if title == "text fp32":
+                assert {(n.op, n.inputs[0]) for n in r.fallbacks} == FP32_FALLBACK, r.summary()
+                assert len(r.fallbacks) == layers
+                assert all("GroupQueryAttention" in (c.producer, *c.consumers) for c in r.copies)
+                continue
+            assert not r.fallbacks and r.cuda_graph_ok, f"{shape} {title} {task}: {r.summary()}"
+            assert {n.op for n in cpu} <= SHAPE_MATH and all(n.why.startswith("shape math") for n in cpu)
+            assert len(r.nodes) > 50
+
+
+def test_every_shape_has_the_same_ops_and_types(coverage):
+    """The docs table is written for the 2B shape; tiny and small must not hide another op or type."""
+    for title in coverage["2b"]:
+        for task in coverage["2b"][title]:
+            # (op, the set of input types, placement): a variadic Concat has one input per DeepStack level
+            keys = {shape: {(op, frozenset(types.split(", ")), where) for op, types, where in
+                            rows(coverage[shape][title][task])} for shape in coverage}
+            assert keys["tiny"] == keys["small"] == keys["2b"], (title, task)
+
+
+def test_docs_table_is_the_check_of_the_2b_graphs(coverage):
+    text = DOCS.read_text()
+    block = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    expected = coverage_markdown(coverage["2b"]).strip()
+    assert block == expected, f"docs/gpu.md's CUDA table is stale; replace its block with:\n{expected}"
+    assert f"onnxruntime-gpu=={ort_gpu_version()}" in text  # the release the table was read from is the one pinned
 
 
 def test_skeleton_is_the_exported_graph(tiny_embedding_bundle, tmp_path):
