@@ -1,11 +1,25 @@
-"""The GPU run's targets (`q3vl.bench.targets`): their arithmetic, checked by hand."""
+"""The GPU run, without a GPU: its targets' arithmetic, and (under -m slow) the whole script rehearsed on CPU.
+
+`benchmarks/gpu_2b.py` is meant to run once, on a lent GPU, with no second try; so every line of it
+runs here first on the tiny shape, CPU backend, with the same code path: export, parity against the
+reference, the benchmark systems, the server load test and the Ray comparison, then the targets.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from q3vl.bench import targets as T
 from q3vl.testing.shapes import SHAPES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_text_flops_by_hand():
@@ -57,3 +71,30 @@ def test_serve_and_ray_targets():
     assert ray.figure == pytest.approx(20 / 22) and ray.met
     assert T.ray_target({"error": "not run: the ray extra is not installed"}).met is None
     assert "| NOT MEASURED |" in T.table([T.ray_target(None)])
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores: the CPU rehearsal of the one-shot GPU run
+def test_gpu_script_rehearses_end_to_end_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_2b.py"), "--shape", "tiny", "--device", "cpu",
+                           "--out", str(out), "--workdir", str(tmp_path / "work"), "--budget-s", "600",
+                           "--gpu-name", "NVIDIA H100 80GB HBM3"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    wall = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    sys.stderr.write(f"gpu_2b.py rehearsal: {wall:.0f} s wall\n")
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"gpu-tiny.md", "gpu-tiny.json", "gpu-tiny-bench.json", "gpu-tiny-serve.json",
+                                 "gpu-tiny.log"} <= set(files)
+    res = json.loads((out / "gpu-tiny.json").read_text())
+    for task in ("embedding", "reranker"):  # fp16 on CPU against the fp32 reference, every item
+        assert res["parity"]["tasks"][task]["passed"] and len(res["parity"]["tasks"][task]["rows"]) >= 5
+    bench = json.loads((out / "gpu-tiny-bench.json").read_text())
+    assert all("error" not in r for r in bench["results"]), [r.get("error") for r in bench["results"]]
+    assert {w["workload"] for r in bench["results"] for w in r["workloads"]} >= {"text-32", "text-512", "rerank 1x32"}
+    assert res["serve"]["runs"] and "error" not in res["ray"] and res["ray"]["max_abs_diff"] < 1e-5
+    assert len(res["targets"]) == 6 and all(t["figure"] is not None for t in res["targets"]), res["targets"]
+    text = (out / "gpu-tiny.md").read_text()
+    assert text.count("| MET |") + text.count("| MISSED |") == 6
