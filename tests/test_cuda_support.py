@@ -140,3 +140,19 @@ def test_the_table_is_read_from_the_pinned_wheel():
     gqa = t["kernels"]["com.microsoft:GroupQueryAttention"]
     assert {x for d in gqa for x in d[2]["T"]} == {"float16", "bfloat16"}
     assert t["memory"]["com.microsoft:GroupQueryAttention"] == {"cpu_inputs": [6]}
+
+
+def test_an_fp32_bundle_on_cuda_is_told_before_loading(tiny_embedding_bundle, caplog):
+    """The fallback above, said by the runtime: CUDA graphs refused up front, a warning otherwise."""
+    import onnxruntime
+
+    from q3vl.errors import BackendUnavailableError, ConfigError
+    from q3vl.runtime import Embedder
+
+    with pytest.raises(ConfigError, match=r"cuda_graph=True needs an fp16 bundle: .* is fp32, and onnxruntime-gpu "
+                                          r"runs GroupQueryAttention only in fp16/bf16"):
+        Embedder(tiny_embedding_bundle, backend="cuda", backend_options={"cuda_graph": True})
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with caplog.at_level("WARNING"), pytest.raises(BackendUnavailableError):
+            Embedder(tiny_embedding_bundle, backend="cuda")
+        assert "export with --precision fp16 for the GPU" in caplog.text
