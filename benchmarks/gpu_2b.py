@@ -44,7 +44,9 @@ script with its default budget of 420 s (the export is about 100 s of it, estima
 in all, planned: the machine's start (1-2 min), 7 part calls (about 1.5 min) and this call (8 min at
 most): 10 to 11 minutes. PyAV is not carried: the video items are frame lists, and q3vl imports
 PyAV only for video files. The same pack and run were rehearsed on CPU with a Python 3.12 as
-`python3` (the wheels install and import, onnxruntime-gpu lists CUDAExecutionProvider).
+`python3` (the wheels install and import, onnxruntime-gpu lists CUDAExecutionProvider). Afterwards:
+copy the returned files into benchmarks/results/, put gpu-2b.md's status row into the README's GPU
+section, and commit them.
 """
 
 from __future__ import annotations
