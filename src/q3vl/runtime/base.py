@@ -118,6 +118,7 @@ class BundleModel:
         self.manifest.check_tokenizer(tokenizer.special.as_dict())
         template = ChatTemplate((self.path / "chat_template.jinja").read_text(encoding="utf-8"))
         self.encoder = Encoder(tokenizer, template, config, Geometry.from_spec(self.manifest.spec.vision))
+        _check_cuda_fit(self.path, self.manifest, backend, backend_options)
         self.backend = create(backend, {g: self.path / m.file for g, m in self.manifest.graphs.items()},
                               backend_options)
         io = expected_io(self.manifest.spec, self.manifest.task)
@@ -288,6 +289,25 @@ class BundleModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_cuda_fit(path: Path, manifest: Manifest, backend: str, options: Any) -> None:
+    """What the static CUDA check (docs/gpu.md) knows of non-fp16 fused bundles, said before ORT loads them.
+
+    onnxruntime-gpu's GroupQueryAttention has fp16/bf16 kernels only, so in an fp32 (or int8/int4
+    weights) fused text graph every layer's attention falls back to the CPU provider, with copies
+    each call, and ORT refuses CUDA graphs for such a session.
+    """
+    text = manifest.graphs.get("text")
+    if backend != "cuda" or text is None or text.kind != "fused" or text.precision == "fp16":
+        return
+    cuda_graph = options.get("cuda_graph") if isinstance(options, dict) else getattr(options, "cuda_graph", False)
+    reason = (f"the fused text graph of {path} is {text.precision}, and onnxruntime-gpu runs GroupQueryAttention "
+              "only in fp16/bf16: each layer's attention falls back to the CPU")
+    if cuda_graph:
+        raise ConfigError(f"cuda_graph=True needs an fp16 bundle: {reason}, and ONNX Runtime refuses CUDA graphs "
+                          "then; export with --precision fp16 (docs/gpu.md)")
+    log.warning("%s, with copies each call; export with --precision fp16 for the GPU (docs/gpu.md)", reason)
 
 
 def _release(backend: Any, pool: ThreadPoolExecutor) -> None:
