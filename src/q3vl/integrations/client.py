@@ -83,11 +83,12 @@ class Client:
     def embed(self, items: Sequence[dict[str, Any]], dim: int | None = None) -> np.ndarray:
         """Normalised embeddings float32 `[N, dim or D]` of q3vl items, in order (`Embedder.process`)."""
         inputs = [_at(i, lambda: embed_input(item)) for i, item in enumerate(items)]  # noqa: B023
+        files = [_files(item) for item in items]
         rows: list[np.ndarray] = []
         for start, chunk in self._chunks(inputs, 0):
             body = {"inputs": chunk, "embedding_types": ["float"], **self._model(),
                     **({"output_dimension": dim} if dim is not None else {})}
-            answer = self._post("/v2/embed", body, start)
+            answer = self._post("/v2/embed", body, start, files)
             rows.append(np.asarray(answer["embeddings"]["float"], np.float32))
         return np.concatenate(rows) if rows else np.zeros((0, dim or 0), np.float32)
 
@@ -99,11 +100,12 @@ class Client:
         except InputError as e:
             raise QueryError(f"query: {e.reason}") from e
         docs = [_at(i, lambda: {"content": parts(content(d))}) for i, d in enumerate(documents)]  # noqa: B023
+        files = [_files(d) for d in documents]
         scores = [float("nan")] * len(docs)
         for start, chunk in self._chunks(docs, _size(q)):
             body = {"query": q, "documents": chunk, "return_documents": False, **self._model(),
                     **({"instruction": instruction} if instruction is not None else {})}
-            for result in self._post("/v1/rerank", body, start)["results"]:
+            for result in self._post("/v1/rerank", body, start, files)["results"]:
                 scores[start + int(result["index"])] = float(result["relevance_score"])
         return scores
 
@@ -125,8 +127,10 @@ class Client:
         if start < len(bodies):
             yield start, bodies[start:]
 
-    def _post(self, path: str, body: dict[str, Any], offset: int) -> dict[str, Any]:
-        """The JSON answer of one POST; 429/503 retried after Retry-After, other errors raised as q3vl's."""
+    def _post(self, path: str, body: dict[str, Any], offset: int, files: list[list[str]]) -> dict[str, Any]:
+        """The JSON answer of one POST; 429/503 retried after Retry-After, other errors raised as q3vl's
+        (`offset`: the caller's index of the body's first item; `files`: each item's local media files).
+        """
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"}
                                                             if self.api_key else {})}
@@ -142,18 +146,23 @@ class Client:
             except (OSError, ValueError) as e:  # refused, reset, timed out, not JSON
                 raise BackendError(f"q3vl serve at {self.url} could not be used: {type(e).__name__}: {e}") from e
             if status not in _RETRY_STATUS or attempt == self.retries:
-                raise self._error(status, error, offset)
+                raise self._error(status, error, offset, files)
             log.info("q3vl serve answered %d; retrying in %.1f s", status, wait)
             time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def _error(self, status: int, error: dict[str, Any], offset: int) -> Exception:
-        """The q3vl exception for an error answer (an item's error names the caller's index)."""
+    def _error(self, status: int, error: dict[str, Any], offset: int, files: list[list[str]]) -> Exception:
+        """The q3vl exception for an error answer (an item's error names the caller's index, and the
+        files its media were read from: the server only saw their bytes).
+        """
         message, param = str(error.get("message") or f"HTTP {status}"), str(error.get("param") or "")
         item = _ITEM_PARAM.match(param)
         if status in (400, 413) and item:
+            index = offset + int(item.group(1))
+            sent = f"; its media were sent as data: URIs of {', '.join(files[index])}" \
+                if index < len(files) and files[index] else ""
             cls = LimitError if status == 413 else InputError
-            return cls(f"{message} (q3vl serve, {param})", offset + int(item.group(1)))
+            return cls(f"{message} (q3vl serve, {param}{sent})", index)
         if status == 400 and param.startswith("query"):
             return QueryError(f"query: {message} (q3vl serve)")
         if status == 401:
@@ -180,6 +189,14 @@ def _retry_after(e: urllib.error.HTTPError) -> float:
         return min(30.0, max(0.1, float(e.headers.get("Retry-After", "1"))))
     except (TypeError, ValueError):
         return 1.0
+
+
+def _files(item: dict[str, Any]) -> list[str]:
+    """The local files among an (already validated) item's images and videos: what its data: URIs hold."""
+    c = content(item)
+    refs = [*c.images, *(v for v in c.videos if isinstance(v, str))]
+    return [str(r) for r in refs if isinstance(r, (str, Path)) and not str(r).startswith("data:")
+            and not str(r).lower().startswith(("http://", "https://"))]
 
 
 def _size(body: dict[str, Any]) -> int:

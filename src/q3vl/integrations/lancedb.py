@@ -5,8 +5,8 @@ insert and queries on search, in this process (`bundle=`) or through `q3vl serve
 source value is: a str is a text (`source="text"`, the default) or an image path/URI
 (`source="image"`); bytes are an encoded image; a struct (a dict: the q3vl item form, e.g. a
 nested model with optional `text` / `image` / `video` fields) is a q3vl item, so one column can hold
-a mixed corpus of texts, images and videos. A query is a text (str), an image (PIL image, bytes,
-array) or a q3vl item dict.
+a mixed corpus of texts, images and videos. A query is a text (a str, also on an image column: that
+is text-to-image search), an image (PIL image, bytes, array) or a q3vl item dict.
 
 LanceDB stores the function's options in the table and re-creates the function when the table is
 opened again, by its registry name: import this module first in that process. The API key is a
@@ -99,11 +99,11 @@ class Q3VLEmbeddingFunction(EmbeddingFunction):
     def ndims(self) -> int:
         return self.dim or self._embedding().width()
 
-    def _embed(self, values: list[Any], instruction: str | None) -> list[np.ndarray]:
+    def _embed(self, values: list[Any], source: str, instruction: str | None) -> list[np.ndarray]:
         items = []
         for i, value in enumerate(values):
             try:
-                items.append(to_item(value, self.source, instruction))
+                items.append(to_item(value, source, instruction))
             except InputError as e:
                 raise e.at(i) from e
         return list(self._embedding().embed(items, self.dim))
@@ -112,12 +112,14 @@ class Q3VLEmbeddingFunction(EmbeddingFunction):
     # without lancedb installed; it passes the source column / the query as the first argument.
     def compute_source_embeddings(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Vectors of a batch of source values (one per value; a bad one raises, naming its index)."""
-        return self._embed(_values(_first(args, kwargs)), self.instruction)
+        return self._embed(_values(_first(args, kwargs)), self.source, self.instruction)
 
     def compute_query_embeddings(self, *args: Any, **kwargs: Any) -> list[Any]:
-        """The vector of one query: a text, an image or a q3vl item dict."""
+        """The vector of one query: a text (a str, whatever the source column holds: text-to-image search),
+        an image or a q3vl item dict.
+        """
         instruction = self.query_instruction if self.query_instruction is not None else self.instruction
-        return self._embed([_first(args, kwargs)], instruction)
+        return self._embed([_first(args, kwargs)], "text", instruction)
 
     def compute_source_embeddings_with_retry(self, *args: Any, **kwargs: Any) -> list[Any]:
         return self.compute_source_embeddings(*args, **kwargs)
