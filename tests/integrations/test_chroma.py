@@ -21,9 +21,9 @@ from q3vl.errors import InputError
 from tests.integrations.conftest import API_KEY, close
 
 pytest.importorskip("chromadb")
-import chromadb  # noqa: E402
+import chromadb
 
-from q3vl.integrations.chroma import Q3VLEmbeddingFunction, Q3VLLoader  # noqa: E402
+from q3vl.integrations.chroma import Q3VLEmbeddingFunction, Q3VLLoader
 
 TEXTS = ["a dog on a beach", "quarterly revenue grew 12%"]
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."

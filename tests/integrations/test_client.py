@@ -29,8 +29,8 @@ def test_requests_are_split_and_an_error_names_the_callers_index(server, offline
     with pytest.raises(InputError, match=r"^input 1: a video given as a list of frames cannot be sent"):
         client.embed([{"text": "ok"}, {"video": [gradient_image(32, 32), gradient_image(32, 32, seed=1)]}])
     reranker = Client(server.base, API_KEY, "rr", batch_size=2)
-    scores = reranker.rerank({"text": "a cat"}, [{"text": f"doc {i}"} for i in range(5)])
-    close(scores, offline[1].process({"query": {"text": "a cat"}, "documents": [{"text": f"doc {i}"} for i in range(5)]}))
+    docs = [{"text": f"doc {i}"} for i in range(5)]
+    close(reranker.rerank({"text": "a cat"}, docs), offline[1].process({"query": {"text": "a cat"}, "documents": docs}))
 
 
 def test_keys_urls_and_unreachable_servers(server, tiny_embedding_bundle):

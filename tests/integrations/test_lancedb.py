@@ -19,12 +19,12 @@ import pytest
 from tests.integrations.conftest import API_KEY, close
 
 pytest.importorskip("lancedb")
-import lancedb  # noqa: E402
-from lancedb.embeddings import get_registry  # noqa: E402
-from lancedb.pydantic import LanceModel, Vector  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+import lancedb
+from lancedb.embeddings import get_registry
+from lancedb.pydantic import LanceModel, Vector
+from pydantic import BaseModel
 
-from q3vl.integrations.lancedb import Q3VLEmbeddingFunction  # noqa: E402
+from q3vl.integrations.lancedb import Q3VLEmbeddingFunction
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 
@@ -114,7 +114,8 @@ def test_mixed_corpus_reopened_in_a_new_process_finds_each_item_first(tiny_embed
         table.add([{"id": f"row{i}", "item": it} for i, it in enumerate(items)])
         close([r["vector"] for r in table.to_arrow().to_pylist()], offline[0].process(items))
         with pytest.raises(RuntimeError, match=r"input 1: unreadable or corrupt image .*bad\.png"):
-            table.add([{"id": "good", "item": {"text": "fine"}}, {"id": "bad", "item": {"image": str(media / "bad.png")}}])
+            table.add([{"id": "good", "item": {"text": "fine"}},
+                       {"id": "bad", "item": {"image": str(media / "bad.png")}}])
         assert table.count_rows() == len(items)  # nothing lost, and nothing half-added
     assert API_KEY not in str(tables["remote"].schema.metadata)
     done = subprocess.run([sys.executable, "-c", REOPEN, str(tmp_path / "db")], capture_output=True, text=True,

@@ -11,10 +11,10 @@ from q3vl.errors import InputError
 from tests.integrations.conftest import close
 
 pytest.importorskip("langchain_core")
-from langchain_core.documents import Document  # noqa: E402
-from langchain_core.embeddings import Embeddings  # noqa: E402
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 
-from q3vl.integrations.langchain import Q3VLEmbeddings, Q3VLRerank  # noqa: E402
+from q3vl.integrations.langchain import Q3VLEmbeddings, Q3VLRerank
 
 TEXTS = ["a dog on a beach", "quarterly revenue grew 12%", "Быстрая бурая лиса"]
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
@@ -74,6 +74,7 @@ def test_rerank_compressor_orders_by_the_reranker_scores(rerank_source, offline,
     assert [d.page_content for d in out] == [docs[i].page_content for i in order]
     close([d.metadata["relevance_score"] for d in out], [want[i] for i in order])
     assert out[order.index(2)].metadata["source"] == "x" and "relevance_score" not in docs[2].metadata
-    top2 = asyncio.run(Q3VLRerank(**rerank_source, top_n=2, instruction="Find cats.").acompress_documents(docs, "a cat"))
+    best2 = Q3VLRerank(**rerank_source, top_n=2, instruction="Find cats.")
+    top2 = asyncio.run(best2.acompress_documents(docs, "a cat"))
     close([d.metadata["relevance_score"] for d in top2], [want[i] for i in order[:2]])
     assert ranked.compress_documents([], "a cat") == []

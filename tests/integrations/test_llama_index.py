@@ -10,10 +10,10 @@ import pytest
 from tests.integrations.conftest import close
 
 pytest.importorskip("llama_index.core")
-from llama_index.core.embeddings import MultiModalEmbedding  # noqa: E402
-from llama_index.core.schema import ImageNode, MediaResource, Node, NodeWithScore, QueryBundle, TextNode  # noqa: E402
+from llama_index.core.embeddings import MultiModalEmbedding
+from llama_index.core.schema import ImageNode, MediaResource, Node, NodeWithScore, QueryBundle, TextNode
 
-from q3vl.integrations.llama_index import Q3VLMultiModalEmbedding, Q3VLRerank  # noqa: E402
+from q3vl.integrations.llama_index import Q3VLMultiModalEmbedding, Q3VLRerank
 
 TEXTS = ["a dog on a beach", "quarterly revenue grew 12%", "Быстрая бурая лиса", "短い文章", "x"]
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
