@@ -4,8 +4,9 @@ An integration maps its framework's objects to q3vl items and hands them to one 
 modes give the same numbers (`Embedder.process` / `Reranker.process` of the same items, tested).
 A bundle path is loaded once per process and set of options, and shared: vector databases create a
 new embedding-function object each time a table or collection is opened, which must not reload
-the model. Calls on a shared in-process model are serialised; the async variants run the call in a
-worker thread, so an event loop is never blocked by a model run or an HTTP request.
+the model. A loaded model takes calls from many threads at once (the runtime keeps no per-call
+state), so the async variants simply run the call in a worker thread: an event loop is never
+blocked by a model run or an HTTP request, and concurrent calls overlap.
 """
 
 from __future__ import annotations
@@ -57,15 +58,13 @@ class LocalEmbedding:
 
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
-        self._lock = threading.Lock()
 
     def embed(self, items: Sequence[dict[str, Any]], dim: int | None = None) -> np.ndarray:
         if not items:
             self.embedder.check_dim(dim)
             return np.zeros((0, dim or self.embedder.dim), np.float32)
-        with self._lock:
-            out: np.ndarray = self.embedder.process(list(items), dim=dim)
-            return out
+        out: np.ndarray = self.embedder.process(list(items), dim=dim)
+        return out
 
     def width(self) -> int:
         return int(self.embedder.dim)
@@ -95,7 +94,6 @@ class LocalRerank:
 
     def __init__(self, reranker: Any) -> None:
         self.reranker = reranker
-        self._lock = threading.Lock()
 
     def rerank(self, query: dict[str, Any], documents: Sequence[dict[str, Any]],
                instruction: str | None = None) -> list[float]:
@@ -103,9 +101,8 @@ class LocalRerank:
             return []
         request = {"query": query, "documents": list(documents),
                    **({"instruction": instruction} if instruction is not None else {})}
-        with self._lock:
-            scores: list[float] = self.reranker.process(request)
-            return scores
+        scores: list[float] = self.reranker.process(request)
+        return scores
 
 
 class RemoteRerank:
