@@ -24,7 +24,7 @@ from q3vl.checks import require
 require("chroma")
 
 import numpy as np  # noqa: E402
-from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space  # noqa: E402
+from chromadb.api.types import Embeddable, EmbeddingFunction, Embeddings, Space  # noqa: E402
 from chromadb.utils.embedding_functions import register_embedding_function  # noqa: E402
 
 from q3vl.errors import ConfigError, InputError  # noqa: E402
@@ -79,7 +79,7 @@ def _is_image(uri: str) -> bool:
 
 
 @register_embedding_function
-class Q3VLEmbeddingFunction(EmbeddingFunction[Documents]):
+class Q3VLEmbeddingFunction(EmbeddingFunction[Embeddable]):
     """Qwen3-VL-Embedding vectors for a Chroma collection, in this process or from `q3vl serve`.
 
     Give `bundle` (a bundle directory) or `url` (+ `model`; the API key is read from the environment
