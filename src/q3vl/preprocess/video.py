@@ -21,16 +21,17 @@ Sources are read under the item's `MediaPolicy` (see `media.py`, `container.py`)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from q3vl.errors import InputError
-from q3vl.preprocess.container import check_stream, count_frames, open_video
+from q3vl.preprocess.container import check_stream, open_video
 from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, probe_image, release_free_memory, smart_resize
 from q3vl.preprocess.media import Deadline, MediaAccess, MediaPolicy, Source, media_errors
 from q3vl.preprocess.resample import resize_bicubic_aa
+from q3vl.preprocess.seek import FrameIndex, build_index, decode_frames
 from q3vl.preprocess.vision import Geometry
 
 FRAME_FACTOR = 2
@@ -96,7 +97,8 @@ class VideoFile:
     plan: VideoPlan
     timeout: float = DEFAULT_TIMEOUT
     seconds: float = 60.0  # what planning left of the item's deadline
-    max_pixels: int = 178_956_970
+    policy: MediaPolicy = field(default_factory=MediaPolicy)
+    index: FrameIndex | None = None  # built at plan time only when the header has no frame count
 
     @classmethod
     def probe(cls, source: Any, fps: float, max_frames: int, timeout: float = DEFAULT_TIMEOUT, *,
@@ -111,7 +113,8 @@ class VideoFile:
             stream = container.streams.video[0]
             rate, height, width = stream.average_rate, stream.codec_context.height, stream.codec_context.width
             check_stream(max(stream.frames, 0), float(rate or 0), width, height, policy, src.name)
-            total = count_frames(container, stream, policy, deadline, src.name)
+            index = None if stream.frames > 0 else build_index(container, stream, policy, deadline, src.name)
+            total = int(stream.frames) if index is None else index.packets
         if not rate or not total or not height:
             raise InputError(f"unsupported or broken video {src.name}: no frame rate, frames or size")
         check_stream(total, float(rate), width, height, policy, src.name)
@@ -120,34 +123,33 @@ class VideoFile:
         factor = geometry.factor  # the wrapper passes no total_pixels for files: qwen-vl-utils' default applies
         h, w = smart_resize(height, width, factor, *frame_bounds(n, DEFAULT_TOTAL_TOKENS * factor**2, factor))
         plan = VideoPlan(n, h, w, pair_times(list(indices), float(rate)), geometry)
-        return cls(src, total, float(rate), height, width, indices, plan, access.timeout, deadline.left(),
-                   policy.max_image_pixels)
+        return cls(src, total, float(rate), height, width, indices, plan, access.timeout, deadline.left(), policy,
+                   index)
 
     def load(self, timeout: float | None = None) -> np.ndarray:
-        """Decode up to the last sampled frame, resizing each sampled one at once: uint8 `[n, H, W, 3]`."""
+        """Decode the sampled frames (seeking, see `seek.py`), resizing each as soon as it is decoded:
+        uint8 `[n, H, W, 3]`.
+        """
         deadline = Deadline(self.seconds)
-        wanted: dict[int, list[int]] = {}
+        slots: dict[int, list[int]] = {}
         for k, i in enumerate(self.indices):
-            wanted.setdefault(i, []).append(k)
+            slots.setdefault(i, []).append(k)
         out = np.empty((len(self.indices), self.plan.height, self.plan.width, 3), np.uint8)
-        found = 0
         name = f"video {self.source.name}"
-        with media_errors(name), open_video(self.source, deadline, timeout or self.timeout) as container:
-            for pos, frame in enumerate(container.decode(video=0)):
-                deadline.check(f"decoding {name}")
-                if pos in wanted:
-                    if frame.width * frame.height > self.max_pixels:
-                        raise InputError(f"{name} has a {frame.width}x{frame.height} frame, over the "
-                                         f"{self.max_pixels}-pixel limit (MediaPolicy.max_image_pixels)")
-                    small = resize_bicubic_aa(frame.to_ndarray(format="rgb24")[None], self.plan.height,
-                                              self.plan.width)[0]
-                    for k in wanted[pos]:
-                        out[k] = small
-                    found += len(wanted[pos])
-                if pos >= self.indices[-1]:
-                    break
+        limit = self.policy.max_image_pixels
+
+        def take(i: int, frame: Any) -> None:
+            if frame.width * frame.height > limit:
+                raise InputError(f"{name} has a {frame.width}x{frame.height} frame, over the {limit}-pixel limit "
+                                 "(MediaPolicy.max_image_pixels)")
+            small = resize_bicubic_aa(frame.to_ndarray(format="rgb24")[None], self.plan.height, self.plan.width)[0]
+            out[slots[i]] = small
+
+        with media_errors(name):
+            found = decode_frames(lambda: open_video(self.source, deadline, timeout or self.timeout),
+                                  list(slots), self.total, take, self.policy, deadline, self.source.name, self.index)
         release_free_memory()  # decoded frames were freed one by one; hand the pages back now
-        if found < len(self.indices):
+        if found < len(slots):
             raise InputError(f"broken video {self.source.name}: fewer decodable frames than its header's {self.total}")
         return out
 
