@@ -20,6 +20,7 @@ Sources are read under the item's `MediaPolicy` (see `media.py`, `container.py`)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,29 @@ def sample_count(total: int, video_fps: float, fps: float, max_frames: int) -> i
     return n
 
 
+def fit_frames(height: int, width: int, frames: int, tokens: int, geometry: Geometry = DEFAULT_GEOMETRY
+               ) -> tuple[int, int, int]:
+    """`video_budget="fit"`: (frames, h, w) for a video file planned at `frames` frames of `height` x
+    `width` whose frame pairs must fit in `tokens` vision tokens (docs/reference-behaviour.md#video-budget).
+
+    The per-frame pixel cap comes down first, through the wrapper's own `smart_resize` and bounds
+    (never above its default cap, never below its 131,072-pixel floor); only when the smallest frames
+    still do not fit does the frame count come down (even, at least 4 or the video's own count).
+    """
+    g, n = geometry, frames
+    floor = min(MIN_FRAMES, frames)
+    while True:
+        lo, hi = frame_bounds(n, DEFAULT_TOTAL_TOKENS * g.factor**2, g.factor)
+        least = int(lo * 1.05)  # the wrapper's lowest per-frame cap (frame_bounds)
+        cap = max(least, min(hi, tokens // (n // g.temporal) * g.factor**2))
+        h, w = smart_resize(height, width, g.factor, lo, cap)
+        if n // g.temporal * (h * w // g.factor**2) <= tokens or n <= floor:
+            return n, h, w
+        sh, sw = smart_resize(height, width, g.factor, lo, least)
+        fewer = tokens // (sh * sw // g.factor**2) * g.temporal
+        n = max(floor, min(n - FRAME_FACTOR, fewer // FRAME_FACTOR * FRAME_FACTOR))
+
+
 # ---------------------------------------------------------------- video files
 @dataclass(frozen=True, eq=False)
 class VideoFile:
@@ -125,6 +149,22 @@ class VideoFile:
         plan = VideoPlan(n, h, w, pair_times(list(indices), float(rate)), geometry)
         return cls(src, total, float(rate), height, width, indices, plan, access.timeout, deadline.left(), policy,
                    index)
+
+    @property
+    def tokens(self) -> int:
+        """Vision tokens of this video as planned (all frame pairs)."""
+        t, h, w = self.plan.grid
+        return t * h * w // self.plan.geometry.merge**2
+
+    def fitted(self, tokens: int) -> VideoFile:
+        """The video re-planned to at most `tokens` vision tokens by `fit_frames` (itself if it fits)."""
+        if self.tokens <= tokens:
+            return self
+        g = self.plan.geometry
+        n, h, w = fit_frames(self.src_height, self.src_width, self.plan.num_frames, max(tokens, 0), g)
+        indices = tuple(int(i) for i in np.linspace(0, self.total - 1, n).round())
+        plan = VideoPlan(n, h, w, pair_times(list(indices), self.video_fps), g)
+        return dataclasses.replace(self, indices=indices, plan=plan)
 
     def load(self, timeout: float | None = None) -> np.ndarray:
         """Decode the sampled frames (seeking, see `seek.py`), resizing each as soon as it is decoded:
