@@ -137,3 +137,25 @@ def test_refusals_name_options_that_work(short, clip, tmp_path):
             with pytest.raises(InputError, match="too many vision tokens"):
                 short.process([{**item, **extra}])
         assert np.isfinite(short.process([{**item, **extra} for extra in working])).all()
+
+
+def test_every_front_end_reads_the_key(tmp_path):
+    """Where each front end declares its item keys: CLI JSONL, the server's request fields, Ray columns
+    (the Ray row id and recorded column map of a row without the key stay what they were)."""
+    pytest.importorskip("pydantic")
+    from pydantic import ValidationError
+
+    from q3vl.ray.rows import ColumnMap, content_id, item_of
+    from q3vl.runtime.inputs import parse_item
+    from q3vl.serve.schemas import EmbeddingRequest
+
+    assert parse_item({"video": "a.mp4", "video_budget": "fit"}, base=tmp_path).item["video_budget"] == "fit"
+    assert EmbeddingRequest(input="x", video_budget="fit").options() == {"video_budget": "fit"}
+    with pytest.raises(ValidationError):
+        EmbeddingRequest(input="x", video_budget="shrink")
+    cmap = ColumnMap()
+    assert item_of({"video": "/v.mp4", "video_budget": "fit"}, cmap) == {"video": "/v.mp4", "video_budget": "fit"}
+    without = {"video": "/v.mp4", "fps": 2}
+    assert content_id(without, cmap) == content_id(without, ColumnMap(video_budget=None))
+    assert content_id({**without, "video_budget": "fit"}, cmap) != content_id(without, cmap)
+    assert "video_budget" not in cmap.as_dict() and ColumnMap(**cmap.as_dict()) == cmap

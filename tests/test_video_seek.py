@@ -145,3 +145,21 @@ def test_indexes_that_cannot_name_frames_are_not_seeked():
     assert "no timestamp" in index_of([0, 1, 2], [0], packets=4).sequential
     assert "repeat" in index_of([0, 1, 1, 3], [0]).sequential
     assert "first frame is not a keyframe" in index_of([0, 1, 2, 3], [2]).sequential
+
+
+def test_video_urls_seek_in_memory_and_say_they_are_read_whole(clips):
+    """A video URL is fetched whole (under the byte cap) and sampled by seeking in memory, with the same
+    frames as the file; over the cap, the refusal says the whole file counts and what to send instead."""
+    from q3vl.preprocess.media import MediaAccess
+    from q3vl.testing.hostile import HostileServer, serve
+
+    path = clips["h264-gop300"]
+    data = path.read_bytes()
+    with HostileServer({"/v.mp4": serve(data, "video/mp4")}) as srv:
+        trusted = MediaAccess(MediaPolicy.trusted(), 5)
+        by_url = VideoFile.probe(srv.url("/v.mp4"), 8.0, 16, access=trusted)
+        assert np.array_equal(by_url.load(), VideoFile.probe(str(path), 8.0, 16).load())
+        capped = MediaAccess(MediaPolicy.trusted(max_item_bytes=len(data) - 1), 5)
+        with pytest.raises(Exception, match="downloaded whole before it is decoded") as refusal:
+            VideoFile.probe(srv.url("/v.mp4"), 8.0, 16, access=capped)
+        assert "max_item_bytes" in str(refusal.value)

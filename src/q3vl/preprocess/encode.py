@@ -40,6 +40,7 @@ RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n
 TRUNCATION_MODES = ("text", "reference")
 MAX_VARIANTS = 64  # encoders kept for items' own pixel limits; more distinct sets are built per item
+FIT_ROUNDS = 6  # prompt measurements video_budget="fit" may take to find the largest plan that fits
 DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16, temporal 2, merge 2
 
 
@@ -298,27 +299,34 @@ class Encoder:
 
     def fit_videos(self, media: list[Media], measure: Callable[[list[Media]], np.ndarray],
                    limit: int | None = None) -> list[Media]:
-        """With `video_budget="fit"`, the video files of `media` re-planned until `measure(media)` (the
-        prompt's ids) fits `limit` (default max_length); otherwise `media` unchanged.
+        """With `video_budget="fit"`, the video files of `media` re-planned so that `measure(media)` (the
+        prompt's ids) fits `limit` (default max_length); otherwise, or if it already fits, `media` unchanged.
 
-        The tokens over the limit come out of the video files' vision tokens, shared equally
-        (`VideoFile.fitted`: smaller frames first, then fewer); fewer frames also drop timestamps, so
-        the prompt is measured again until it fits or nothing can shrink further.
+        Each video file gets an equal share of the vision tokens the prompt can hold and is re-planned
+        from its wrapper plan (`VideoFile.fitted`: smaller frames first, then fewer). Fewer frames also
+        drop timestamps, so the prompt is measured again and the share moves up or down (a few rounds)
+        to the largest that fits.
         """
         limit = limit or self.config.max_length
-        if self.config.video_budget != "fit" or not any(isinstance(m, VideoFile) for m in media):
+        videos = {k: m for k, m in enumerate(media) if isinstance(m, VideoFile)}
+        if self.config.video_budget != "fit" or not videos:
             return media
-        for _ in range(4):
-            over = len(measure(media)) - limit
-            videos = {k: m for k, m in enumerate(media) if isinstance(m, VideoFile)}
-            if over <= 0:
+        over = len(measure(media)) - limit
+        if over <= 0:
+            return media
+        share = (sum(v.tokens for v in videos.values()) - over) // len(videos)
+        best, tried = None, set()
+        for _ in range(FIT_ROUNDS):
+            tried.add(share)
+            candidate = [videos[k].fitted(share) if k in videos else m for k, m in enumerate(media)]
+            length = len(measure(candidate))
+            if length <= limit:
+                best = candidate
+            step = (limit - length) // len(videos)
+            share = share + step if length <= limit else share + min(step, -1)
+            if share in tried or step == 0:
                 break
-            share = (sum(v.tokens for v in videos.values()) - over) // len(videos)
-            fitted = {k: v.fitted(share) for k, v in videos.items()}
-            if all(fitted[k] is v for k, v in videos.items()):
-                break
-            media = [fitted.get(k, m) for k, m in enumerate(media)]
-        return media
+        return best or candidate
 
     def plan_query(self, query: Content, instruction: str, fps: float | None, max_frames: int | None
                    ) -> SharedMedia:
