@@ -202,14 +202,15 @@ def simd_flags() -> list[str]:
 
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
-    lines = [f"# Video preprocessing: q3vl vs qwen-vl-utils + decord\n",
+    header = "| file / frames | " + " | ".join(PREPROCESS) + f" | q3vl / {BASELINE} |"
+    lines = ["# Video preprocessing: q3vl vs qwen-vl-utils + decord\n",
              f"{m['cpu']}, {m['cores']} cores, SIMD: {' '.join(data['simd'])}. Load average before/after: "
              f"{data['load_before']} / {data['load_after']}. {data['note']}\n",
              "Files: " + "; ".join(f"{k}: {v['bytes'] / 1e6:.0f} MB" for k, v in data["files"].items()) + ".",
              "Generated here: " + ("; ".join(f"{Path(g['path']).name} in {g['make_s']} s" for g in data["generated"])
                                    or "(cached from an earlier run)") + ".\n",
              "## Preprocessing (file path -> resized frames), median wall s (CPU s), peak RSS growth MB\n",
-             "| file / frames | " + " | ".join(PREPROCESS) + f" | q3vl / {BASELINE} |", "|---" * (len(PREPROCESS) + 2) + "|"]
+             header, "|---" * (len(PREPROCESS) + 2) + "|"]
     for key, row in data["preprocess"]["rows"].items():
         cells = [_cell(row.get(s)) for s in PREPROCESS]
         ratio = _ratio(row.get("q3vl"), row.get(BASELINE))
@@ -218,7 +219,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"\n{s}: unavailable ({err})")
     if data.get("e2e"):
         lines += ["\n## End to end on the small shape (Embedder.process vs the PyTorch reference), 720p files\n",
-                  "| file / frames | q3vl | reference | q3vl+fit (64 frames) | q3vl / reference |", "|---|---|---|---|---|"]
+                  "| file / frames | q3vl | reference | q3vl+fit (64 frames) | q3vl / reference |",
+                  "|---|---|---|---|---|"]
         for key, row in data["e2e"].items():
             lines.append(f"| {key} | {_cell(row.get('q3vl'))} | {_cell(row.get('reference'))} | "
                          f"{_cell(row.get('q3vl+fit'))} | {_ratio(row.get('q3vl'), row.get('reference'))} |")

@@ -32,7 +32,7 @@ from q3vl.preprocess.prompt import (
     video_slot,
 )
 from q3vl.preprocess.rope import rope_positions
-from q3vl.preprocess.video import FrameList, VideoFile
+from q3vl.preprocess.video import FrameList, VideoFile, fit_video_files
 from q3vl.preprocess.vision import Geometry, VisionBlock
 
 RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
@@ -40,7 +40,6 @@ RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n
 TRUNCATION_MODES = ("text", "reference")
 MAX_VARIANTS = 64  # encoders kept for items' own pixel limits; more distinct sets are built per item
-FIT_ROUNDS = 6  # prompt measurements video_budget="fit" may take to find the largest plan that fits
 DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16, temporal 2, merge 2
 
 
@@ -299,34 +298,12 @@ class Encoder:
 
     def fit_videos(self, media: list[Media], measure: Callable[[list[Media]], np.ndarray],
                    limit: int | None = None) -> list[Media]:
-        """With `video_budget="fit"`, the video files of `media` re-planned so that `measure(media)` (the
-        prompt's ids) fits `limit` (default max_length); otherwise, or if it already fits, `media` unchanged.
-
-        Each video file gets an equal share of the vision tokens the prompt can hold and is re-planned
-        from its wrapper plan (`VideoFile.fitted`: smaller frames first, then fewer). Fewer frames also
-        drop timestamps, so the prompt is measured again and the share moves up or down (a few rounds)
-        to the largest that fits.
+        """With `video_budget="fit"`, `media` whose video files fit `measure(media)` (the prompt's ids) into
+        `limit` (default max_length) (`video.fit_video_files`); otherwise `media` unchanged.
         """
-        limit = limit or self.config.max_length
-        videos = {k: m for k, m in enumerate(media) if isinstance(m, VideoFile)}
-        if self.config.video_budget != "fit" or not videos:
+        if self.config.video_budget != "fit":
             return media
-        over = len(measure(media)) - limit
-        if over <= 0:
-            return media
-        share = (sum(v.tokens for v in videos.values()) - over) // len(videos)
-        best, tried = None, set()
-        for _ in range(FIT_ROUNDS):
-            tried.add(share)
-            candidate = [videos[k].fitted(share) if k in videos else m for k, m in enumerate(media)]
-            length = len(measure(candidate))
-            if length <= limit:
-                best = candidate
-            step = (limit - length) // len(videos)
-            share = share + step if length <= limit else share + min(step, -1)
-            if share in tried or step == 0:
-                break
-        return best or candidate
+        return fit_video_files(media, measure, limit or self.config.max_length)
 
     def plan_query(self, query: Content, instruction: str, fps: float | None, max_frames: int | None
                    ) -> SharedMedia:

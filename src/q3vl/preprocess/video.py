@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ MIN_FRAMES = 4
 # (patch x merge: 32), e.g. VIDEO_MIN_PIXELS = 128 * 32 * 32 for the published models.
 VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS, DEFAULT_TOTAL_TOKENS = 128, 768, 128000 * 0.9
 LIST_FPS = 2.0
+FIT_ROUNDS = 6  # prompt measurements video_budget="fit" may take to find the largest plan that fits
 DEFAULT_GEOMETRY = Geometry()
 
 
@@ -192,6 +194,34 @@ class VideoFile:
         if found < len(slots):
             raise InputError(f"broken video {self.source.name}: fewer decodable frames than its header's {self.total}")
         return out
+
+
+def fit_video_files(media: list[Any], measure: Callable[[list[Any]], Any], limit: int) -> list[Any]:
+    """`video_budget="fit"`: `media` with its video files re-planned so that `len(measure(media))`, the
+    prompt's length, fits `limit`; unchanged if it already fits (docs/reference-behaviour.md#video-budget).
+
+    Each video file gets an equal share of the vision tokens the prompt can hold and is re-planned
+    from its wrapper plan (`VideoFile.fitted`: smaller frames first, then fewer). Fewer frames also
+    drop timestamps, so the prompt is measured again and the share moves up or down (a few rounds)
+    to the largest that fits; if none fits, the smallest tried is returned (the caller refuses it).
+    """
+    videos = {k: m for k, m in enumerate(media) if isinstance(m, VideoFile)}
+    over = len(measure(media)) - limit
+    if not videos or over <= 0:
+        return media
+    share = (sum(v.tokens for v in videos.values()) - over) // len(videos)
+    best, tried = None, set()
+    for _ in range(FIT_ROUNDS):
+        tried.add(share)
+        candidate = [videos[k].fitted(share) if k in videos else m for k, m in enumerate(media)]
+        length = len(measure(candidate))
+        if length <= limit:
+            best = candidate
+        step = (limit - length) // len(videos)
+        share = share + step if length <= limit else share + min(step, -1)
+        if share in tried or step == 0:
+            break
+    return best or candidate
 
 
 # ---------------------------------------------------------------- frame lists
