@@ -159,3 +159,22 @@ def test_every_front_end_reads_the_key(tmp_path):
     assert content_id(without, cmap) == content_id(without, ColumnMap(video_budget=None))
     assert content_id({**without, "video_budget": "fit"}, cmap) != content_id(without, cmap)
     assert "video_budget" not in cmap.as_dict() and ColumnMap(**cmap.as_dict()) == cmap
+
+
+def test_reranker_request_budget_fits_query_and_document_videos(tiny_reranker_bundle, clip):
+    """A rerank request's `video_budget`: the query's video files fit in half of max_length, each
+    document's in what is left; without it the pair is refused with the advice."""
+    from q3vl.runtime import Reranker
+
+    request = {"query": {"video": clip, "text": "a gradient"}, "documents": [{"video": clip}, {"text": "words"}],
+               "fps": 8}
+    with Reranker(tiny_reranker_bundle, max_length=1200) as rr:
+        with pytest.raises(InputError, match="video_budget='fit'"):
+            rr.process(request)
+        got = rr.process_details({**request, "video_budget": "fit"})
+        plans = rr.plan({**request, "video_budget": "fit"})
+    assert np.isfinite(got.values).all() and max(got.tokens) <= 1200
+    query_video = plans[0].encoded.media[0]
+    assert isinstance(query_video, VideoFile) and query_video.tokens <= 600
+    doc_video = plans[0].encoded.media[1]
+    assert doc_video.tokens <= 1200 - query_video.tokens and plans[0].tokens <= 1200  # the document got the rest
