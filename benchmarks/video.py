@@ -200,6 +200,21 @@ def simd_flags() -> list[str]:
     return []
 
 
+def reader_versions() -> dict[str, str]:
+    """PyAV (and its FFmpeg), decord and qwen-vl-utils: what the preprocessing figures depend on."""
+    import importlib.metadata as md
+
+    import av
+
+    out = {"av": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"]))}
+    for pkg in ("decord", "qwen-vl-utils", "torchvision"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     header = "| file / frames | " + " | ".join(PREPROCESS) + f" | q3vl / {BASELINE} |"
@@ -293,7 +308,7 @@ def main() -> int:
     frames = [int(x) for x in a.frames.split(",")]
     pre = bench_preprocess(files, frames, a.repeats)
     e2e = bench_e2e(files, a.workdir, max(1, a.repeats - 1)) if a.e2e else {}
-    data = {"machine": machine_info(), "simd": simd_flags(), "note": a.note,
+    data = {"machine": machine_info(), "simd": simd_flags(), "readers": reader_versions(), "note": a.note,
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
             "files": {k: {"name": v.name, "bytes": v.stat().st_size} for k, v in files.items()},
             "generated": [{**g, "path": Path(g["path"]).name, "source": Path(g.get("source", "")).name} for g in made],

@@ -88,28 +88,36 @@ def test_two_minute_720p_same_vector_from_embedder_cli_and_server(tiny_embedding
 @pytest.mark.slow
 def test_thirty_minute_file_through_the_server_within_the_deadline(tiny_embedding_bundle, videos, tmp_path):
     """Default serve limits (--media-root only, to name a local file): refused with the advice at once
-    without the budget, embedded with it within the media deadline; the server's memory stays bounded."""
+    without the budget, embedded with it within the media deadline; the server's peak memory after the
+    30-minute file is the one the 2-minute file at the same token count already reached (the peak is
+    the text graph's attention over ~7,700 tokens, not the video: its cost does not follow the length)."""
     made = repeat_video(videos / "v120.mp4", videos / "v1800.mp4", 15)
     assert made["seconds"] >= 1800
     server = Server(["--embedding", str(tiny_embedding_bundle), "--media-root", str(videos)], tmp_path)
+
+    def embed(name: str, **options: str) -> tuple[int, dict, float]:
+        part = {"role": "user", "content": [{"type": "video_url", "video_url": {"url": name}}]}
+        t = time.monotonic()
+        status, _, body = request(server.base, "POST", "/v1/embeddings", {"messages": [part], **options})
+        return status, body, time.monotonic() - t
+
     try:
         server.wait_ready()
         base_mb = peak_rss_mb(server.proc.pid)
-        part = {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v1800.mp4"}}]}
-        t = time.monotonic()
-        status, _, refused = request(server.base, "POST", "/v1/embeddings", {"messages": [part]})
-        refused_s = time.monotonic() - t
+        status, short, _ = embed("v120.mp4", video_budget="fit")
+        assert status == 200, short
+        short_mb = peak_rss_mb(server.proc.pid)
+        status, refused, refused_s = embed("v1800.mp4")
         assert status == 400 and "video_budget='fit'" in json.dumps(refused), refused
-        t = time.monotonic()
-        status, _, res = request(server.base, "POST", "/v1/embeddings", {"messages": [part], "video_budget": "fit"})
-        embedded_s = time.monotonic() - t
+        status, res, embedded_s = embed("v1800.mp4", video_budget="fit")
         assert status == 200, res
         peak = peak_rss_mb(server.proc.pid)
         sys.stdout.write(f"\n30-minute file ({made['bytes'] / 1e6:.0f} MB, {made['frames']} frames): refused in "
                          f"{refused_s:.1f} s, embedded with the budget in {embedded_s:.1f} s "
-                         f"({res['usage']['prompt_tokens']} tokens); server peak RSS {peak:.0f} MB "
-                         f"(after start-up {base_mb:.0f} MB)\n")
-        assert embedded_s < MEDIA_DEADLINE and peak < base_mb + 1024
+                         f"({res['usage']['prompt_tokens']} tokens); server peak RSS {peak:.0f} MB (after start-up "
+                         f"{base_mb:.0f} MB, after the 2-minute file at {short['usage']['prompt_tokens']} tokens "
+                         f"{short_mb:.0f} MB)\n")
+        assert embedded_s < MEDIA_DEADLINE and peak <= short_mb + 128
     finally:
         assert server.stop() == 0, server.log()
 
