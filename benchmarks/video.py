@@ -221,6 +221,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines = ["# Video preprocessing: q3vl vs qwen-vl-utils + decord\n",
              f"{m['cpu']}, {m['cores']} cores, SIMD: {' '.join(data['simd'])}. Load average before/after: "
              f"{data['load_before']} / {data['load_after']}. {data['note']}\n",
+             "Readers: " + ", ".join(f"{k} {v}" for k, v in data.get("readers", {}).items()) + ".\n",
              "Files: " + "; ".join(f"{k}: {v['bytes'] / 1e6:.0f} MB" for k, v in data["files"].items()) + ".",
              "Generated here: " + ("; ".join(f"{Path(g['path']).name} in {g['make_s']} s" for g in data["generated"])
                                    or "(cached from an earlier run)") + ".\n",
