@@ -165,7 +165,8 @@ class UnavailableError(Q3VLError, RuntimeError):
 
 
 # The optional-dependency groups of pyproject.toml; `missing_extra` only names these (tested).
-EXTRAS = ("export", "hub", "index", "serve", "ray", "bench", "dev")
+EXTRAS = ("export", "hub", "index", "serve", "ray", "bench", "langchain", "llamaindex", "lancedb", "chroma",
+          "dev")
 
 
 def missing_extra(package: str, extra: str | None) -> BackendUnavailableError:
