@@ -8,6 +8,7 @@ for everything else (tests/conftest.py).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -325,6 +326,32 @@ def test_what_is_not_a_bundle_is_refused_in_one_line(hub, tiny_embedding, tiny_e
         with pytest.raises(error, match=message):
             resolve_bundle(repo, progress=False)
     assert hub.downloads() == ["q3vl.json"]  # only the newer-format manifest was read
+
+
+@pytest.mark.parametrize("name", ["../../escape.onnx", "/etc/passwd", "graphs/../../escape.onnx"])
+def test_a_repo_whose_files_name_paths_outside_it_is_refused_before_fetching_them(
+        hub, tiny_embedding, tiny_embedding_bundle, tmp_path, monkeypatch, name):
+    """A hostile repo: its manifest (bundle) or its shard index (checkpoint) names a path outside the snapshot."""
+    from q3vl.hub.bundle import resolve_bundle
+    from q3vl.hub.checkpoint import resolve_checkpoint
+
+    manifest = json.loads((tiny_embedding_bundle / "q3vl.json").read_text())
+    manifest["files"][name] = {"size": 3, "sha256": "0" * 64}
+    hub.add_files("org/escape", {"q3vl.json": json.dumps(manifest).encode()})
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00001.safetensors", "b": name}}
+    config = (tiny_embedding / "config.json").read_bytes()
+    hub.add_files("org/escape-ckpt", {"config.json": config, "tokenizer.json": b"{}",
+                                      "model.safetensors.index.json": json.dumps(index).encode(),
+                                      "model-00001-of-00001.safetensors": Blob(None, 1000)})
+    point_client_at(hub, tmp_path / "hf", monkeypatch)
+    with pytest.raises(BundleError, match=f"org/escape: the manifest names the file {re.escape(repr(name))}: bundle "
+                                          "paths must be relative"):
+        resolve_bundle("org/escape", progress=False)
+    with pytest.raises(CheckpointError, match=r"org/escape-ckpt: model.safetensors.index.json names shards the repo "
+                                              f"does not list: \\[{re.escape(repr(name))}\\]"):
+        resolve_checkpoint("org/escape-ckpt", progress=False)
+    assert sorted(hub.downloads()) == ["config.json", "model.safetensors.index.json", "q3vl.json"]
+    assert not (tmp_path / "escape.onnx").exists() and not (tmp_path / "hf" / "escape.onnx").exists()
 
 
 def test_a_bundle_file_whose_content_differs_from_the_manifest_is_refused(hub, tiny_embedding_bundle, tmp_path,

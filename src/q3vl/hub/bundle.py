@@ -112,12 +112,13 @@ def _download(listing: Listing, conn: Connection, progress: bool) -> Located:
 def _expected(listing: Listing, manifest: Manifest) -> dict[str, dict[str, Any]]:
     """Every file the manifest names, with its size and sha256; each must be listed at that size."""
     files: dict[str, dict[str, Any]] = {MANIFEST: listing.files[MANIFEST].expected()}
+    outside = [n for n in manifest.files if n.startswith("/") or ".." in n.split("/")]
+    if outside:  # named first: a hostile manifest, whatever else it lacks
+        raise BundleError(f"{listing.ref}: the manifest names the file {outside[0]!r}: bundle paths must be relative")
     for n, meta in manifest.files.items():
         if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or not isinstance(meta.get("sha256"),
                                                                                                  str):
             raise BundleError(f"{listing.ref}: manifest field files.{n} must hold an integer size and a sha256")
-        if n.startswith("/") or ".." in n.split("/"):
-            raise BundleError(f"{listing.ref}: the manifest names the file {n!r}: bundle paths must be relative")
         remote = listing.files.get(n)
         if remote is None:
             raise BundleError(f"{listing.ref}: the manifest names {n}, which the repo does not have")
