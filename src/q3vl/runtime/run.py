@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -69,6 +69,7 @@ def guarded(index: int, fn: Callable[[], T]) -> T | InputError:
         return err.at(index) if err.index is None else err
 
 
+@runtime_checkable
 class BatchRunner(Protocol):
     """What `run_batches` (and a scheduler built on it) needs of a model."""
 
@@ -82,6 +83,7 @@ class BatchRunner(Protocol):
         """One micro-batch through the graphs: every text-graph output, one row per item."""
 
 
+@runtime_checkable
 class BatchModel(BatchRunner, Protocol[R]):
     """The batch seam `Embedder` and `Reranker` satisfy; `R` is what `plan` takes (a list of items for
     the embedder, a request dict for the reranker). Front ends hold models by this type.
@@ -132,6 +134,7 @@ class BatchResult:
         return sum(x.plan.tokens for x in self.items)
 
 
+@runtime_checkable
 class BatchSink(Protocol):
     """Where `run_batches` reports, called on the thread that runs it."""
 
