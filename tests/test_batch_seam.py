@@ -310,3 +310,18 @@ def test_process_runs_a_failed_micro_batch_item_by_item(embedder, monkeypatch):
         with pytest.raises(BackendError, match="inference failed: RuntimeError") as err:
             embedder.process(items, on_error=mode)
         assert "refuses this one" in str(err.value.__cause__)
+
+
+def test_prepare_image_gives_the_embedders_own_pixels(embedder, tmp_path):
+    """The Ray decode stage's function and the embedder's plan + load: the same pixels, per-item limits too."""
+    from q3vl.runtime import bundle_geometry, prepare_image
+    from q3vl.testing.inputs import gradient_image
+
+    path = tmp_path / "big.png"
+    gradient_image(300, 420, seed=7).save(path)
+    for limits in ({}, {"max_pixels": 65536}, {"min_pixels": 200_000}):
+        plan = embedder.plan([{"image": str(path), **limits}])[0]
+        assert isinstance(plan, Plan)
+        got = prepare_image(str(path), bundle_geometry(embedder.path), **limits)
+        assert np.array_equal(got, plan.encoded.media[0].pixels()), limits
+        assert got.shape[0] * got.shape[1] == sum(h * w for h, w in plan.encoded.grids) * 16 * 16, limits
