@@ -56,7 +56,10 @@ class BundleModel:
     peak memory is one source's: raise it where cores and memory are plentiful), `backend_options`
     (the backend's typed options, as a dict or its options object), `media_policy` (what media may
     be read and the per-item/per-call limits; default `MediaPolicy()`: local files, data URIs and
-    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input).
+    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input), `video_budget` ("off", the
+    wrapper's behaviour; "fit": a video file whose prompt would exceed max_length gets smaller frames,
+    then fewer, until it fits: docs/reference-behaviour.md#video-budget; an item's own `video_budget`
+    key overrides it).
 
     Use it as a context manager, or call `close()`, to release the backend and the loader pool now
     rather than at garbage collection.
@@ -70,7 +73,8 @@ class BundleModel:
                  max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
                  timeout: float = 10.0, max_text_chars: int = 1 << 20, max_parts: int = 16384, verify: str = "size",
                  allow_unverified: bool = False, prefetch: bool = True, loader_threads: int | None = None,
-                 backend_options: Any = None, media_policy: MediaPolicy | None = None) -> None:
+                 backend_options: Any = None, media_policy: MediaPolicy | None = None,
+                 video_budget: str = "off") -> None:
         _positive_ints(batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                        max_vision_patches=max_vision_patches, max_text_chars=max_text_chars, max_parts=max_parts)
         if verify not in ("size", "full"):
@@ -78,7 +82,8 @@ class BundleModel:
         config = PreprocessConfig(max_length=max_length or self.task.default_max_length, min_pixels=min_pixels,
                                   max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
                                   truncation=truncation, timeout=timeout, max_text_chars=max_text_chars,
-                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy())
+                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy(),
+                                  video_budget=video_budget)
         self.default_instruction = self.task.default_instruction if default_instruction is None \
             else default_instruction
         try:
@@ -92,6 +97,7 @@ class BundleModel:
         self.manifest.check_tokenizer(tokenizer.special.as_dict())
         template = ChatTemplate((self.path / "chat_template.jinja").read_text(encoding="utf-8"))
         self.encoder = Encoder(tokenizer, template, config, Geometry.from_spec(self.manifest.spec.vision))
+        _check_cuda_fit(self.path, self.manifest, backend, backend_options)
         self.backend = create(backend, {g: self.path / m.file for g, m in self.manifest.graphs.items()},
                               backend_options)
         io = expected_io(self.manifest.spec, self.manifest.task)
@@ -229,6 +235,25 @@ class BundleModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_cuda_fit(path: Path, manifest: Manifest, backend: str, options: object) -> None:
+    """What the static CUDA check (docs/gpu.md) knows of non-fp16 fused bundles, said before ORT loads them.
+
+    onnxruntime-gpu's GroupQueryAttention has fp16/bf16 kernels only, so in an fp32 (or int8/int4
+    weights) fused text graph every layer's attention falls back to the CPU provider, with copies
+    each call, and ORT refuses CUDA graphs for such a session.
+    """
+    text = manifest.graphs.get("text")
+    if backend != "cuda" or text is None or text.kind != "fused" or text.precision == "fp16":
+        return
+    cuda_graph = options.get("cuda_graph") if isinstance(options, dict) else getattr(options, "cuda_graph", False)
+    reason = (f"the fused text graph of {path} is {text.precision}, and onnxruntime-gpu runs GroupQueryAttention "
+              "only in fp16/bf16: each layer's attention falls back to the CPU")
+    if cuda_graph:
+        raise ConfigError(f"cuda_graph=True needs an fp16 bundle: {reason}, and ONNX Runtime refuses CUDA graphs "
+                          "then; export with --precision fp16 (docs/gpu.md)")
+    log.warning("%s, with copies each call; export with --precision fp16 for the GPU (docs/gpu.md)", reason)
 
 
 def _release(backend: Backend, pool: ThreadPoolExecutor) -> None:
