@@ -184,7 +184,7 @@ def call_policy(rows_per_call: int, policy: Any = None) -> Any:
     cannot exhaust before each row hits its own per-item limit, so whether a row fails never depends
     on which rows Ray put in the same batch.
     """
-    from q3vl.preprocess.media import MediaPolicy
+    from q3vl.preprocess import MediaPolicy
 
     policy = policy or MediaPolicy()
     return dataclasses.replace(policy, max_call_bytes=max(policy.max_call_bytes, rows_per_call * policy.max_item_bytes))
