@@ -1,44 +1,49 @@
-"""The one input dialect of every q3vl command that reads items from a file.
+"""The one item adapter: every front end's format becomes the runtime's items here.
 
-Why: `embed`, `rerank`, `parity` and `index build` each had their own reader, so an `id` that
-`index build` kept was an error for `embed`, `parity` wanted `name`, and relative media paths
-resolved against whatever the current directory happened to be. Every command that reads items
-(and the coming `serve` and `embed-dataset`) goes through this module instead:
+Why: the command line, the server and the Ray job each had their own reader, and they drifted apart
+(`embed-dataset` silently ignored a per-item `max_pixels` that `q3vl embed` honoured, so one JSONL
+line gave two different vectors). Now every front end hands its values to this module:
 
-- **Format**: JSONL, one JSON object per non-empty line. The keys are exactly the runtime's
-  (`text`, `image`, `video`, `instruction`, `fps`, `max_frames` for an embedding item; `text`,
-  `image`, `video` for a reranker document), plus an optional `id` (a string or an integer), which
-  every output carries: `.jsonl` outputs have an `id` field, `.npy` outputs a `<stem>.ids.json`
-  beside them, indexes return it from `index search`, parity reports label rows with it.
-- **Media paths**: a relative `image`/`video` path (frame lists included) is resolved against the
-  directory of the file that names it, not the current directory, so a JSONL file and its media can
-  be moved together; `~` is expanded; URLs (`http(s)://`, `file://`) and `data:` URIs are kept as
-  written. Errors show the resolved path.
-- **Errors** are `InputError`s that name the file, the 1-based line and the id, e.g.
-  `items.jsonl line 3 (id 'cat-7'): image file not found: /data/cats/7.jpg`; every line is checked
-  (JSON, keys, value types) before any model is loaded.
+- Python dicts (`Embedder.process`, `Reranker.process`) are the item model itself
+  (`q3vl.preprocess.items`), validated when they are planned;
+- JSONL files (`q3vl embed`, `rerank`, `parity`, `index build`): `read_items`, `read_object`;
+- HTTP bodies (`q3vl serve`): `serve/convert.py` gathers content parts and options into a dict
+  (its media gate resolves references under `--media-root`) and calls `to_item`;
+- dataset rows (`embed-dataset`, `EmbedBatch`, `RerankBatch`): `ray/rows.py` turns Arrow values into
+  Python values and calls `to_item` (a JSON line: `parse_json` first).
 
-The API is small on purpose: `read_items` (a file -> `Record`s), `parse_item` (one object, e.g. from
-an HTTP body), `resolve_media` (paths only), `locate` (a runtime error -> the same error naming the
-line and id). Torch-free.
+One set of **keys**: `items.KEYS` (text, image, video, instruction, fps, max_frames, min_pixels,
+max_pixels, total_pixels), plus `id`, which outputs carry and the runtime never sees. A video given as
+frames is a `video` list (one way to say it). A front end that cannot carry a key refuses it by name
+(a reranker document takes only content keys: the options are the request's), never drops it.
+
+One set of **path rules** (`resolve_path`): `~` is expanded, a relative `image`/`video` path (frame
+lists included) is joined to the directory of the file that names it (a JSONL file, a dataset), URLs
+(`scheme://`) and `data:` URIs are kept as written. What may then be read is the media policy's call
+(`q3vl.preprocess.media.MediaPolicy`), the same for every front end.
+
+One set of **error texts**: the value checks of `items.KEYS` say what is wrong (`InputError.reason`);
+each front end adds the place it knows: `items.jsonl line 3 (id 'cat-7'): ...` (files), the `param`
+of an HTTP 400 (`input[3]`), a dataset row's `error` column. Torch-free.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from q3vl.errors import InputError
-from q3vl.preprocess.items import CONTENT_KEYS, EMBED_KEYS, content, embed_item
+from q3vl.preprocess.items import CONTENT_KEYS, EMBED_KEYS, OPTION_KEYS, content, embed_item
 
 ID = "id"
-KINDS = {"embed": EMBED_KEYS, "document": CONTENT_KEYS}
+KINDS = {"embed": EMBED_KEYS, "document": CONTENT_KEYS, "query": (*CONTENT_KEYS, *OPTION_KEYS)}
 MEDIA_KEYS = ("image", "video")
-_KEPT = ("http://", "https://", "file://", "data:")
+_KEPT = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|data:)")
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,19 @@ class Record:
         return place + (f" (id {self.id!r})" if self.id is not None else "")
 
 
-def resolve_media(item: dict[str, Any], base: str | Path) -> dict[str, Any]:
-    """A copy of `item` whose relative image/video paths (frames included) are joined to `base`."""
-    base = Path(base)
+# ---------------------------------------------------------------- paths
+def resolve_path(value: str, base: str | Path | None) -> str:
+    """A media reference as the runtime should read it: `~` expanded and a relative path joined to
+    `base` (when given); URLs and `data:` URIs unchanged.
+    """
+    if not value or _KEPT.match(value):
+        return value
+    path = os.path.expanduser(value)
+    return path if base is None or os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def resolve_media(item: dict[str, Any], base: str | Path | None) -> dict[str, Any]:
+    """A copy of `item` whose image/video paths (frames included) follow `resolve_path`."""
     out = dict(item)
     for key in MEDIA_KEYS:
         if key in out:
@@ -67,18 +82,51 @@ def resolve_media(item: dict[str, Any], base: str | Path) -> dict[str, Any]:
     return out
 
 
-def _resolve(value: Any, base: Path) -> Any:
-    if isinstance(value, list):
+def _resolve(value: Any, base: str | Path | None) -> Any:
+    if isinstance(value, (list, tuple)):
         return [_resolve(v, base) for v in value]
-    if not isinstance(value, str) or value.startswith(_KEPT) or not value:
-        return value
-    path = os.path.expanduser(value)
-    return path if os.path.isabs(path) else os.path.normpath(base / path)
+    return resolve_path(value, base) if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- values -> items
+def to_item(fields: dict[str, Any], kind: str = "embed", *, base: str | Path | None = None) -> dict[str, Any]:
+    """The runtime item of `fields` (item keys -> values, no `id`): keys checked against `kind`
+    ("embed", "document", or "query": a reranker query with the request's options), every value
+    checked, media paths resolved. A problem is an `InputError` whose reason every front end shares.
+    """
+    allowed = KINDS[kind]
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        hint = " (the item's label is 'id')" if "name" in unknown else ""
+        hint += " (a document takes content keys only: options belong to the query)" if kind == "document" and \
+            set(unknown) & set(OPTION_KEYS) else ""
+        raise InputError(f"unknown keys {unknown}; allowed: {[*allowed, ID]}{hint}")
+    item = resolve_media(fields, base)
+    embed_item(item) if kind != "document" else content(item)  # a query's options are checked as an item's
+    return item
+
+
+def parse_json(text: str, where: str) -> dict[str, Any]:
+    """One JSON object from a line of text; an `InputError` naming `where` (a file and line) otherwise."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def check_id(ident: Any, where: str) -> str | int | None:
+    """An item's `id`: a string or an integer (a bool is neither), or None."""
+    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
+        raise InputError(f"{where}: id must be a string or an integer, not {json.dumps(ident)[:40]}")
+    return ident
 
 
 def parse_item(obj: Any, kind: str = "embed", *, base: str | Path | None = None, line: int = 0,
                source: str = "") -> Record:
-    """Validate one decoded JSON object as an item of `kind` ("embed" or "document").
+    """Validate one decoded JSON object as an item of `kind` ("embed", "document" or "query").
 
     Keys, value types and the `id` are checked here (an `InputError` naming the line and id);
     media paths are resolved against `base` when given. Files are not opened: the runtime reports
@@ -87,20 +135,10 @@ def parse_item(obj: Any, kind: str = "embed", *, base: str | Path | None = None,
     where = Record({}, line, None, source).where
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, not {type(obj).__name__}")
-    ident = obj.get(ID)
-    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
-        raise InputError(f"{where}: id must be a string or an integer, not {json.dumps(ident)[:40]}")
+    ident = check_id(obj.get(ID), where)
     record = Record({}, line, ident, source)
-    item = {k: v for k, v in obj.items() if k != ID}
-    allowed = KINDS[kind]
-    unknown = sorted(set(item) - set(allowed))
-    if unknown:
-        hint = " (the item's label is 'id')" if "name" in unknown else ""
-        raise InputError(f"{record.where}: unknown keys {unknown}; allowed: {[*allowed, ID]}{hint}")
-    if base is not None:
-        item = resolve_media(item, base)
     try:
-        embed_item(item) if kind == "embed" else content(item)
+        item = to_item({k: v for k, v in obj.items() if k != ID}, kind, base=base)
     except InputError as e:
         raise InputError(f"{record.where}: {e.reason}") from None
     return Record(item, line, ident, source)
@@ -119,10 +157,7 @@ def read_items(path: str | Path, kind: str = "embed") -> list[Record]:
     for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not text.strip():
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        obj = parse_json(text, f"{path} line {n}")
         rec = parse_item(obj, kind, base=base, line=n, source=str(path))
         if rec.id is not None:
             if rec.id in seen:
@@ -168,4 +203,5 @@ def ids(records: Sequence[Record]) -> list[str | int] | None:
     return [r.id if r.id is not None else k for k, r in enumerate(records)]
 
 
-__all__ = ["ID", "Record", "ids", "locate", "parse_item", "read_items", "read_object", "resolve_media"]
+__all__ = ["ID", "KINDS", "Record", "check_id", "ids", "locate", "parse_item", "parse_json", "read_items",
+           "read_object", "resolve_media", "resolve_path", "to_item"]

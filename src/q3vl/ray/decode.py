@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from q3vl.errors import ConfigError
-from q3vl.ray.rows import ColumnMap, resolve, table_rows
+from q3vl.ray.rows import ColumnMap, image_limits, resolve, table_rows
 
 PIXELS = "_q3vl_pixels_{}"
 SHAPE = "_q3vl_shape_{}"
@@ -57,7 +57,8 @@ class DecodeImages:
         from q3vl.ray.udf import ERROR, _RowStage
 
         errors = _RowStage._prior_errors(batch)
-        rows = table_rows(batch, self.columns.image)
+        rows = table_rows(batch, [*self.columns.image, *self.columns.column("min_pixels"),
+                                  *self.columns.column("max_pixels")])
         table = batch
         for column in self.columns.image:
             if column not in batch.column_names:
@@ -65,11 +66,12 @@ class DecodeImages:
             pixels: list[bytes | None] = [None] * len(rows)
             shapes: list[list[int] | None] = [None] * len(rows)
             for i, row in enumerate(rows):
-                value = row.get(column)
-                if errors[i] or not isinstance(value, (str, bytes, np.ndarray)):
+                value, limits = row.get(column), image_limits(row, self.columns)
+                if errors[i] or not isinstance(value, (str, bytes, np.ndarray)) or not self._usable(limits):
                     continue  # nothing, a list of images or a bad value: left to the embedding stage
                 try:
-                    rgb = self._decode(resolve(value, self.base_dir) if isinstance(value, str) else value)
+                    rgb = self._decode(resolve(value, self.base_dir) if isinstance(value, str) else value,
+                                       **(limits or {}))
                 except Exception as e:
                     from q3vl.runtime.base import as_input_error
 
@@ -81,14 +83,23 @@ class DecodeImages:
         table = table.drop_columns([ERROR]) if ERROR in table.column_names else table
         return table.append_column(ERROR, pa.array(errors, pa.string()))
 
-    def _decode(self, ref: Any) -> np.ndarray:
-        """The image at its final size, uint8 `[h, w, 3]`: the embedder's own probe and resize."""
+    def _usable(self, limits: dict[str, int] | None) -> bool:
+        """Whether a row's own pixel limits (if any) are valid; the embedding stage reports bad ones."""
+        if limits is None:
+            return False
+        return limits.get("min_pixels", self.min_pixels) <= limits.get("max_pixels", self.max_pixels)
+
+    def _decode(self, ref: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+        """The image at its final size, uint8 `[h, w, 3]`: the embedder's own probe and resize, with the
+        row's own pixel limits where it sets them.
+        """
         from q3vl.preprocess.image import probe_image, smart_resize
         from q3vl.preprocess.media import MediaAccess, media_call
 
         with media_call(self.policy):
             image = probe_image(ref, MediaAccess.current(self.policy, self.timeout))
-            h, w = smart_resize(image.height, image.width, self.factor, self.min_pixels, self.max_pixels)
+            h, w = smart_resize(image.height, image.width, self.factor, min_pixels or self.min_pixels,
+                                max_pixels or self.max_pixels)
             return image.resized(h, w)
 
 

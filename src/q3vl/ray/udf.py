@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError, QueryError
-from q3vl.ray.rows import ColumnMap, content_id, item_of, row_id, table_rows
+from q3vl.ray.rows import MULTI, SINGLE, ColumnMap, content_id, item_of, row_id, table_rows
 
 log = logging.getLogger(__name__)
 ID, EMBEDDING, TOKENS, ERROR, SCORE = "id", "embedding", "tokens", "error", "score"
 CODES = ("int8", "uint8", "binary", "ubinary")
-CONTENT = ("text", "image", "video")
+CONTENT = MULTI
 
 
 def code_column(precision: str) -> str:
@@ -210,11 +210,13 @@ class RerankBatch(_RowStage):
 
         super().__init__(base_dir, keep_columns)
         self.query = _column_map(query, ColumnMap(text=("query",), image=("query_image",), video=("query_video",)))
-        self.document = _column_map(document, ColumnMap(instruction=None, fps=None, max_frames=None))
+        self.document = _column_map(document, ColumnMap.content_only())
         if self.document.json or self.query.json:
             raise ConfigError("RerankBatch reads columns, not JSON lines")
-        if any(getattr(self.document, k) for k in ("instruction", "fps", "max_frames")):
-            raise ConfigError("instruction, fps and max_frames belong to the query mapping (they are request options)")
+        mapped = [k for k in SINGLE if self.document.column(k)]
+        if mapped:
+            raise ConfigError(f"{mapped} belong to the query mapping: {list(SINGLE)} are request options, not "
+                              "a document's; map them with query=ColumnMap(...) or set them to None")
         self.model = Reranker(bundle, backend=backend, **model_options)
 
     def __call__(self, batch: Any) -> Any:
