@@ -6,4 +6,7 @@ reproducing qwen-vl-utils 0.0.14 + the transformers processor (docs/reference-be
 
 from q3vl.preprocess.media import MediaPolicy
 
-__all__ = ["MediaPolicy"]
+# How an over-long item is cut (`Encoder`): here, so the option declarations read it without loading numpy.
+TRUNCATION_MODES = ("text", "reference")
+
+__all__ = ["TRUNCATION_MODES", "MediaPolicy"]
