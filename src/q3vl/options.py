@@ -132,6 +132,8 @@ def _checked(value: Any, hint: Any, f: Field[Any]) -> Any:
         if not isinstance(value, (str, os.PathLike)):
             raise ConfigError(f"{_name(f, value)} must be a path, not {type(value).__name__}")
         value = Path(value)
+    if isinstance(kind, type) and kind not in (int, float, str, bool, Path) and not isinstance(value, kind):
+        raise ConfigError(f"{_name(f, value)} must be a {kind.__name__}, not {type(value).__name__}")
     if typing.get_origin(kind) is tuple:
         if isinstance(value, str) or not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{_name(f, value)} must be a list of strings, not {value!r}")
@@ -238,7 +240,7 @@ def _help(meta: Mapping[str, Any], default: Any, env: str | None) -> str:
     text = meta["help"]
     if env:
         text += f" (default: ${env})"
-    elif default not in (None, False, True, (), "", {}) and "default:" not in text:
+    elif not (default is None or isinstance(default, bool) or default in ((), "", {})) and "default:" not in text:
         text += f" (default: {default})"
     return text.replace("%", "%%")
 

@@ -87,19 +87,27 @@ def _parity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("--inputs", type=Path, help="JSONL of items, as `q3vl embed` reads them (an optional id labels "
                                                "each row); default: the built-in set of 28 items")
-    p.add_argument("--batch-size", type=int, default=8, help="items per comparison step")
+    from q3vl.options import add_flags
+    from q3vl.runtime.options import RuntimeOptions
+
+    add_flags(p, RuntimeOptions(), only=PARITY_OPTIONS)  # the runtime side's; the reference has the wrapper's
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+PARITY_OPTIONS = ("batch_size",)
 
 
 @command("parity", _parity_args)
 def _parity(a: argparse.Namespace) -> int:
     """Compare the runtime with the PyTorch reference item by item; exit 1 below tolerance."""
     from q3vl.bundle import Manifest
-    from q3vl.checks import positive, require
+    from q3vl.checks import require
     from q3vl.export.weights import check_checkpoint
+    from q3vl.options import from_args
+    from q3vl.runtime.options import RuntimeOptions
 
     require("export", ["torch", "transformers", "torchvision", "qwen_vl_utils"])
-    positive(batch_size=a.batch_size)
+    from_args(a, RuntimeOptions(), only=PARITY_OPTIONS)  # checked before any model loads
     check_checkpoint(a.checkpoint)
     manifest = Manifest.read(a.bundle)
     from q3vl.reference.parity import check_source, load_inputs, run

@@ -186,6 +186,19 @@ def read_object(path: str | Path, keys: Sequence[str]) -> dict[str, Any]:
     return resolve_media(obj, path.absolute().parent)
 
 
+def read_query(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A reranker query file: (the query's content, the request's options), both checked, the
+    query's media resolved against the file's directory.
+    """
+    obj = read_object(path, KINDS["query"])
+    try:
+        to_item(obj, "query")
+    except InputError as e:
+        raise InputError(f"{path}: {e.reason}") from None
+    return ({k: v for k, v in obj.items() if k in CONTENT_KEYS},
+            {k: v for k, v in obj.items() if k in OPTION_KEYS})
+
+
 def locate(err: InputError, records: Sequence[Record]) -> InputError:
     """The runtime's error about item `err.index` of `records`, reworded to name its line and id."""
     if err.index is None or not 0 <= err.index < len(records):
@@ -204,4 +217,4 @@ def ids(records: Sequence[Record]) -> list[str | int] | None:
 
 
 __all__ = ["ID", "KINDS", "Record", "check_id", "ids", "locate", "parse_item", "parse_json", "read_items",
-           "read_object", "resolve_media", "resolve_path", "to_item"]
+           "read_object", "read_query", "resolve_media", "resolve_path", "to_item"]

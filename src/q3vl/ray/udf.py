@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError, QueryError
+from q3vl.ray.options import CODES
 from q3vl.ray.rows import MULTI, SINGLE, ColumnMap, content_id, item_of, row_id, table_rows
+from q3vl.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
 ID, EMBEDDING, TOKENS, ERROR, SCORE = "id", "embedding", "tokens", "error", "score"
-CODES = ("int8", "uint8", "binary", "ubinary")
 CONTENT = MULTI
 
 
@@ -110,9 +111,9 @@ class EmbedBatch(_RowStage):
         codes: code precisions to add as `embedding_<precision>` columns: int8, uint8 (these need
             `calibration`), binary, ubinary.
         calibration: a stored `Calibration` file (q3vl calibrate), the same for every worker.
-        backend: the runtime backend ("cpu", "cuda", "tensorrt-ep", "tensorrt").
         keep_columns: input columns to pass through (default: all).
-        **model_options: further `Embedder` keyword arguments (batch_size, max_pixels, media_policy, ...).
+        options: the `RuntimeOptions` the `Embedder` is built with (backend, batch_size, max_pixels,
+            media_policy, ...); `**keywords` named like its fields are applied on top.
 
     Output columns: `embedding` (fixed-size list of float32, null for a bad row), one column per code,
     `tokens` (int64, text + vision tokens; 0 for a bad row), `error` (string, "" for a good row).
@@ -120,13 +121,14 @@ class EmbedBatch(_RowStage):
 
     def __init__(self, bundle: str | Path, *, columns: ColumnMap | dict[str, Any] | None = None,
                  base_dir: str | None = None, dim: int | None = None, normalize: bool = True,
-                 codes: Sequence[str] = (), calibration: str | Path | None = None, backend: str = "cpu",
-                 keep_columns: Sequence[str] | None = None, **model_options: Any) -> None:
+                 codes: Sequence[str] = (), calibration: str | Path | None = None,
+                 keep_columns: Sequence[str] | None = None, options: RuntimeOptions | None = None,
+                 **keywords: object) -> None:
         from q3vl.runtime import Embedder
 
         super().__init__(base_dir, keep_columns)
         self.columns = _column_map(columns, ColumnMap())
-        self.model = Embedder(bundle, backend=backend, **model_options)
+        self.model = Embedder(bundle, options=RuntimeOptions.of((), keywords, options, "EmbedBatch"))
         self.model.check_dim(dim)
         self.dim, self.normalize = dim, normalize
         self.width = dim or self.model.dim
@@ -200,12 +202,14 @@ class RerankBatch(_RowStage):
     `query_video`, and the request options `instruction`, `fps`, `max_frames`); `document` maps the
     document (default: `text`, `image`, `video`). Rows with the same query (same mapped values) are
     planned as one request, so a query's media are read once per batch. Output columns: `score`
-    (float32 in [0, 1], null for a bad row), `tokens`, `error`. Other arguments as for `EmbedBatch`.
+    (float32 in [0, 1], null for a bad row), `tokens`, `error`. Other arguments as for `EmbedBatch`
+    (`options` / `**keywords`: the `Reranker`'s `RuntimeOptions`).
     """
 
     def __init__(self, bundle: str | Path, *, query: ColumnMap | dict[str, Any] | None = None,
                  document: ColumnMap | dict[str, Any] | None = None, base_dir: str | None = None,
-                 backend: str = "cpu", keep_columns: Sequence[str] | None = None, **model_options: Any) -> None:
+                 keep_columns: Sequence[str] | None = None, options: RuntimeOptions | None = None,
+                 **keywords: object) -> None:
         from q3vl.runtime import Reranker
 
         super().__init__(base_dir, keep_columns)
@@ -217,7 +221,7 @@ class RerankBatch(_RowStage):
         if mapped:
             raise ConfigError(f"{mapped} belong to the query mapping: {list(SINGLE)} are request options, not "
                               "a document's; map them with query=ColumnMap(...) or set them to None")
-        self.model = Reranker(bundle, backend=backend, **model_options)
+        self.model = Reranker(bundle, options=RuntimeOptions.of((), keywords, options, "RerankBatch"))
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa

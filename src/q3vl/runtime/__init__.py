@@ -1,6 +1,6 @@
 """The torch-free runtime: `Embedder` and `Reranker` over an exported bundle, and their batch API.
 
-The names load on first use, so `q3vl.runtime.inputs` (and the command line, which checks its
+The names load on first use, so `q3vl.runtime.options` (and the command line, which checks its
 options before it loads a model) does not pay for the preprocessing stack and ONNX Runtime.
 """
 
