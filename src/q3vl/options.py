@@ -46,7 +46,8 @@ T = TypeVar("T")
 def opt(default: Any, help: str, *, flag: str | None = None, env: str | None = None, numbers: bool = False,
         low: float | None = None, above: float | None = None, choices: Sequence[Any] | None = None,
         cli: bool = True, group: str | None = None, metavar: str | None = None,
-        parse: Callable[[Any], Any] | None = None, append: bool = False, factory: bool = False) -> Any:
+        parse: Callable[[Any], Any] | None = None, append: bool = False, factory: bool = False,
+        required: bool = False) -> Any:
     """A dataclass field with its option metadata (see the module docstring).
 
     `parse` turns the flag's string (or, with `append`, the list of strings) into the value;
@@ -54,7 +55,7 @@ def opt(default: Any, help: str, *, flag: str | None = None, env: str | None = N
     """
     meta = {"help": help, "flag": flag, "env": env, "numbers": numbers, "low": low, "above": above,
             "choices": tuple(choices) if choices is not None else None, "cli": cli, "group": group,
-            "metavar": metavar, "parse": parse, "append": append}
+            "metavar": metavar, "parse": parse, "append": append, "required": required}
     if factory:
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -150,8 +151,8 @@ def _check_bounds(value: Any, f: Field[Any]) -> None:
         raise ConfigError(f"{_name(f, value)} must be {words}, not {value}")
     if above is not None and isinstance(value, (int, float)) and not value > above:
         raise ConfigError(f"{_name(f, value)} must be greater than {above}, not {value}")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{_name(f, value)} must be one of {list(choices)}, not {value!r}")
+    if choices is not None and value not in choices:  # the command line's own choices catch a flag's
+        raise ConfigError(f"{f.name} must be one of {list(choices)}, not {value!r}")
 
 
 # ---------------------------------------------------------------- keyword arguments
@@ -190,9 +191,10 @@ def numbers(obj: Any, *, changed_only: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- command-line flags
-def add_flags(parser: argparse.ArgumentParser, defaults: Any, only: Iterable[str] | None = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, defaults: Any, only: Iterable[str] | None = None) -> dict[str, Any]:
     """One flag per option field of the dataclass instance `defaults` (only the fields in `only`,
-    when given), in argument groups by the fields' `group`, defaulting to its values.
+    when given), in argument groups by the fields' `group`, defaulting to its values; returns the
+    groups by title.
     """
     names = None if only is None else set(only)
     hints = typing.get_type_hints(type(defaults))
@@ -208,6 +210,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: Any, only: Iterable[str
     registry = getattr(parser, "q3vl_options", [])
     registry.append((defaults, names))
     parser.q3vl_options = registry  # type: ignore[attr-defined]  # read by the flag-defaults test
+    return groups
 
 
 def _add_flag(target: Any, f: Field[Any], hint: Any, default: Any) -> None:
@@ -219,6 +222,8 @@ def _add_flag(target: Any, f: Field[Any], hint: Any, default: Any) -> None:
     kw: dict[str, Any] = {"dest": f.name, "help": _help(meta, default, env)}
     if meta.get("metavar"):
         kw["metavar"] = meta["metavar"]
+    if meta.get("required"):
+        kw["required"] = True
     if kinds == (bool,):  # a switch: --name sets True, --no-name sets False
         target.add_argument(flag, action="store_const", const=not flag.startswith("--no-"), default=default, **kw)
     elif meta.get("append"):

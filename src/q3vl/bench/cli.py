@@ -37,7 +37,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", help=f"runtime bundles to include, from {VARIANTS} (default: fp32,fp16,int8; "
                                       "fp32 with --quick)")
     p.add_argument("--tasks", default="embedding,reranker")
-    add_flags(p, RuntimeOptions(backend="cpu"), only=("backend",))  # the runtime variants' backend
+    add_flags(p, RuntimeOptions(), only=("backend",))  # the runtime variants' backend
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda)")
     p.add_argument("--reference-dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per workload per round")
@@ -158,6 +158,7 @@ def resolve_options(a: argparse.Namespace) -> None:
     from q3vl.checks import positive, require
 
     a.shape = a.shape or ("tiny" if a.quick else "small")
+    a.backend = a.backend or "cpu"
     a.variants = ",".join(_listed(a.variants or ("fp32" if a.quick else "fp32,fp16,int8"), VARIANTS, "--variants"))
     from q3vl.tasks import TASKS
 

@@ -108,7 +108,7 @@ def _index_build(a: argparse.Namespace) -> int:
     from q3vl.runtime import Embedder
 
     with Embedder(a.bundle, options=options) as model:
-        emb = run_items(model, records, a, dim=a.dim)
+        emb = run_items(model, records, a, dim=a.dim).values
     keys = ids(records) or list(range(len(records)))
     index = BinaryIndex.build(emb, rescore=a.rescore, meta={"bundle": str(a.bundle.resolve()), "ids": keys,
                                                             "matryoshka_dim": a.dim})

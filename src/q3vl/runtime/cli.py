@@ -55,7 +55,8 @@ def _embed_args(p: argparse.ArgumentParser) -> None:
                                              "fps, max_frames, min/max/total_pixels) and an optional id; relative "
                                              "paths resolve against the file's directory")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help=".npy (the matrix; ids, if any, in <stem>.ids.json) or .jsonl ({id, index, embedding})")
+                   help=".npy (the matrix; ids, if any, in <stem>.ids.json) or .jsonl ({id, index, embedding, "
+                        "tokens})")
     p.add_argument("--dim", type=int, help="Matryoshka dimension: keep the first DIM values and renormalise")
     p.add_argument("--quantize", choices=CODES, default="float32",
                    help="output precision (int8/uint8 need --calibration)")
@@ -73,8 +74,8 @@ class _RuntimeSkips(logging.Filter):
 
 
 def run_items(model: Any, records: list[Record], a: argparse.Namespace, request: Any = None, **kw: Any) -> Any:
-    """`model.process_details` over the records' items (or `request`, for a reranker); errors, raised
-    or skipped, name the line and id of their item.
+    """`model.process_details` over the records' items (or `request`, for a reranker): its `Details`
+    (values, token counts); errors, raised or skipped, name the line and id of their item.
     """
     from q3vl.preprocess.adapter import locate
 
@@ -89,7 +90,7 @@ def run_items(model: Any, records: list[Record], a: argparse.Namespace, request:
         runtime_log.removeFilter(quiet)
     for err in details.errors.values():
         log.warning("skipped %s", locate(err, records))
-    return details.values
+    return details
 
 
 @command("embed", _embed_args)
@@ -110,23 +111,25 @@ def _embed(a: argparse.Namespace) -> int:
     from q3vl.runtime import Embedder
 
     with Embedder(a.bundle, options=options) as m:
-        emb = run_items(m, records, a, dim=a.dim)
-    out = emb
+        details = run_items(m, records, a, dim=a.dim)
+    out = emb = details.values
     if a.quantize != "float32":
         from q3vl.codes import Calibration, quantize_embeddings
 
         calib = Calibration.load(a.calibration) if a.calibration else None
         out = quantize_embeddings(np.nan_to_num(emb), a.quantize, calibration=calib)
     failed = np.isnan(emb).any(axis=1)
-    write_vectors(a.output, out, records, failed, a.overwrite)
+    write_vectors(a.output, out, records, failed, a.overwrite, details.tokens)
     sys.stderr.write(f"embedded {int((~failed).sum())}/{len(records)} items -> {a.output} "
                      f"{tuple(out.shape)} {out.dtype}\n")
     return 0
 
 
-def write_vectors(path: Path, arr: np.ndarray, records: list[Record], failed: np.ndarray, overwrite: bool) -> None:
-    """`.npy` (plus `<stem>.ids.json` when the items have ids) or `.jsonl` rows `{id, index, embedding}`
-    (embedding null for a failed item), written beside the target and renamed into place.
+def write_vectors(path: Path, arr: np.ndarray, records: list[Record], failed: np.ndarray, overwrite: bool,
+                  tokens: np.ndarray | None = None) -> None:
+    """`.npy` (plus `<stem>.ids.json` when the items have ids) or `.jsonl` rows `{id, index, embedding,
+    tokens}` (embedding null and tokens 0 for a failed item), written beside the target and renamed
+    into place.
     """
     import numpy as np
 
@@ -144,7 +147,8 @@ def write_vectors(path: Path, arr: np.ndarray, records: list[Record], failed: np
     with staged_file(path, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, (rec, row) in enumerate(zip(records, arr)):
             vec = None if failed[i] else row.tolist()
-            f.write(json.dumps({"id": rec.id, "index": i, "embedding": vec}) + "\n")
+            used = {} if tokens is None else {"tokens": int(tokens[i])}
+            f.write(json.dumps({"id": rec.id, "index": i, "embedding": vec, **used}) + "\n")
 
 
 def _rerank_args(p: argparse.ArgumentParser) -> None:
@@ -154,7 +158,7 @@ def _rerank_args(p: argparse.ArgumentParser) -> None:
                                             "relative paths resolve against its directory")
     p.add_argument("documents", type=Path, help="JSONL, one document per line: text/image/video and an "
                                                 "optional id")
-    p.add_argument("-o", "--output", type=Path, help="JSONL of {id, index, score} (default: stdout)")
+    p.add_argument("-o", "--output", type=Path, help="JSONL of {id, index, score, tokens} (default: stdout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     common_args(p)
 
@@ -176,9 +180,9 @@ def _rerank(a: argparse.Namespace) -> int:
 
     request = {"query": query, "documents": [r.item for r in records], **request_options}
     with Reranker(a.bundle, options=options) as m:
-        scores = run_items(m, records, a, request)
-    lines = "".join(json.dumps({"id": r.id, "index": i, "score": None if s != s else s}) + "\n"
-                    for i, (r, s) in enumerate(zip(records, scores)))
+        details = run_items(m, records, a, request)
+    lines = "".join(json.dumps({"id": r.id, "index": i, "score": None if s != s else s, "tokens": int(t)}) + "\n"
+                    for i, (r, s, t) in enumerate(zip(records, details.values, details.tokens)))
     if a.output is None:
         sys.stdout.write(lines)
         return 0
