@@ -34,7 +34,7 @@ import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import MISSING, Field, field, fields, is_dataclass
+from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -262,11 +262,6 @@ def from_args(args: argparse.Namespace, defaults: T, only: Iterable[str] | None 
             value = getattr(defaults, f.name) if value is None else f.metadata["parse"](value)
         changes[f.name] = value
     return dataclasses.replace(defaults, **changes)  # type: ignore[type-var]
-
-
-def is_options(obj: Any) -> bool:
-    """Whether `obj` is an instance of an option dataclass."""
-    return is_dataclass(obj) and not isinstance(obj, type) and bool(option_fields(type(obj)))
 
 
 __all__ = ["add_flags", "check_fields", "default_of", "flag_of", "from_args", "like", "numbers", "of", "opt",
