@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from q3vl.errors import ConfigError
 from q3vl.options import check_fields, default_of, opt
@@ -33,6 +33,8 @@ def _hosts(text: str) -> tuple[str, ...] | None:
 @dataclass(frozen=True)
 class MediaOptions:
     """What media a front end may read, and how much (see the module docstring)."""
+
+    GROUP: ClassVar[str] = MEDIA  # the title its flags are shown under
 
     media_root: Path | None = opt(None, "read local paths and file:// only under DIR (serve: local files are refused "
                                         "without it; embed-dataset: read anywhere without it)", metavar="DIR",

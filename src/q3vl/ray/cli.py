@@ -12,7 +12,7 @@ from q3vl.cli import command
 def _args(p: argparse.ArgumentParser) -> None:
     from q3vl.options import add_flags
     from q3vl.ray.options import DatasetOptions
-    from q3vl.runtime.options import RuntimeOptions
+    from q3vl.runtime import RuntimeOptions
 
     p.add_argument("input", type=Path, help="Parquet file, JSONL, CSV, or a folder of images/videos (recursive)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (shards + manifest)")
@@ -34,7 +34,7 @@ def _embed_dataset(a: argparse.Namespace) -> int:
     from q3vl.checks import bundle_for, check_dim, require
     from q3vl.options import from_args
     from q3vl.ray.options import DatasetOptions
-    from q3vl.runtime.options import RuntimeOptions
+    from q3vl.runtime import RuntimeOptions
 
     require("ray")
     job, options = from_args(a, DatasetOptions()), from_args(a, RuntimeOptions())  # checked before Ray starts

@@ -22,12 +22,12 @@ from typing import Any
 
 from q3vl.errors import ConfigError, UnknownOptionError, missing_extra
 from q3vl.options import numbers, of, option_fields, split
-from q3vl.preprocess.media_options import MediaOptions
+from q3vl.preprocess import MediaOptions
 from q3vl.ray.options import DatasetOptions
 from q3vl.ray.sources import Source, open_input
 from q3vl.ray.store import IdSet, OutputDir, file_sha256, now, record_run
 from q3vl.ray.udf import EMBEDDING, ERROR, ID, TOKENS, EmbedBatch, assign_ids, code_column
-from q3vl.runtime.options import RuntimeOptions
+from q3vl.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 TASK_RETRIES = 3
@@ -190,7 +190,7 @@ def call_policy(rows_per_call: int, policy: Any = None) -> Any:
     cannot exhaust before each row hits its own per-item limit, so whether a row fails never depends
     on which rows Ray put in the same batch.
     """
-    from q3vl.preprocess.media import MediaPolicy
+    from q3vl.preprocess import MediaPolicy
 
     policy = policy or MediaPolicy()
     return dataclasses.replace(policy, max_call_bytes=max(policy.max_call_bytes, rows_per_call * policy.max_item_bytes))

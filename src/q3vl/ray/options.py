@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from q3vl.errors import ConfigError
 from q3vl.options import check_fields, opt
-from q3vl.preprocess.media_options import MEDIA, MediaOptions
+from q3vl.preprocess import MediaOptions
 from q3vl.ray.rows import ColumnMap
 
 INPUT, OUTPUT, CLUSTER = "input", "output", "cluster"
@@ -36,7 +36,7 @@ def _codes(text: str) -> tuple[str, ...]:
 class DatasetOptions(MediaOptions):
     """The job's own options (see the module docstring); checked at construction (`ConfigError`)."""
 
-    FLAG_GROUPS: ClassVar[tuple[str, ...]] = (INPUT, OUTPUT, CLUSTER, MEDIA)
+    FLAG_GROUPS: ClassVar[tuple[str, ...]] = (INPUT, OUTPUT, CLUSTER, MediaOptions.GROUP)
 
     input_format: str = opt("auto", "input format (auto: from the suffix; a directory is a folder)", choices=FORMATS,
                             group=INPUT)

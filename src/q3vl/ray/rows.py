@@ -23,15 +23,14 @@ A null is "not given". This module only turns Arrow values into Python values; k
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError
-from q3vl.preprocess.adapter import parse_json, resolve_path, to_item
-from q3vl.preprocess.items import CONTENT_KEYS, KEY, OPTION_KEYS
+from q3vl.preprocess import CONTENT_KEYS, KEY, OPTION_KEYS, parse_json, resolve_path, to_item
 
 MULTI = CONTENT_KEYS
 SINGLE = OPTION_KEYS
@@ -73,6 +72,13 @@ class ColumnMap:
                 raise ConfigError(f"ColumnMap.{key} must be a column name or None, not {name!r}")
         object.__setattr__(self, "options", tuple((k, given.get(k, k)) for k in SINGLE))
         object.__setattr__(self, "json", json)
+
+    @classmethod
+    def of(cls, value: ColumnMap | Mapping[str, Any] | None, default: ColumnMap) -> ColumnMap:
+        """`value` as a mapping (a `ColumnMap`, or its fields as a dict, checked), or `default` when None."""
+        if value is None:
+            return default
+        return value if isinstance(value, ColumnMap) else cls(**value)
 
     @classmethod
     def content_only(cls, **content: Iterable[str] | str) -> ColumnMap:

@@ -29,7 +29,7 @@ import numpy as np
 from q3vl.errors import ConfigError, InputError, QueryError
 from q3vl.ray.options import CODES
 from q3vl.ray.rows import MULTI, SINGLE, ColumnMap, content_id, item_of, row_id, table_rows
-from q3vl.runtime.options import RuntimeOptions
+from q3vl.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 ID, EMBEDDING, TOKENS, ERROR, SCORE = "id", "embedding", "tokens", "error", "score"
@@ -41,10 +41,8 @@ def code_column(precision: str) -> str:
     return f"{EMBEDDING}_{precision}"
 
 
-def _column_map(value: ColumnMap | dict[str, Any] | None, default: ColumnMap) -> ColumnMap:
-    if value is None:
-        return default
-    return value if isinstance(value, ColumnMap) else ColumnMap(**value)
+def _column_map(value: ColumnMap | dict[str, object] | None, default: ColumnMap) -> ColumnMap:
+    return ColumnMap.of(value, default)
 
 
 def _vectors(rows: np.ndarray, valid: np.ndarray) -> Any:
@@ -119,7 +117,7 @@ class EmbedBatch(_RowStage):
     `tokens` (int64, text + vision tokens; 0 for a bad row), `error` (string, "" for a good row).
     """
 
-    def __init__(self, bundle: str | Path, *, columns: ColumnMap | dict[str, Any] | None = None,
+    def __init__(self, bundle: str | Path, *, columns: ColumnMap | dict[str, object] | None = None,
                  base_dir: str | None = None, dim: int | None = None, normalize: bool = True,
                  codes: Sequence[str] = (), calibration: str | Path | None = None,
                  keep_columns: Sequence[str] | None = None, options: RuntimeOptions | None = None,
@@ -206,8 +204,8 @@ class RerankBatch(_RowStage):
     (`options` / `**keywords`: the `Reranker`'s `RuntimeOptions`).
     """
 
-    def __init__(self, bundle: str | Path, *, query: ColumnMap | dict[str, Any] | None = None,
-                 document: ColumnMap | dict[str, Any] | None = None, base_dir: str | None = None,
+    def __init__(self, bundle: str | Path, *, query: ColumnMap | dict[str, object] | None = None,
+                 document: ColumnMap | dict[str, object] | None = None, base_dir: str | None = None,
                  keep_columns: Sequence[str] | None = None, options: RuntimeOptions | None = None,
                  **keywords: object) -> None:
         from q3vl.runtime import Reranker

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from q3vl.runtime.batch import BatchPolicy, Details, Loaded, Plan
     from q3vl.runtime.embedder import Embedder
+    from q3vl.runtime.options import RuntimeOptions
     from q3vl.runtime.reranker import Reranker
 
-__all__ = ["BatchPolicy", "Details", "Embedder", "Loaded", "Plan", "Reranker"]
+__all__ = ["BatchPolicy", "Details", "Embedder", "Loaded", "Plan", "Reranker", "RuntimeOptions"]
 _WHERE = {"BatchPolicy": "batch", "Details": "batch", "Loaded": "batch", "Plan": "batch", "Embedder": "embedder",
-          "Reranker": "reranker"}
+          "Reranker": "reranker", "RuntimeOptions": "options"}
 
 
 def __getattr__(name: str) -> Any:

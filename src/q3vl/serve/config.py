@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 
 from q3vl.errors import ConfigError
 from q3vl.options import check_fields, like, opt
-from q3vl.preprocess.media import MIB
-from q3vl.preprocess.media_options import MEDIA, MediaOptions
-from q3vl.runtime.options import RuntimeOptions
+from q3vl.preprocess import MediaOptions
+from q3vl.runtime import RuntimeOptions
 
 MODELS, NETWORK, BATCHING = "models", "network", "batching and limits"
+MIB = 1024**2
 
 
 def _instructions(pairs: list[str]) -> dict[str, str]:
@@ -44,7 +44,7 @@ class ServeConfig(MediaOptions):
     ones), `max_media_bytes` / `max_media_request_bytes` caps, a `media_deadline` per item, `max_redirects`.
     """
 
-    FLAG_GROUPS: ClassVar[tuple[str, ...]] = (MODELS, NETWORK, BATCHING, MEDIA)
+    FLAG_GROUPS: ClassVar[tuple[str, ...]] = (MODELS, NETWORK, BATCHING, MediaOptions.GROUP)
 
     embedding: Path | None = opt(None, "embedding bundle", group=MODELS)
     reranker: Path | None = opt(None, "reranker bundle", group=MODELS)

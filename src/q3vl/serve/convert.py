@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from q3vl.errors import InputError, RequestError, RequestTooLargeError
-from q3vl.preprocess.adapter import to_item
-from q3vl.preprocess.encode import PreprocessConfig
-from q3vl.preprocess.items import IMAGE_EXTENSIONS
+from q3vl.options import default_of
+from q3vl.preprocess import IMAGE_EXTENSIONS, to_item
+from q3vl.runtime import RuntimeOptions
 from q3vl.serve.media import MediaGate
 from q3vl.serve.schemas import (
     ChatMessage,
@@ -31,7 +31,7 @@ from q3vl.serve.schemas import (
     TextPart,
 )
 
-MAX_ITEM_PARTS = PreprocessConfig.max_parts  # text/image/video parts per item: the runtime's default `max_parts`
+MAX_ITEM_PARTS = default_of(RuntimeOptions, "max_parts")  # text/image/video parts per item: the runtime's default
 
 
 @dataclass

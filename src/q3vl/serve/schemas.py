@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from q3vl.preprocess.items import KEYS, OPTION_KEYS
+from q3vl.preprocess import KEYS, OPTION_KEYS
 
 MAX_TEXT = 4 * 1024 * 1024  # characters in one string; the body limit is usually lower
 MAX_PARTS = 256  # content parts in one item
