@@ -133,7 +133,7 @@ def _checked(value: Any, hint: Any, f: Field[Any]) -> Any:
         if not isinstance(value, (str, os.PathLike)):
             raise ConfigError(f"{_name(f, value)} must be a path, not {type(value).__name__}")
         value = Path(value)
-    if isinstance(kind, type) and kind not in (int, float, str, bool, Path) and not isinstance(value, kind):
+    if isinstance(kind, type) and kind not in (Any, int, float, str, bool, Path) and not isinstance(value, kind):
         raise ConfigError(f"{_name(f, value)} must be a {kind.__name__}, not {type(value).__name__}")
     if typing.get_origin(kind) is tuple:
         if isinstance(value, str) or not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
