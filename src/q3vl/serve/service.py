@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import numpy as np
@@ -33,7 +33,6 @@ from q3vl.errors import (
     UnknownModelError,
 )
 from q3vl.runtime import BatchModel, Embedder, Plan, Reranker
-from q3vl.serve import media
 from q3vl.serve.config import ServeConfig
 from q3vl.serve.media import MediaGate
 from q3vl.serve.metrics import Metrics
@@ -72,10 +71,9 @@ class Service:
         self.config = config
         self.names = config.model_names()
         self.metrics = Metrics()
-        self.gate = MediaGate.create(config.media_root, config.media_item_bytes)
-        self.media_policy = media.policy(config.media_root, config.allowed_hosts, config.allow_private_urls,
-                                         config.max_redirects, config.media_item_bytes, config.media_request_bytes,
-                                         config.media_deadline)
+        self.gate = MediaGate.create(config.media_root, config.max_media_bytes)
+        self.options = config.runtime()  # every model's: batching, media policy, backend
+        self.media_policy = self.options.media_policy
         self.calibration = _calibration(config)
         self.models: dict[str, Embedder | Reranker] = {}
         self.queues: dict[str, ModelQueue] = {}
@@ -89,18 +87,13 @@ class Service:
     def load(self) -> None:
         """Open every bundle and build its queue (raises on a broken bundle)."""
         c = self.config
-        common: dict[str, Any] = {
-            "backend": c.backend, "batch_size": c.batch_size, "max_batch_tokens": c.max_batch_tokens,
-            "timeout": min(10.0, c.media_deadline), "loader_threads": c.loader_threads, "prefetch": False,
-            "media_policy": self.media_policy}
         for task, path, cls in (("embedding", c.embedding, Embedder), ("reranker", c.reranker, Reranker)):
             if path is None:
                 continue
-            model = cls(path, **common)
+            model = cls(path, options=self.options)
             self.models[task] = model
             pol = model.policy
-            limits = Limits(pol.batch_size, pol.max_batch_tokens, c.max_wait_ms / 1000, c.max_batch_requests,
-                            c.max_queue_items)
+            limits = Limits.of(c, pol.batch_size, pol.max_batch_tokens)
             self.queues[task] = ModelQueue(model, task, limits, self.metrics)
             log.info("loaded %s bundle %s as %r", task, path, self.names[task])
         emb = self.models.get("embedding")
