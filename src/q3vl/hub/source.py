@@ -66,6 +66,19 @@ def parse_source(source: str | os.PathLike[str]) -> Path | RepoRef:
     return RepoRef(repo, revision or None)
 
 
+def check_source(value: object, name: str) -> str | Path | None:
+    """A model-source option's value (None, a path, or a repo id string) checked: the options model's
+    check for `str | Path` fields (`q3vl.options` leaves unions to their owner); a malformed repo id
+    raises here, before anything starts.
+    """
+    if value is None or isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a bundle directory or a Hub repo id, not {type(value).__name__}")
+    parse_source(value)
+    return value
+
+
 def is_repo_id(source: str | os.PathLike[str]) -> bool:
     """Whether `source` resolves through the Hub (it does not exist locally and is a valid repo id)."""
     try:
@@ -102,4 +115,4 @@ def _check_revision(source: str, revision: str) -> None:
                           "characters)")
 
 
-__all__ = ["COMMIT", "RepoRef", "is_repo_id", "parse_source"]
+__all__ = ["COMMIT", "RepoRef", "check_source", "is_repo_id", "parse_source"]
