@@ -303,6 +303,27 @@ def test_a_bundle_by_id_gives_the_local_vectors_and_downloads_each_file_once(
     assert len(hub.log) == requests
 
 
+def test_q3vl_rerank_by_id_gives_the_local_scores_and_downloads_each_file_once(hub, tiny_reranker_bundle, tmp_path):
+    from q3vl import Reranker
+
+    sha = hub.add_folder("org/tiny-reranker-q3vl", tiny_reranker_bundle)
+    query = {"text": "quarterly revenue"}
+    docs = ["revenue rose 4% in the quarter", "a cat on a sofa", "the board met on Tuesday"]
+    (tmp_path / "q.json").write_text(json.dumps(query))
+    lines = [json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(docs)]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    r = q3vl("rerank", f"org/tiny-reranker-q3vl@{sha}", str(tmp_path / "q.json"), str(tmp_path / "d.jsonl"),
+             "-o", str(tmp_path / "s.jsonl"), env=hub_env(hub, tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    with Reranker(tiny_reranker_bundle) as local:
+        expected = local.process({"query": query, "documents": [{"text": t} for t in docs]})
+    assert [g["id"] for g in got] == ["d0", "d1", "d2"]
+    assert np.max(np.abs(np.array([g["score"] for g in got]) - np.asarray(expected))) <= 1e-6
+    files = json.loads((tiny_reranker_bundle / "q3vl.json").read_text())["files"]
+    assert sorted(hub.downloads()) == sorted(["q3vl.json", *files])
+
+
 def test_what_is_not_a_bundle_is_refused_in_one_line(hub, tiny_embedding, tiny_embedding_bundle, tmp_path,
                                                       monkeypatch):
     from q3vl.hub.bundle import resolve_bundle
