@@ -44,7 +44,9 @@ def make_items(name: str, batch: int, media: Path) -> Any:
         docs = [{"text": words(60, i)} for i in range(24)] + [{"image": gradient_image(448, 448, i)} for i in range(8)]
         return {"query": {"text": words(20)}, "documents": docs}
     make = {
+        "text-16": lambda i: {"text": words(14, i)},  # ~16 text tokens (a few words split in two)
         "text-32": lambda i: {"text": words(24, i)},
+        "text-128": lambda i: {"text": words(118, i)},
         "text-512": lambda i: {"text": words(500, i)},
         "image-448": lambda i: {"image": gradient_image(448, 448, i)},
         "image-1280x720": lambda i: {"image": gradient_image(720, 1280, i)},
@@ -56,6 +58,10 @@ def make_items(name: str, batch: int, media: Path) -> Any:
                             {"video": [gradient_image(240, 320, i * 8 + k) for k in range(8)]}][i % 4],
     }[name]
     return [make(i) for i in range(batch)]
+
+
+EMBED_NAMES = ("text-16", "text-32", "text-128", "text-512", "image-448", "image-1280x720", "screenshot-1920x1080",
+               "video-16f", "video-file", "mixed")  # every name `make_items` knows, besides "rerank 1x32"
 
 
 def _video(media: Path) -> Path:
