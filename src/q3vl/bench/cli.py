@@ -34,6 +34,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", help=f"runtime bundles to include, from {VARIANTS} (default: fp32,fp16,int8; "
                                       "fp32 with --quick)")
     p.add_argument("--tasks", default="embedding,reranker")
+    p.add_argument("--bundle", action="append", default=[], metavar="LABEL=PATH",
+                   help="also benchmark this bundle as system 'q3vl LABEL' (repeatable; e.g. an int8 bundle "
+                        "before and after a change, in the same interleaved run); --variants none: only these")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda)")
     p.add_argument("--reference-dtype", default="auto",
@@ -135,12 +138,21 @@ def systems(a: argparse.Namespace) -> list[dict[str, Any]]:
             out.append({"name": f"reference {dtype} ({task})", "kind": "reference", "task": task,
                         "checkpoint": str(a.workdir / _stem(a.shape, task, a.activations)), "dtype": dtype,
                         "device": a.device})
-        for variant in a.variants.split(","):
+        for variant in [v for v in a.variants.split(",") if v != "none"]:
             bundle = ensure_bundle(a.workdir, a.shape, task, variant, a.activations, a.int8_alpha, not a.no_validate)
             ok = _passed(bundle)
             out.append({"name": f"q3vl {variant} ({task}{'' if ok else ', outside its tolerance'})", "kind": "runtime",
                         "task": task, "bundle": str(bundle), "backend": a.backend, "allow_unverified": not ok})
+        out += [{"name": f"q3vl {label} ({task})", "kind": "runtime", "task": task, "bundle": str(path),
+                 "backend": a.backend, "allow_unverified": True}
+                for label, path in a.bundle if _task_of(path) == task]
     return out
+
+
+def _task_of(bundle: Path) -> str:
+    from q3vl.bundle import Manifest
+
+    return Manifest.read(bundle).task
 
 
 def select(workloads: list[Any], spec: str | None) -> list[Any]:
@@ -164,6 +176,16 @@ def select(workloads: list[Any], spec: str | None) -> list[Any]:
             raise ConfigError(f"--workloads: unknown workload {part!r}; known: {known}")
         out += hits
     return out
+
+
+def _labelled(value: str) -> tuple[str, Path]:
+    """LABEL=PATH of --bundle: the label names the system, the path must be a bundle."""
+    from q3vl.bundle import MANIFEST
+
+    label, sep, path = value.partition("=")
+    if not sep or not label.strip() or not (Path(path) / MANIFEST).is_file():
+        raise ConfigError(f"--bundle {value!r}: expected LABEL=PATH with PATH a q3vl bundle directory")
+    return label.strip(), Path(path)
 
 
 def _listed(value: str, known: Any, flag: str) -> list[str]:
@@ -205,7 +227,9 @@ def resolve_options(a: argparse.Namespace) -> None:
     from q3vl.checks import positive, require
 
     a.shape = a.shape or ("tiny" if a.quick else "small")
-    a.variants = ",".join(_listed(a.variants or ("fp32" if a.quick else "fp32,fp16,int8"), VARIANTS, "--variants"))
+    a.variants = ",".join(_listed(a.variants or ("fp32" if a.quick else "fp32,fp16,int8"), (*VARIANTS, "none"),
+                                  "--variants"))
+    a.bundle = [_labelled(b) for b in a.bundle]
     from q3vl.tasks import TASKS
 
     a.tasks = ",".join(_listed(a.tasks, list(TASKS), "--tasks"))
