@@ -24,6 +24,9 @@ def default_workdir() -> Path:
 
 
 def _args(p: argparse.ArgumentParser) -> None:
+    from q3vl.options import add_flags
+    from q3vl.runtime.options import RuntimeOptions
+
     p.add_argument("--shape", choices=["tiny", "small", "2b", "8b"],
                    help="model shape (default: small; tiny with --quick)")
     p.add_argument("--activations", choices=["default", "realistic"], default="default",
@@ -37,7 +40,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", action="append", default=[], metavar="LABEL=PATH",
                    help="also benchmark this bundle as system 'q3vl LABEL' (repeatable; e.g. an int8 bundle "
                         "before and after a change, in the same interleaved run); --variants none: only these")
-    p.add_argument("--backend", default="cpu")
+    add_flags(p, RuntimeOptions(), only=("backend",))  # the runtime variants' backend
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda)")
     p.add_argument("--reference-dtype", default="auto",
                    help="the PyTorch reference's dtypes, a list from float32 (fp32), bfloat16 (bf16), float16 "
@@ -227,6 +230,7 @@ def resolve_options(a: argparse.Namespace) -> None:
     from q3vl.checks import positive, require
 
     a.shape = a.shape or ("tiny" if a.quick else "small")
+    a.backend = a.backend or "cpu"
     a.variants = ",".join(_listed(a.variants or ("fp32" if a.quick else "fp32,fp16,int8"), (*VARIANTS, "none"),
                                   "--variants"))
     a.bundle = [_labelled(b) for b in a.bundle]

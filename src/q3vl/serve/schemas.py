@@ -7,7 +7,7 @@
   `{"content": [...]}` documents and query.
 
 Unknown fields are refused (a typo must not be silently ignored). q3vl's own per-item options
-(`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels) may be given on the request
+(`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels, video_budget) may be given on the request
 (they apply to every item) or, where an item is an object, on the item. Numbers are bounded and
 finite (JSON parsers accept NaN and 1e999), lists and strings have caps, so a request's size is
 limited before any work starts.
@@ -16,15 +16,16 @@ limited before any work starts.
 from __future__ import annotations
 
 import builtins
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
+
+from q3vl.preprocess import KEYS, OPTION_KEYS
 
 MAX_TEXT = 4 * 1024 * 1024  # characters in one string; the body limit is usually lower
 MAX_PARTS = 256  # content parts in one item
 MAX_LIST = 100_000  # any list; the per-request item limit (--max-client-batch-size) is checked after
-MAX_FRAMES = 1024
-MAX_PIXELS = 1 << 28
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Name = Annotated[str, Field(max_length=256)]
 
@@ -35,19 +36,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ItemOptions(Strict):
-    """q3vl's per-item options (extensions to every API), honoured exactly as `process()` does."""
+def _option_fields() -> dict[str, Any]:
+    """One optional field per option key of the item model (`q3vl.preprocess.items.KEYS`)."""
+    return {k.name: (k.kind | None, Field(None, description=k.help, **k.bounds)) for k in KEYS if k.option}
 
-    instruction: Text | None = Field(None, description="Instruction for this item (the system prompt).")
-    fps: float | None = Field(None, gt=0, le=120, allow_inf_nan=False, description="Video sampling rate.")
-    max_frames: int | None = Field(None, ge=2, le=MAX_FRAMES, description="Most frames sampled from a video.")
-    min_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Smallest image area (pixels).")
-    max_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Largest image area (pixels).")
-    total_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Pixel budget of a frame-list video.")
+
+if TYPE_CHECKING:  # the fields are made from the key table; a type checker sees the base
+    _Options = Strict
+else:
+    _Options = create_model("_Options", __base__=Strict, **_option_fields())
+
+
+class ItemOptions(_Options):
+    """q3vl's per-item options (extensions to every API), honoured exactly as `process()` does: the
+    option keys of the item model, one field each (a key added there is a field here).
+    """
 
     def options(self) -> dict[str, Any]:
         """The options that were given, as runtime item keys."""
-        return {k: v for k, v in self.model_dump(include=set(ItemOptions.model_fields)).items() if v is not None}
+        return {k: v for k, v in self.model_dump(include=set(OPTION_KEYS)).items() if v is not None}
 
 
 # ---------------------------------------------------------------- content parts (OpenAI / vLLM / Cohere)
@@ -101,6 +108,30 @@ class EmbeddingRequest(ItemOptions):
     dimensions: int | None = Field(None, ge=1, le=1 << 16)
     user: Name | None = None
     normalize: bool = Field(True, description="vLLM extension: False returns the raw pooled state.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        """OpenAI's API also takes token ids; q3vl refuses them with what to do instead (see TOKEN_IDS)."""
+        if _token_ids(value):
+            raise PydanticCustomError("token_ids_not_supported", TOKEN_IDS)
+        return value
+
+
+TOKEN_IDS = (
+    "token-id input is not supported: q3vl tokenizes text with the model's own tokenizer, and ids made by another "
+    "tokenizer (such as the tiktoken ids LangChain's OpenAIEmbeddings sends by default) would give wrong vectors. "
+    "Send the text as strings: LangChain OpenAIEmbeddings(..., check_embedding_ctx_length=False); LlamaIndex "
+    "OpenAILikeEmbedding(model_name=..., api_base=<this server>/v1), which sends strings; or use q3vl's own "
+    "integrations (q3vl.integrations.langchain, q3vl.integrations.llama_index), which also embed images and videos")
+
+
+def _token_ids(value: Any) -> bool:
+    """Whether an `input` is OpenAI's token-id form: ints, or lists of ints (the first element decides)."""
+    first = value[0] if isinstance(value, list) and value else value
+    if isinstance(first, list) and first:
+        first = first[0]
+    return isinstance(first, int) and not isinstance(first, bool)
 
 
 class EmbeddingData(BaseModel):
