@@ -396,6 +396,18 @@ def test_a_bundle_file_whose_content_differs_from_the_manifest_is_refused(hub, t
     assert not (tmp_path / "hf" / "hub" / "models--org--b" / "q3vl").exists()
 
 
+def test_bench_takes_a_hub_bundle_as_a_labelled_system(hub, tiny_embedding_bundle, tmp_path, monkeypatch):
+    from q3vl.bench.cli import _labelled
+
+    sha = hub.add_folder("org/bench-me", tiny_embedding_bundle)
+    point_client_at(hub, tmp_path / "hf", monkeypatch)
+    label, path = _labelled("hub=org/bench-me")
+    assert (label, path) == ("hub", tmp_path / "hf" / "hub" / "models--org--bench-me" / "q3vl" / sha)
+    assert (path / "text.onnx.data").read_bytes() == (tiny_embedding_bundle / "text.onnx.data").read_bytes()
+    with pytest.raises(HubError, match="org/absent was not found on http://127.0.0.1"):
+        _labelled("x=org/absent")
+
+
 def test_serve_names_a_hub_bundle_by_its_repo_id(tmp_path):
     from q3vl.serve.config import ServeConfig
 
