@@ -145,3 +145,34 @@ def test_older_layout_is_refused_unchanged_with_other_settings_or_while_an_older
     (out / "q3vl-dataset.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(OutputExistsError, match="not a q3vl embed-dataset manifest"):
         OutputDir(out, SETTINGS)
+
+
+def test_index_build_reads_the_stored_calibration_in_either_layout(tmp_path, capsys):
+    pytest.importorskip("usearch")
+    import numpy as np
+
+    from q3vl.cli import main
+    from q3vl.codes.embeddings import Calibration
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((12, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    calib = tmp_path / "calib.json"
+    Calibration.fit(rng.standard_normal((32, 16))).save(calib)  # not what 12 vectors would fit: tells them apart
+    new, old = tmp_path / "new", tmp_path / "old"
+    with OutputDir(new, SETTINGS) as d:
+        d.keep_calibration(calib)
+        for k in (0, 6):
+            d.commit(pa.table({"id": [f"r{k + i}" for i in range(6)], "error": [""] * 6,
+                               "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb[k:k + 6].ravel()), 16)}))
+    write_legacy(old)
+    for k in range(2):  # the older layout's shards, with embeddings
+        (old / f"part-{k:06d}.parquet").write_bytes((new / f"part-{k:06d}.parquet").read_bytes())
+    (old / "calibration.json").write_bytes(calib.read_bytes())
+    for out in (new, old):
+        assert main(["index", "build", "--from-parquet", str(out), "-o", str(tmp_path / f"index-{out.name}")]) == 0
+        printed = capsys.readouterr().out
+        assert f"indexed 12 rows of {out}" in printed and "rescore int8" in printed
+        kept = Calibration.load(tmp_path / f"index-{out.name}" / "calibration.json")
+        assert np.array_equal(kept.ranges, Calibration.load(calib).ranges)
+    assert (old / "q3vl-dataset.json").exists()  # read where it is: only a run moves an older folder
