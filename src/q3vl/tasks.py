@@ -1,13 +1,14 @@
 """The task registry: everything that differs between an embedding and a reranker bundle, in one place.
 
-In the spirit of optimum's task/config pairing, a `Task` owns its text-graph outputs and head
-builders, its default instruction and maximum length, how a list of items becomes a request for its
-runtime class, its parity metric and tolerance. Export, parity, weight quantization, the reference
+In the spirit of optimum's task/config pairing, a `Task` owns its text-graph outputs, its default
+instruction and maximum length, how a list of items becomes a request for its runtime class, its
+parity metric and tolerance. Export, parity, weight quantization, the reference
 and the runtime look the task up by the name stored in the bundle manifest (`task_for`) instead of
 branching on that name. Adding a task is adding one subclass here (see docs/architecture.md).
 
-This module is torch-free: the torch and ONNX parts of a task (heads, reference outputs) are
-imported inside the methods that build them.
+This module is torch-free and imports nothing above the contract layer: the torch and ONNX parts
+of a task (its heads and the reference's head outputs) live on the export side, in
+`q3vl.export.heads.HEADS`, keyed by the task's name.
 """
 
 from __future__ import annotations
@@ -89,8 +90,12 @@ class Task(abc.ABC):
         return {}
 
     # ------------------------------------------------------------------ `q3vl parity` against the reference
-    def parity_requests(self, items: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-        """(row label prefix, request) pairs that run every item against the reference."""
+    def parity_requests(self, items: list[dict[str, Any]], query_image: Any) -> list[tuple[str, Any]]:
+        """(row label prefix, request) pairs that run every item against the reference.
+
+        `query_image` is the image a task whose requests carry a query puts in its image query (the
+        caller's sample input: this registry makes no inputs of its own).
+        """
         return [("", self.request(items))]
 
     @abc.abstractmethod
@@ -123,24 +128,6 @@ class Task(abc.ABC):
         """`embedding min cos 0.9999999` / `score max |diff| 1.2e-06`."""
         return f"{self.metric.replace('_', ' ')} {value:.7f}" if self.higher_is_better else \
             f"{self.metric.replace('_', ' ')} {value:.2e}"
-
-    # ------------------------------------------------------------------ export (torch / ONNX side)
-    @abc.abstractmethod
-    def reference_outputs(self, model: Any, last_hidden: Any, token_ids: dict[str, int]) -> dict[str, np.ndarray]:
-        """The head applied in torch to transformers' final-norm state at each row's last token."""
-
-    @abc.abstractmethod
-    def torch_head(self, weights: Any, token_ids: dict[str, int]) -> Any:
-        """The plain graph's head: a torch module on the pooled state (`q3vl.export.heads`)."""
-
-    @abc.abstractmethod
-    def fused_head(self, g: Any, last: str, hidden: int, weights: Any, token_ids: dict[str, int],
-                   matmul: Any = None) -> None:
-        """Add the head's ops and outputs to a hand-built text graph `g` (`q3vl.export.heads`).
-
-        `matmul(x, w, name)`, when given, writes the head's constant-weight MatMuls (a quantized
-        export's weight format, `q3vl.export.quantize.quantized`); otherwise they are float32 MatMuls.
-        """
 
 
 class EmbeddingTask(Task):
@@ -178,22 +165,6 @@ class EmbeddingTask(Task):
     def bound(self, tol: Tolerance) -> float:
         return tol.embed_cos
 
-    def reference_outputs(self, model: Any, last_hidden: Any, token_ids: dict[str, int]) -> dict[str, np.ndarray]:
-        import torch
-
-        return {EMBEDDING: torch.nn.functional.normalize(last_hidden, dim=-1).numpy(), POOLED: last_hidden.numpy()}
-
-    def torch_head(self, weights: Any, token_ids: dict[str, int]) -> Any:
-        from q3vl.export.heads import embedding_torch
-
-        return embedding_torch()
-
-    def fused_head(self, g: Any, last: str, hidden: int, weights: Any, token_ids: dict[str, int],
-                   matmul: Any = None) -> None:
-        from q3vl.export.heads import embedding_fused
-
-        embedding_fused(g, last, hidden)
-
 
 class RerankerTask(Task):
     """Qwen3-VL-Reranker: sigmoid of the yes-minus-no logit at the last valid token."""
@@ -219,13 +190,11 @@ class RerankerTask(Task):
     def request(self, items: list[dict[str, Any]]) -> Any:
         return {"query": self.PARITY_QUERY, "documents": items}
 
-    def parity_requests(self, items: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-        """Every item as a document against a text query, then against a query carrying an image."""
-        from q3vl.testing.inputs import gradient_image
-
+    def parity_requests(self, items: list[dict[str, Any]], query_image: Any) -> list[tuple[str, Any]]:
+        """Every item as a document against a text query, then against a query carrying `query_image`."""
         docs = [{k: v for k, v in it.items() if k in ("text", "image", "video")} for it in items]
         queries = (("text query / ", {"text": "a red box moving over a gradient"}),
-                   ("image query / ", {"text": "like this", "image": gradient_image(128, 128, 3)}))
+                   ("image query / ", {"text": "like this", "image": query_image}))
         return [(label, {"query": q, "documents": docs}) for label, q in queries]
 
     def values(self, model: Any, request: Any) -> np.ndarray:
@@ -247,23 +216,6 @@ class RerankerTask(Task):
 
     def bound(self, tol: Tolerance) -> float:
         return tol.score_abs
-
-    def reference_outputs(self, model: Any, last_hidden: Any, token_ids: dict[str, int]) -> dict[str, np.ndarray]:
-        import torch
-
-        w = model.lm_head.weight
-        return {SCORE: torch.sigmoid(last_hidden @ (w[token_ids["yes"]] - w[token_ids["no"]])).numpy()}
-
-    def torch_head(self, weights: Any, token_ids: dict[str, int]) -> Any:
-        from q3vl.export.heads import reranker_torch
-
-        return reranker_torch(weights, token_ids)
-
-    def fused_head(self, g: Any, last: str, hidden: int, weights: Any, token_ids: dict[str, int],
-                   matmul: Any = None) -> None:
-        from q3vl.export.heads import reranker_fused
-
-        reranker_fused(g, last, weights, token_ids, matmul)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (EmbeddingTask(), RerankerTask())}

@@ -92,9 +92,9 @@ def _index_build(a: argparse.Namespace) -> int:
     if a.bundle is None or a.inputs is None:
         raise ConfigError("index build needs BUNDLE and INPUTS, or --from-parquet OUTPUT_DIR")
     from q3vl.checks import bundle_for, check_dim, require
+    from q3vl.cli.runtime import run_items, runtime_options
     from q3vl.outputs import check_output, staged_dir
     from q3vl.preprocess.adapter import ids, read_items
-    from q3vl.cli.runtime import run_items, runtime_options
 
     require("index")
     manifest = bundle_for(a.bundle, "embedding")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.export.heads import heads_for
 from q3vl.preprocess.encode import Encoded, ImagePlan, media_grid
 from q3vl.tasks import task_for
 from q3vl.tolerances import TOLERANCES
@@ -81,7 +82,7 @@ def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: st
         seqs, blocks = [x.plan.encoded for x in loaded], [x.blocks for x in loaded]
         hidden = model.model(**hf_batch(seqs, blocks, pad, spec)).last_hidden_state
         last = torch.tensor([len(s.ids) - 1 for s in seqs])
-        return rt.task.reference_outputs(model, hidden[torch.arange(len(seqs)), last], token_ids)
+        return heads_for(rt.task).reference_outputs(model, hidden[torch.arange(len(seqs)), last], token_ids)
 
     with torch.no_grad():
         return run_cases(rt, reference, TOLERANCES[precision], precision, lambda blocks: _hf_vision(model, blocks))

@@ -102,3 +102,17 @@ def checkpoint_identity(path: Path) -> dict[str, str]:
     name = json.loads(config).get("_name_or_path") or path.name
     return {"path": str(path.resolve()), "name": str(name), "sha256": h.hexdigest(),
             "content_sha256": content.hexdigest()}
+
+
+def read_chat_template(checkpoint: Path) -> str:
+    """The checkpoint's chat template text (chat_template.jinja, else the JSON files that carry one)."""
+    for name, key in (("chat_template.jinja", None), ("chat_template.json", "chat_template"),
+                      ("tokenizer_config.json", "chat_template")):
+        path = checkpoint / name
+        if path.is_file():
+            if key is None:
+                return path.read_text(encoding="utf-8")
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, str):
+                return value
+    raise CheckpointError(f"checkpoint {checkpoint} has no chat template (chat_template.jinja/.json)")

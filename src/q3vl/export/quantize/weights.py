@@ -31,6 +31,7 @@ import numpy as np
 
 from q3vl.bundle import MANIFEST, Manifest, describe_files, looks_like_bundle, sha256
 from q3vl.errors import BundleError, CheckpointError, ConfigError, ParityError, missing_extra, option
+from q3vl.export.quantize.int8 import plan_for_alpha
 from q3vl.export.recipe import QuantizeRecipe
 from q3vl.options import of
 from q3vl.outputs import check_output, staged_dir
@@ -196,7 +197,7 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str | None
     keywords = {**({"weights": weights} if weights is not None else {}), **recipe_keywords}
     recipe = of(QuantizeRecipe, keywords, "quantize_bundle", recipe)
     weights, method, block_size = recipe.weights, recipe.int8_method, recipe.block_size
-    plan = plan if plan is not None else recipe.int8_plan()
+    plan = plan if plan is not None else plan_for_alpha(recipe.int8_alpha)
     src, out = Path(bundle), Path(out_dir)
     manifest = check_quantizable(src)
     calibrate_on = check_smooth(src, manifest, checkpoint, plan) if method == "smooth" else None
