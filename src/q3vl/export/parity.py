@@ -71,7 +71,7 @@ def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: st
     from transformers import Qwen3VLForConditionalGeneration
 
     from q3vl.export.cases import run_cases
-    from q3vl.reference._common import bars_only_on_a_terminal
+    from q3vl.export.weights import bars_only_on_a_terminal
 
     with bars_only_on_a_terminal():
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()

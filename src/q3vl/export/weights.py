@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,20 @@ def read_chat_template(checkpoint: Path) -> str:
             if isinstance(value, str):
                 return value
     raise CheckpointError(f"checkpoint {checkpoint} has no chat template (chat_template.jinja/.json)")
+
+
+@contextlib.contextmanager
+def bars_only_on_a_terminal() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar off a terminal: in a log its carriage returns make one long line."""
+    from transformers.utils import logging as hf_logging
+
+    from q3vl.progress import on_terminal
+
+    hide = hf_logging.is_progress_bar_enabled() and not on_terminal()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
