@@ -67,3 +67,12 @@ def test_a_planted_violation_breaks_its_contract(tmp_path, module, planted, brok
     result = lint(copy)
     assert result.returncode != 0, result.stdout
     assert broken in result.stdout.split("Broken contracts")[-1], result.stdout
+
+
+def test_every_task_has_its_heads():
+    """The task registry names no export code: the export side keys each task's heads by its name."""
+    pytest.importorskip("onnx")
+    from q3vl.export.heads import HEADS
+    from q3vl.tasks import TASKS
+
+    assert set(HEADS) == set(TASKS)
