@@ -24,9 +24,10 @@ from q3vl.options import numbers, of, option_fields, split
 from q3vl.preprocess import MediaOptions
 from q3vl.progress import Progress
 from q3vl.ray.options import DatasetOptions
+from q3vl.ray.rows import ERROR
 from q3vl.ray.sources import Source, open_input
 from q3vl.ray.store import IdSet, OutputDir, file_sha256, now, record_run
-from q3vl.ray.udf import EMBEDDING, ERROR, ID, TOKENS, EmbedBatch, assign_ids, code_column
+from q3vl.ray.udf import EMBEDDING, ID, TOKENS, EmbedBatch, assign_ids, code_column
 from q3vl.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
