@@ -76,3 +76,17 @@ def test_every_task_has_its_heads():
     from q3vl.tasks import TASKS
 
     assert set(HEADS) == set(TASKS)
+
+
+def test_every_task_has_a_runtime_class_and_a_reference():
+    """The registry names no runtime or reference class (not even as a string): each layer keys its own."""
+    pytest.importorskip("transformers")
+    from q3vl.reference import REFERENCES, reference_for
+    from q3vl.runtime import model_for
+    from q3vl.tasks import TASKS
+
+    assert set(REFERENCES) == set(TASKS)
+    for name, task in TASKS.items():
+        assert model_for(name).task is task
+        assert f"q3vl.{model_for(name).__name__}" == task.class_name
+        assert reference_for(name) is REFERENCES[name]

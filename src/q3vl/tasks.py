@@ -6,15 +6,15 @@ parity metric and tolerance. Export, parity, weight quantization, the reference
 and the runtime look the task up by the name stored in the bundle manifest (`task_for`) instead of
 branching on that name. Adding a task is adding one subclass here (see docs/architecture.md).
 
-This module is torch-free and imports nothing above the contract layer: the torch and ONNX parts
-of a task (its heads and the reference's head outputs) live on the export side, in
-`q3vl.export.heads.HEADS`, keyed by the task's name.
+This module is torch-free and imports nothing above the contract layer, by statement or by string:
+the layers above key their parts by the task's name: the runtime class (`q3vl.runtime.model_for`),
+the PyTorch reference (`q3vl.reference.reference_for`), and the torch and ONNX heads
+(`q3vl.export.heads.HEADS`).
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -37,11 +37,6 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(norms, 1e-30)
 
 
-def _load(path: str) -> Any:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 class Task(abc.ABC):
     """One kind of bundle. Subclasses are stateless singletons held in `TASKS`."""
 
@@ -49,8 +44,7 @@ class Task(abc.ABC):
     outputs: ClassVar[tuple[str, ...]]  # the text graph's outputs, in order
     default_instruction: ClassVar[str]
     default_max_length: ClassVar[int]
-    model_class: ClassVar[str]  # "module:Class" of the runtime class
-    reference_class: ClassVar[str]  # "module:Class" of the PyTorch reference
+    class_name: ClassVar[str]  # `q3vl.Embedder` / `q3vl.Reranker`: what error messages tell the user to use
     verb: ClassVar[str]  # "embed" / "rerank": the CLI command (`q3vl <verb>`) and the benchmark workload kind
     name_hint: ClassVar[str]  # what a checkpoint's name contains ("Qwen3-VL-Reranker-2B": "rerank")
     model_name: ClassVar[str]  # the published model family's name
@@ -59,23 +53,10 @@ class Task(abc.ABC):
     higher_is_better: ClassVar[bool]
 
     # ------------------------------------------------------------------ runtime
-    def runtime(self, bundle: Any, **kwargs: Any) -> Any:
-        """The runtime model (`Embedder` / `Reranker`) for a bundle of this task."""
-        return _load(self.model_class)(bundle, **kwargs)
-
-    def reference(self, checkpoint: Any, **kwargs: Any) -> Any:
-        """The PyTorch reference for a checkpoint of this task (needs the export extra)."""
-        return _load(self.reference_class)(checkpoint, **kwargs)
-
     @property
     def cli_command(self) -> str:
         """`q3vl embed` / `q3vl rerank`."""
         return f"q3vl {self.verb}"
-
-    @property
-    def class_name(self) -> str:
-        """`q3vl.Embedder` / `q3vl.Reranker`: what error messages tell the user to use."""
-        return "q3vl." + self.model_class.partition(":")[2]
 
     @abc.abstractmethod
     def output_shapes(self, hidden: int) -> dict[str, tuple[int | None, ...]]:
@@ -137,8 +118,7 @@ class EmbeddingTask(Task):
     outputs = (EMBEDDING, POOLED)  # (normalised, raw pooled): process(normalize=False) needs no 2nd graph
     default_instruction = "Represent the user's input."
     default_max_length = 8192
-    model_class = "q3vl.runtime.embedder:Embedder"
-    reference_class = "q3vl.reference.embedder:ReferenceEmbedder"
+    class_name = "q3vl.Embedder"
     verb = "embed"
     name_hint = "embed"
     model_name = "Qwen3-VL-Embedding"
@@ -173,8 +153,7 @@ class RerankerTask(Task):
     outputs = (SCORE,)
     default_instruction = "Given a search query, retrieve relevant candidates that answer the query."
     default_max_length = 10240
-    model_class = "q3vl.runtime.reranker:Reranker"
-    reference_class = "q3vl.reference.reranker:ReferenceReranker"
+    class_name = "q3vl.Reranker"
     verb = "rerank"
     name_hint = "rerank"
     model_name = "Qwen3-VL-Reranker"

@@ -18,6 +18,7 @@ import numpy as np
 
 from q3vl.export.heads import heads_for
 from q3vl.preprocess.encode import Encoded, ImagePlan, media_grid
+from q3vl.runtime import model_for
 from q3vl.tasks import task_for
 from q3vl.tolerances import TOLERANCES
 
@@ -75,7 +76,7 @@ def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: st
 
     with bars_only_on_a_terminal():
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
-    rt = task_for(task).runtime(bundle, allow_unverified=True, backend=backend)
+    rt = model_for(task_for(task).name)(bundle, allow_unverified=True, backend=backend)
     pad, spec, token_ids = rt.encoder.tokenizer.special.endoftext, rt.manifest.spec, rt.manifest.token_ids
 
     def reference(loaded: Any) -> dict[str, np.ndarray]:

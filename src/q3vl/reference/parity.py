@@ -27,6 +27,8 @@ import numpy as np
 
 from q3vl.bundle import Manifest
 from q3vl.progress import Progress
+from q3vl.reference import reference_for
+from q3vl.runtime import model_for
 from q3vl.tasks import task_for
 from q3vl.tolerances import tolerance
 
@@ -123,8 +125,10 @@ def compare(checkpoint: Path, bundle: Path, inputs: Inputs, batch_size: int = 8,
     task = task_for(manifest.task)
     tol = tolerance(manifest.precision)
     log.info("loading the bundle and the PyTorch reference (%s)", checkpoint)
-    runtime, reference = task.runtime(bundle, batch_size=batch_size), task.reference(checkpoint)
     from q3vl.testing.inputs import gradient_image
+
+    runtime = model_for(task.name)(bundle, batch_size=batch_size)
+    reference = reference_for(task.name)(checkpoint)
 
     query_image = gradient_image(128, 128, 3)  # what a reranker's image query carries
     per_item = len(task.parity_requests([inputs[0][1]], query_image)) if inputs else 0

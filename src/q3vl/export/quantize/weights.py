@@ -129,10 +129,11 @@ def _convert(src: Path, dst: Path, weights: str, block_size: int, method: str | 
 def compare_bundles(base: Path, quantized: Path, weights: str) -> dict[str, Any]:
     """The quantized bundle against the fp32 bundle it came from, on the export-time cases."""
     from q3vl.export.cases import run_cases
+    from q3vl.runtime import model_for
     from q3vl.tasks import task_for
 
     task = task_for(Manifest.read(base).task)
-    with task.runtime(base) as ref, task.runtime(quantized, allow_unverified=True) as model:
+    with model_for(task.name)(base) as ref, model_for(task.name)(quantized, allow_unverified=True) as model:
         report = run_cases(model, ref.run_batch, tolerance(weights_precision(weights)), weights_precision(weights))
     report["against"] = "fp32 bundle"
     report["summary"] += " vs the fp32 bundle"
