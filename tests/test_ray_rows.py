@@ -22,7 +22,7 @@ from q3vl.ray.store import MANIFEST, IdSet, OutputDir, changed  # noqa: E402
 
 
 def test_import_q3vl_and_q3vl_ray_do_not_import_ray():
-    code = "import sys, q3vl, q3vl.ray, q3vl.ray.cli; from q3vl.ray import ColumnMap; assert 'ray' not in sys.modules"
+    code = "import sys, q3vl, q3vl.ray, q3vl.cli.ray; from q3vl.ray import ColumnMap; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

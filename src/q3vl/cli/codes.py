@@ -68,7 +68,7 @@ def _load_sample(path: Path) -> np.ndarray:
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
-    from q3vl.runtime.cli import common_args
+    from q3vl.cli.runtime import common_args
 
     p.add_argument("bundle", type=Path, nargs="?", help="embedding bundle (not with --from-parquet)")
     p.add_argument("inputs", type=Path, nargs="?", help="JSONL of items to index (an optional 'id' key is kept)")
@@ -92,9 +92,9 @@ def _index_build(a: argparse.Namespace) -> int:
     if a.bundle is None or a.inputs is None:
         raise ConfigError("index build needs BUNDLE and INPUTS, or --from-parquet OUTPUT_DIR")
     from q3vl.checks import bundle_for, check_dim, require
+    from q3vl.cli.runtime import run_items, runtime_options
     from q3vl.outputs import check_output, staged_dir
     from q3vl.preprocess.adapter import ids, read_items
-    from q3vl.runtime.cli import run_items, runtime_options
 
     require("index")
     manifest = bundle_for(a.bundle, "embedding")
