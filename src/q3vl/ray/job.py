@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -298,8 +297,8 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
         src = open_input(input, job.input_format, job.columns, job.id_column)
         check_columns(src, job.codes)
         with OutputDir(output_dir, settings(src, bundle, job, options)) as out:
-            if job.calibration is not None and not (out.path / "calibration.json").exists():
-                shutil.copyfile(job.calibration, out.path / "calibration.json")  # what `index build` rescales with
+            if job.calibration is not None:
+                out.keep_calibration(job.calibration)  # what `index build --from-parquet` rescales with
             run: dict[str, Any] = {"started": now(), "finished": None, "workers": job.workers,
                                    "gpus_per_worker": job.gpus_per_worker, "ray_init_s": round(init_s, 2),
                                    "input_rows": src.total, "already_written": len(out.done),
