@@ -397,7 +397,7 @@ def test_a_bundle_file_whose_content_differs_from_the_manifest_is_refused(hub, t
 
 
 def test_bench_takes_a_hub_bundle_as_a_labelled_system(hub, tiny_embedding_bundle, tmp_path, monkeypatch):
-    from q3vl.bench.cli import _labelled
+    from q3vl.cli.bench import _labelled
 
     sha = hub.add_folder("org/bench-me", tiny_embedding_bundle)
     point_client_at(hub, tmp_path / "hf", monkeypatch)
