@@ -1,4 +1,5 @@
-"""Every code block of README.md and docs/*.md runs as written (the convention: docs/contributing.md).
+"""Every code block of README.md, docs/*.md and benchmarks/README.md runs as written (the convention:
+docs/contributing.md).
 
 The blocks run in order in one scratch directory, as a reader would paste them into one shell in
 an empty directory: the README makes the models and sample files later blocks (and docs/) use.
@@ -15,7 +16,7 @@ import pytest
 from tests.snippets import Block, parse, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 
 
 def test_every_block_follows_the_convention():
