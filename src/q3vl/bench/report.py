@@ -45,8 +45,8 @@ def _column(system: dict[str, Any]) -> str:
 
 
 def summary(data: dict[str, Any]) -> str:
-    """The README table: one row per workload, the reference's median ms, then each runtime system's
-    median ms with its end-to-end speed-up over the same-task reference of the same run.
+    """The summary table (benchmarks/README.md): one row per workload, the reference's median ms, then
+    each runtime system's median ms with its end-to-end speed-up over the same-task reference of the same run.
     """
     columns: list[str] = []
     refs: dict[tuple[str, int], tuple[float, int]] = {}
@@ -70,7 +70,7 @@ def summary(data: dict[str, Any]) -> str:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    """Machine line, the summary table (the README's), a latency table per system, and the speed-up table."""
+    """Machine line, the summary table (benchmarks/README.md's), a latency table per system, and the speed-up table."""
     m = data["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {versions}; {m['date']}; "
