@@ -197,7 +197,7 @@ class RerankBatch(_RowStage):
     """`map_batches` callable: the reranker score of each row's (query, document) pair.
 
     `query` maps the query side (default: text from `query`, image from `query_image`, video from
-    `query_video`, and the request options `instruction`, `fps`, `max_frames`); `document` maps the
+    `query_video`, and the request options `instruction`, `fps`, `max_frames`, `video_budget`); `document` maps the
     document (default: `text`, `image`, `video`). Rows with the same query (same mapped values) are
     planned as one request, so a query's media are read once per batch. Output columns: `score`
     (float32 in [0, 1], null for a bad row), `tokens`, `error`. Other arguments as for `EmbedBatch`.
@@ -210,11 +210,13 @@ class RerankBatch(_RowStage):
 
         super().__init__(base_dir, keep_columns)
         self.query = _column_map(query, ColumnMap(text=("query",), image=("query_image",), video=("query_video",)))
-        self.document = _column_map(document, ColumnMap(instruction=None, fps=None, max_frames=None))
+        self.document = _column_map(document, ColumnMap(instruction=None, fps=None, max_frames=None,
+                                                        video_budget=None))
         if self.document.json or self.query.json:
             raise ConfigError("RerankBatch reads columns, not JSON lines")
-        if any(getattr(self.document, k) for k in ("instruction", "fps", "max_frames")):
-            raise ConfigError("instruction, fps and max_frames belong to the query mapping (they are request options)")
+        if any(getattr(self.document, k) for k in ("instruction", "fps", "max_frames", "video_budget")):
+            raise ConfigError("instruction, fps, max_frames and video_budget belong to the query mapping (they are "
+                              "request options)")
         self.model = Reranker(bundle, backend=backend, **model_options)
 
     def __call__(self, batch: Any) -> Any:

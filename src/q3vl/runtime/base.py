@@ -82,7 +82,10 @@ class BundleModel:
     peak memory is one source's: raise it where cores and memory are plentiful), `backend_options`
     (the backend's typed options, as a dict or its options object), `media_policy` (what media may
     be read and the per-item/per-call limits; default `MediaPolicy()`: local files, data URIs and
-    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input).
+    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input), `video_budget` ("off", the
+    wrapper's behaviour; "fit": a video file whose prompt would exceed max_length gets smaller frames,
+    then fewer, until it fits: docs/reference-behaviour.md#video-budget; an item's own `video_budget`
+    key overrides it).
 
     Use it as a context manager, or call `close()`, to release the backend and the loader pool now
     rather than at garbage collection.
@@ -96,7 +99,8 @@ class BundleModel:
                  max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
                  timeout: float = 10.0, max_text_chars: int = 1 << 20, max_parts: int = 16384, verify: str = "size",
                  allow_unverified: bool = False, prefetch: bool = True, loader_threads: int | None = None,
-                 backend_options: Any = None, media_policy: MediaPolicy | None = None) -> None:
+                 backend_options: Any = None, media_policy: MediaPolicy | None = None,
+                 video_budget: str = "off") -> None:
         _positive_ints(batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                        max_vision_patches=max_vision_patches, max_text_chars=max_text_chars, max_parts=max_parts)
         if verify not in ("size", "full"):
@@ -104,7 +108,8 @@ class BundleModel:
         config = PreprocessConfig(max_length=max_length or self.task.default_max_length, min_pixels=min_pixels,
                                   max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
                                   truncation=truncation, timeout=timeout, max_text_chars=max_text_chars,
-                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy())
+                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy(),
+                                  video_budget=video_budget)
         self.default_instruction = self.task.default_instruction if default_instruction is None \
             else default_instruction
         try:

@@ -80,7 +80,8 @@ class Embedder(BundleModel):
 
         Args:
             inputs: dicts with `text`, `image`, `video` (scalar or list), `instruction`, `fps`, `max_frames`,
-                and `min_pixels` / `max_pixels` / `total_pixels` to override the constructor's for that item.
+                and `min_pixels` / `max_pixels` / `total_pixels` / `video_budget` to override the constructor's
+                for that item.
             normalize: L2-normalise (the wrapper's default). False returns the raw pooled state.
             dim: Matryoshka dimension: keep the first `dim` values, then L2-normalise again.
             on_error: "raise" (an `InputError` naming the item) or "skip" (that row is NaN).

@@ -70,7 +70,8 @@ class Reranker(BundleModel):
 
         Args:
             inputs: {"query": {...}, "documents": [{...}, ...], "instruction"?, "fps"?, "max_frames"?,
-                "min_pixels"?, "max_pixels"?, "total_pixels"?} (the last three override the constructor's).
+                "min_pixels"?, "max_pixels"?, "total_pixels"?, "video_budget"?} (the last four override the
+                constructor's).
             on_error: "raise" (an `InputError` naming the document index) or "skip" (that score is NaN).
             progress: show a progress bar (default: on a TTY for large inputs).
         """

@@ -7,7 +7,7 @@
   `{"content": [...]}` documents and query.
 
 Unknown fields are refused (a typo must not be silently ignored). q3vl's own per-item options
-(`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels) may be given on the request
+(`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels, video_budget) may be given on the request
 (they apply to every item) or, where an item is an object, on the item. Numbers are bounded and
 finite (JSON parsers accept NaN and 1e999), lists and strings have caps, so a request's size is
 limited before any work starts.
@@ -45,6 +45,8 @@ class ItemOptions(Strict):
     min_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Smallest image area (pixels).")
     max_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Largest image area (pixels).")
     total_pixels: int | None = Field(None, ge=1, le=MAX_PIXELS, description="Pixel budget of a frame-list video.")
+    video_budget: Literal["off", "fit"] | None = Field(
+        None, description="'fit': a video file too long for max_length gets smaller, then fewer frames until it fits.")
 
     def options(self) -> dict[str, Any]:
         """The options that were given, as runtime item keys."""
