@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError, LimitError, QueryError
-from q3vl.preprocess.image import DEFAULT_TIMEOUT, patch_rows, probe_image, smart_resize
+from q3vl.preprocess import TRUNCATION_MODES
+from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, patch_rows, probe_image, smart_resize
 from q3vl.preprocess.items import VIDEO_BUDGETS, Content, EmbedItem, Pixels
 from q3vl.preprocess.media import MediaAccess, MediaPolicy, media_errors
 from q3vl.preprocess.prompt import (
@@ -38,7 +39,6 @@ from q3vl.preprocess.vision import Geometry, VisionBlock
 RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
                  'provided. Note that the answer can only be "yes" or "no".')
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n
-TRUNCATION_MODES = ("text", "reference")
 MAX_VARIANTS = 64  # encoders kept for items' own pixel limits; more distinct sets are built per item
 DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16, temporal 2, merge 2
 
@@ -47,10 +47,27 @@ DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16
 class ImagePlan:
     """An image whose target size is known; pixels are decoded at load time."""
 
-    image: Any  # an `ImageSource`: header read, no open file, no decoded pixels
+    image: ImageSource  # header read, no open file, no decoded pixels
     height: int
     width: int
     grid: tuple[int, int, int]  # (1, h, w) in patches
+
+    def pixels(self) -> np.ndarray:
+        """Decoded and resized to the planned size (PIL bicubic): uint8 `[height, width, 3]`."""
+        return self.image.resized(self.height, self.width)
+
+
+def plan_image(src: object, access: MediaAccess, geometry: Geometry, min_pixels: float,
+               max_pixels: float) -> ImagePlan:
+    """An image read (its header only, under `access`'s media policy) and sized as the model sizes it:
+    smart_resize to multiples of the patch factor, its area within [min_pixels, max_pixels].
+
+    With `ImagePlan.pixels` this is every step from an image reference to the pixels the vision
+    graph sees; the embedder's planning and loading, and the Ray decode stage, all run these two.
+    """
+    img = probe_image(src, access)
+    h, w = smart_resize(img.height, img.width, geometry.factor, min_pixels, max_pixels)
+    return ImagePlan(img, h, w, (1, h // geometry.patch, w // geometry.patch))
 
 
 Media = ImagePlan | VideoFile | FrameList
@@ -186,9 +203,7 @@ class Encoder:
                     media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, access=access, geometry=g))
         for src in c.images:
             with media_errors("image"):
-                img = probe_image(src, access)
-                h, w = smart_resize(img.height, img.width, g.factor, cfg.min_pixels, cfg.max_pixels)
-                media.append(ImagePlan(img, h, w, (1, h // g.patch, w // g.patch)))
+                media.append(plan_image(src, access, g, cfg.min_pixels, cfg.max_pixels))
         return media
 
     def load(self, media: list[Media]) -> list[VisionBlock]:
@@ -202,7 +217,7 @@ class Encoder:
         for m in media:
             with media_errors("image" if isinstance(m, ImagePlan) else "video"):
                 if isinstance(m, ImagePlan):
-                    rgb = m.image.resized(m.height, m.width)
+                    rgb = m.pixels()
                     rows = patch_rows(np.stack([rgb] * g.temporal), g.patch, g.temporal, g.merge)
                     blocks.append(VisionBlock(rows, m.grid[1:]))
                     continue
