@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from q3vl.testing.activations import TensorStats, measure
+from q3vl.reference.activations import TensorStats, measure
 
 
 def cell(s: TensorStats) -> str:

@@ -99,7 +99,9 @@ def run_ray(bundle: Path, corpus: Path, out: Path, workers: int, gpus_per_worker
         extra += ["--gpus-per-worker", str(gpus_per_worker)]
     wall = q3vl("embed-dataset", str(corpus), "-o", str(out), "--bundle", str(bundle), "--workers", str(workers),
                 "--batch-size", "8", "--num-cpus", str(os.cpu_count()), "--no-progress", *extra)
-    run = json.loads((out / "q3vl-dataset.json").read_text())["runs"][-1]
+    from q3vl.ray.store import read_manifest
+
+    run = read_manifest(out)["runs"][-1]
     return {"system": f"Ray, {workers} worker{'s' if workers > 1 else ''}", "wall_s": round(wall, 2),
             "ray_init_s": run["ray_init_s"], "pipeline_s": run["seconds"], "rows": run["rows"], "errors": run["errors"]}
 

@@ -135,14 +135,16 @@ def parity_items() -> list[tuple[str, dict[str, Any]]]:
 
 def parity(a: argparse.Namespace, p: dict[str, Any], bundles: dict[str, Any]) -> dict[str, Any]:
     """Every item through the backend and through the fp32 reference on the same device."""
+    from q3vl.reference import reference_for
+    from q3vl.runtime import model_for
     from q3vl.tasks import task_for
     from q3vl.tolerances import TOLERANCES
 
     out: dict[str, Any] = {"reference": f"float32 on {a.device}", "tolerance": "fp16", "tasks": {}}
     for name in ("embedding", "reranker"):
         task = task_for(name)
-        ref = task.reference(bundles["checkpoint"], dtype="float32", device=a.device)
-        rt = task.runtime(bundles[name], backend=p["backend"], allow_unverified=True)
+        ref = reference_for(task.name)(bundles["checkpoint"], dtype="float32", device=a.device)
+        rt = model_for(task.name)(bundles[name], backend=p["backend"], allow_unverified=True)
         rows = []
         for prefix, request in task.parity_requests([item for _, item in parity_items()]):
             got, want = task.values(rt, request), task.reference_values(ref, request)

@@ -336,7 +336,7 @@ def docs(path: Path) -> None:
     """Rewrite the CUDA coverage block of docs/gpu.md from the 2B graphs' skeletons (no wheel needed)."""
     sys.path.insert(0, str(ROOT / "src"))
     from q3vl.export.cuda_support import coverage_markdown
-    from q3vl.testing.skeleton import skeleton_coverage
+    from q3vl.export.skeleton import skeleton_coverage
 
     with tempfile.TemporaryDirectory(prefix="q3vl-skeleton-") as tmp:
         block = coverage_markdown(skeleton_coverage("2b", tmp)).strip()

@@ -68,12 +68,13 @@ def request(task: Any, item: dict[str, Any]) -> Any:
 def reference(a: argparse.Namespace) -> int:
     import torch
 
+    from q3vl.reference import reference_for
     from q3vl.tasks import task_for
 
     torch.set_num_threads(a.threads)
     task = task_for(a.task)
     started = time.perf_counter()
-    model = task.reference(a.checkpoint, dtype="bfloat16")
+    model = reference_for(task.name)(a.checkpoint, dtype="bfloat16")
     load_s = time.perf_counter() - started
     out, seconds, labels = [], [], []
     with tempfile.TemporaryDirectory(prefix="q3vl-8b-") as tmp:
@@ -95,13 +96,14 @@ def reference(a: argparse.Namespace) -> int:
 def bundle(a: argparse.Namespace) -> int:
     from q3vl.bench.run import machine_info
     from q3vl.bundle import Manifest
+    from q3vl.runtime import model_for
     from q3vl.tasks import task_for
 
     ref = np.load(a.refs)
     meta = json.loads(str(ref["meta"]))
     task = task_for(Manifest.read(a.bundle).task)
     started = time.perf_counter()
-    model = task.runtime(a.bundle, allow_unverified=True)  # exported with --no-validate: no fp32 reference fits
+    model = model_for(task.name)(a.bundle, allow_unverified=True)  # exported with --no-validate: no fp32 reference fits
     load_s = time.perf_counter() - started
     got, seconds = [], []
     with tempfile.TemporaryDirectory(prefix="q3vl-8b-") as tmp:

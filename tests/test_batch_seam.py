@@ -33,7 +33,7 @@ from q3vl.runtime import (
     run_batches,
 )
 from q3vl.serve.metrics import Metrics
-from q3vl.serve.queue import Limits, ModelQueue
+from q3vl.serve.queue import ModelQueue, QueueLimits
 from q3vl.tasks import TASKS
 
 
@@ -194,7 +194,7 @@ def test_collector_raises_or_skips_and_stacks_in_item_order():
 
 
 def make(model: TagModel, **kw) -> ModelQueue:
-    queue = ModelQueue(model, "embedding", Limits(model.policy.batch_size, model.policy.max_batch_tokens, **kw),
+    queue = ModelQueue(model, "embedding", QueueLimits(model.policy.batch_size, model.policy.max_batch_tokens, **kw),
                        Metrics())
     queue.start()
     return queue

@@ -174,7 +174,8 @@ def test_report_leads_with_the_fastest_reference_per_workload():
 
 
 def test_reference_dtypes_follow_the_cpu(monkeypatch):
-    from q3vl.bench import cli, run
+    from q3vl.bench import run
+    from q3vl.cli import bench as cli
     from q3vl.errors import ConfigError
 
     native = run.native_bf16

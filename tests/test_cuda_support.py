@@ -17,8 +17,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from q3vl.export.cuda_support import check_model, coverage_markdown, ort_gpu_version, rows, table
+from q3vl.export.skeleton import skeleton_coverage, skeleton_graphs
 from q3vl.testing.shapes import SHAPES
-from q3vl.testing.skeleton import skeleton_coverage, skeleton_graphs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "gpu.md"
 BEGIN, END = "<!-- cuda-coverage:begin -->", "<!-- cuda-coverage:end -->"

@@ -19,7 +19,8 @@ from PIL import Image
 
 from q3vl import Embedder, MediaPolicy, Reranker
 from q3vl.preprocess.video import VideoFile
-from q3vl.testing.hostile import (
+from tests.conftest import noise_image
+from tests.hostile import (
     HostileServer,
     encode_video,
     endless,
@@ -30,7 +31,6 @@ from q3vl.testing.hostile import (
     png_chunk_bomb,
     serve,
 )
-from tests.conftest import noise_image
 
 GOOD = [{"text": "fine"}, {"image": noise_image(64, 64)}]
 
@@ -198,7 +198,7 @@ def test_frame_count_never_decodes_the_stream(files):
 
 
 def test_many_frame_images_use_the_first_frame_quickly(models):
-    from q3vl.testing.hostile import animated_png, many_frame_gif
+    from tests.hostile import animated_png, many_frame_gif
 
     gif = many_frame_gif(10_000)
     t = time.monotonic()

@@ -138,7 +138,7 @@ def test_ffmpeg_scaling_would_change_the_pixels(tmp_path):
     import av
 
     from q3vl.preprocess.resample import resize_bicubic_aa
-    from q3vl.testing.hostile import encode_video
+    from tests.hostile import encode_video
 
     with av.open(io.BytesIO(encode_video(2, 640, 360, 10))) as c:
         frame = next(c.decode(video=0))

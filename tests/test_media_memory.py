@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from q3vl.testing.hostile import big_png, encode_video
+from tests.hostile import big_png, encode_video
 
 BOUND_MB = 1024
 

@@ -19,8 +19,8 @@ from q3vl.errors import InputError, QueryError
 from q3vl.preprocess import fetch as fetch_mod
 from q3vl.preprocess.image import probe_image
 from q3vl.preprocess.media import Deadline, MediaAccess, media_call
-from q3vl.testing.hostile import HostileServer, drip, lying_length, redirect, serve, silent
 from tests.conftest import noise_image
+from tests.hostile import HostileServer, drip, lying_length, redirect, serve, silent
 
 ALLOWED = "127.0.0.2"
 ALLOW = MediaPolicy(allowed_networks=(f"{ALLOWED}/32",))

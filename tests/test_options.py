@@ -149,12 +149,12 @@ def test_serve_config_is_one_declaration():
     """The old 14-line renaming map is gone: every serve flag's dest is a ServeConfig field, and the
     queue's limits default to the same declarations."""
     from q3vl.serve.config import ServeConfig
-    from q3vl.serve.queue import Limits
+    from q3vl.serve.queue import QueueLimits
 
     parser = command_parsers()["serve"]
     dests = {a.dest for a in parser._actions if a.option_strings} - {"help", "verbose"}
     assert dests == {f.name for f in option_fields(ServeConfig)}
-    lim = Limits(8, 1024)
+    lim = QueueLimits(8, 1024)
     assert (lim.max_wait, lim.max_batch_requests, lim.max_items) == (
         default_of(ServeConfig, "max_wait_ms") / 1000, default_of(ServeConfig, "max_batch_requests"),
         default_of(ServeConfig, "max_queue_items"))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from q3vl.reference.activations import default_items, measure
 from q3vl.testing import make_checkpoint
-from q3vl.testing.activations import default_items, measure
 from q3vl.testing.outliers import IM_START
 
 

@@ -55,6 +55,23 @@ def test_a_terminal_gets_a_bar_and_disabled_shows_nothing(lines, monkeypatch):
     assert lines.records == []
 
 
+def test_bar_forces_lines_or_a_bar_as_embed_dataset_asks(lines, monkeypatch):
+    """`embed-dataset --no-progress` (bar=False) logs lines even on a terminal; bar=True draws one anywhere."""
+    monkeypatch.setattr(progress_mod, "on_terminal", lambda: True)
+    clock = iter(float(t) for t in range(0, 1000, 5))
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: next(clock))
+    with Progress(30, "embed-dataset", unit="row", bar=False, interval=10) as rows:
+        rows.update(10)
+        rows.update(10)
+        assert rows._bar is None
+    assert [r.getMessage() for r in lines.records] == ["embed-dataset: 20/30 rows, 67%, 1.33 rows/s, ETA 10 s",
+                                                       "embed-dataset: 20/30 rows in 25 s"]
+    monkeypatch.setattr(progress_mod, "on_terminal", lambda: False)
+    with Progress(3, "embed-dataset", unit="row", bar=True) as drawn:
+        drawn.update(3)
+        assert drawn._bar is not None and drawn._bar.n == 3
+
+
 def test_eta_is_known_only_with_a_total(monkeypatch):
     clock = iter([0.0, 10.0, 10.0])
     monkeypatch.setattr(progress_mod.time, "monotonic", lambda: next(clock))

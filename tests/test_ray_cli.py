@@ -153,3 +153,50 @@ def test_folder_end_to_end_then_index_finds_a_known_item_first(address, tiny_emb
         assert hits.returncode == 0, hits.stderr
         first = json.loads(hits.stdout.splitlines()[0])
         assert first["id"] == rel and first["score"] > 0.999
+
+
+def test_output_reads_as_one_dataset_and_an_older_layout_resumes(address, tiny_embedding_bundle, tmp_path):
+    """Every reader gets every row once from the folder `embed-dataset` wrote; a folder of the older
+    layout (manifest and calibration beside the shards) is resumed on a grown input, and `index build`
+    still rescales with the calibration the job stored.
+    """
+    import shutil
+
+    from q3vl.codes.embeddings import Calibration
+    from q3vl.ray import layout
+    from tests.test_ray_layout import read_ids_every_way
+
+    calib = tmp_path / "calib.json"
+    Calibration.fit(np.random.default_rng(0).standard_normal((64, 64))).save(calib)
+    lines = [json.dumps({"id": f"r{i}", "text": f"row {i} " + "word " * (i % 7)}) for i in range(30)]
+    lines[7] = json.dumps({"id": "r7", "image": "missing.png"})
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    src.write_text("\n".join(lines[:20]) + "\n")
+    args = ["embed-dataset", str(src), "-o", str(out), "--bundle", str(tiny_embedding_bundle), "--address", address,
+            "--codes", "int8", "--calibration", str(calib), "--rows-per-call", "4", "--rows-per-shard", "6",
+            "--no-progress"]
+    first = q3vl(*args)
+    assert first.returncode == 0, first.stderr
+    # as an older q3vl left it: manifest, calibration and lock file beside the shards
+    manifest = json.loads((out / layout.MANIFEST).read_text())
+    (out / "q3vl-dataset.json").write_text(json.dumps({**manifest, "format": "q3vl-dataset/1"}))
+    (out / layout.CALIBRATION).rename(out / "calibration.json")
+    shutil.rmtree(out / layout.META)
+    (out / ".lock").write_text("")
+    src.write_text("\n".join(lines) + "\n")  # the corpus grew
+    again = q3vl(*args)
+    assert again.returncode == 0, again.stderr
+    assert "holds 30 rows" in again.stdout
+    shards = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(shards) >= 4 and sorted(p.name for p in out.iterdir()) == ["_q3vl", *shards]
+    readers = read_ids_every_way(out)
+    for reader, ids in readers.items():
+        assert ids == sorted(f"r{i}" for i in range(30)), reader
+    logging.getLogger(__name__).info("read every row once with: %s", ", ".join(readers))
+    manifest = read_manifest(out)
+    assert manifest["format"] == layout.FORMAT and manifest["rows"] == 30 and len(manifest["runs"]) == 2
+    built = q3vl("index", "build", "--from-parquet", str(out), "-o", str(tmp_path / "index"))
+    assert built.returncode == 0, built.stderr
+    assert "indexed 29 rows" in built.stdout and "rescore int8" in built.stdout
+    kept = Calibration.load(tmp_path / "index" / "calibration.json")
+    assert np.array_equal(kept.ranges, Calibration.load(calib).ranges)

@@ -149,7 +149,7 @@ def test_mixed_parquet_rows_equal_process_and_codes_equal_quantize(ray_session, 
     assert "image_bytes" not in got["text"] and "pixels" not in got["text"]  # media bytes stay in the input
     manifest = read_manifest(tmp_path / "out")
     assert manifest["rows"] == len(got) and manifest["errors"] == len(bad)
-    assert (tmp_path / "out" / "calibration.json").read_text() == calib.read_text()
+    assert (tmp_path / "out" / "_q3vl" / "calibration.json").read_text() == calib.read_text()
 
 
 def test_ray_tensor_images_equal_the_files(ray_session, tiny_embedding_bundle, corpus):

@@ -15,13 +15,14 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from q3vl.errors import ConfigError, InputError, OutputExistsError  # noqa: E402
+from q3vl.ray.layout import SET_ASIDE  # noqa: E402
 from q3vl.ray.rows import ColumnMap, column_values, content_id, item_of, resolve, row_id, table_rows  # noqa: E402
 from q3vl.ray.sources import _csv_tables, jsonl_lines, list_media  # noqa: E402
 from q3vl.ray.store import MANIFEST, IdSet, OutputDir, changed  # noqa: E402
 
 
 def test_import_q3vl_and_q3vl_ray_do_not_import_ray():
-    code = "import sys, q3vl, q3vl.ray, q3vl.ray.cli; from q3vl.ray import ColumnMap; assert 'ray' not in sys.modules"
+    code = "import sys, q3vl, q3vl.ray, q3vl.cli.ray; from q3vl.ray import ColumnMap; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -142,7 +143,7 @@ def test_output_dir_recovers_partial_and_orphan_shards_and_refuses_other_setting
     with OutputDir(tmp_path, settings) as out:
         assert out.done.contains(["a", "b", "c", "d"]).tolist() == [True, True, True, False]
         assert not (tmp_path / "_tmp-part-000002.parquet").exists()
-        assert (tmp_path / "part-000009.parquet.unreadable").exists()
+        assert (tmp_path / SET_ASIDE / "part-000009.parquet.unreadable").exists()
         assert out.next_name() == "part-000002.parquet"
         manifest = json.loads((tmp_path / MANIFEST).read_text())
         assert manifest["rows"] == 3 and manifest["errors"] == 1 and manifest["error_samples"][0]["error"] == "bad file"

@@ -273,8 +273,8 @@ def test_sigterm_drains_in_flight_requests(server, tiny_embedding_bundle):
 
 
 def test_an_item_with_too_many_parts_is_refused_before_its_media(monkeypatch):
-    from q3vl.errors import RequestTooLargeError
     from q3vl.serve import convert
+    from q3vl.serve.errors import RequestTooLargeError
     from q3vl.serve.media import MediaGate
     from q3vl.serve.schemas import ImagePart
 
@@ -289,8 +289,8 @@ def test_an_item_with_too_many_parts_is_refused_before_its_media(monkeypatch):
 
 
 def test_vllm_system_messages_become_the_instruction_or_a_named_error():
-    from q3vl.errors import RequestError
     from q3vl.serve import convert
+    from q3vl.serve.errors import RequestError
     from q3vl.serve.media import MediaGate
     from q3vl.serve.schemas import ChatMessage
 

@@ -20,7 +20,7 @@ from q3vl.errors import InputError, OverloadedError, UnavailableError
 from q3vl.preprocess.encode import Encoded
 from q3vl.runtime.batch import BatchPolicy, Loaded, Plan
 from q3vl.serve.metrics import Metrics
-from q3vl.serve.queue import Limits, ModelQueue
+from q3vl.serve.queue import ModelQueue, QueueLimits
 
 
 def plan(index: int, tokens: int, tag: str) -> Plan:
@@ -58,7 +58,7 @@ class Model:
 
 
 def make(model: Model, **kw) -> ModelQueue:
-    limits = Limits(model.policy.batch_size, model.policy.max_batch_tokens, **kw)
+    limits = QueueLimits(model.policy.batch_size, model.policy.max_batch_tokens, **kw)
     queue = ModelQueue(model, "embedding", limits, Metrics())
     queue.start()
     return queue

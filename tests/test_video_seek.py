@@ -151,7 +151,7 @@ def test_video_urls_seek_in_memory_and_say_they_are_read_whole(clips):
     """A video URL is fetched whole (under the byte cap) and sampled by seeking in memory, with the same
     frames as the file; over the cap, the refusal says the whole file counts and what to send instead."""
     from q3vl.preprocess.media import MediaAccess
-    from q3vl.testing.hostile import HostileServer, serve
+    from tests.hostile import HostileServer, serve
 
     path = clips["h264-gop300"]
     data = path.read_bytes()

@@ -77,29 +77,6 @@ def check_dim(dim: int | None, manifest: Manifest, path: Path) -> int:
     return dim
 
 
-def check_calibration(path: Path | None, quantize: str, width: int) -> None:
-    """int8/uint8 codes need `--calibration`, a q3vl calibration file fitted at the output width."""
-    if quantize not in ("int8", "uint8"):
-        if path is not None:
-            raise ConfigError(f"--calibration is only used with --quantize int8 or uint8, not {quantize}")
-        return
-    if path is None:
-        raise ConfigError(f"--quantize {quantize} needs --calibration FILE (fit one with `q3vl calibrate "
-                          f"EMBEDDINGS.npy -o FILE` on a float32 sample of the same --dim)")
-    from q3vl.codes.embeddings import Calibration
-
-    if not path.is_file():
-        raise ConfigError(f"--calibration {path}: no such file")
-    try:
-        calib = Calibration.load(path)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--calibration {path}: {e}") from None
-    if calib.dim != width:
-        raise ConfigError(f"--calibration {path} was fitted on {calib.dim}-dimensional embeddings; this run "
-                          f"makes {width}-dimensional ones (refit it with `q3vl calibrate ... --dim {width}` "
-                          f"or pass the matching --dim)")
-
-
 def positive(**values: int | float | None) -> None:
     """Each named option, when given, must be > 0 (named as its flag)."""
     for name, value in values.items():
@@ -107,4 +84,4 @@ def positive(**values: int | float | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be greater than 0, not {value}")
 
 
-__all__ = ["EXTRA_MODULES", "bundle_for", "check_calibration", "check_dim", "installed", "positive", "require"]
+__all__ = ["EXTRA_MODULES", "bundle_for", "check_dim", "installed", "positive", "require"]

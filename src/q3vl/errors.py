@@ -114,29 +114,6 @@ def cli_words(message: str) -> str:
     return _OPTION.sub(r"\1", message)
 
 
-class RequestError(InputError):
-    """A field of an HTTP request to `q3vl serve` is unusable; `param` names it the way the API does
-    (`input[3]`, `inputs[0].content[1].image_url.url`, `dimensions`), so a client can point at it.
-    """
-
-    def __init__(self, reason: str, param: str | None = None, index: int | None = None) -> None:
-        self.param = param
-        super().__init__(reason, index)
-
-    def at(self, index: int) -> InputError:
-        err = type(self)(self.reason, self.param, index)
-        err.__cause__ = self.__cause__
-        return err
-
-
-class UnknownModelError(RequestError):
-    """A request names a model the server does not serve (HTTP 404); the message lists the served ones."""
-
-
-class RequestTooLargeError(RequestError, LimitError):
-    """A request is over a server-wide size limit: items per request or body bytes (HTTP 413)."""
-
-
 class AuthenticationError(Q3VLError, PermissionError):
     """A request lacks the server's API key, or sends a wrong one (HTTP 401)."""
 

@@ -39,19 +39,20 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Counts work done towards `total` (None: unknown) in `unit`s, labelled `desc`.
 
-    `enabled`: False shows nothing; True shows a bar on a terminal and log lines elsewhere. Use as a
+    `enabled`: False shows nothing; True shows a bar on a terminal and log lines elsewhere (`bar`
+    True/False forces one or the other, as `embed-dataset --no-progress` asks for log lines). Use as a
     context manager, or call `close()`, so the last line (count and elapsed time) is written.
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "item", *, enabled: bool = True,
-                 interval: float = INTERVAL) -> None:
+                 interval: float = INTERVAL, bar: bool | None = None) -> None:
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.n = 0
         self.enabled = enabled
         self._started = self._logged = time.monotonic()
         self._bar: Any = None
         self._closed = False
-        if enabled and on_terminal():
+        if enabled and (on_terminal() if bar is None else bar):
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit)

@@ -1,19 +1,20 @@
 """The task registry: everything that differs between an embedding and a reranker bundle, in one place.
 
-In the spirit of optimum's task/config pairing, a `Task` owns its text-graph outputs and head
-builders, its default instruction and maximum length, how a list of items becomes a request for its
-runtime class, its parity metric and tolerance. Export, parity, weight quantization, the reference
+In the spirit of optimum's task/config pairing, a `Task` owns its text-graph outputs, its default
+instruction and maximum length, how a list of items becomes a request for its runtime class, its
+parity metric and tolerance. Export, parity, weight quantization, the reference
 and the runtime look the task up by the name stored in the bundle manifest (`task_for`) instead of
 branching on that name. Adding a task is adding one subclass here (see docs/architecture.md).
 
-This module is torch-free: the torch and ONNX parts of a task (heads, reference outputs) are
-imported inside the methods that build them.
+This module is torch-free and imports nothing above the contract layer, by statement or by string:
+the layers above key their parts by the task's name: the runtime class (`q3vl.runtime.model_for`),
+the PyTorch reference (`q3vl.reference.reference_for`), and the torch and ONNX heads
+(`q3vl.export.heads.HEADS`).
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -36,11 +37,6 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(norms, 1e-30)
 
 
-def _load(path: str) -> Any:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 class Task(abc.ABC):
     """One kind of bundle. Subclasses are stateless singletons held in `TASKS`."""
 
@@ -48,8 +44,7 @@ class Task(abc.ABC):
     outputs: ClassVar[tuple[str, ...]]  # the text graph's outputs, in order
     default_instruction: ClassVar[str]
     default_max_length: ClassVar[int]
-    model_class: ClassVar[str]  # "module:Class" of the runtime class
-    reference_class: ClassVar[str]  # "module:Class" of the PyTorch reference
+    class_name: ClassVar[str]  # `q3vl.Embedder` / `q3vl.Reranker`: what error messages tell the user to use
     verb: ClassVar[str]  # "embed" / "rerank": the CLI command (`q3vl <verb>`) and the benchmark workload kind
     name_hint: ClassVar[str]  # what a checkpoint's name contains ("Qwen3-VL-Reranker-2B": "rerank")
     model_name: ClassVar[str]  # the published model family's name
@@ -58,23 +53,10 @@ class Task(abc.ABC):
     higher_is_better: ClassVar[bool]
 
     # ------------------------------------------------------------------ runtime
-    def runtime(self, bundle: Any, **kwargs: Any) -> Any:
-        """The runtime model (`Embedder` / `Reranker`) for a bundle of this task."""
-        return _load(self.model_class)(bundle, **kwargs)
-
-    def reference(self, checkpoint: Any, **kwargs: Any) -> Any:
-        """The PyTorch reference for a checkpoint of this task (needs the export extra)."""
-        return _load(self.reference_class)(checkpoint, **kwargs)
-
     @property
     def cli_command(self) -> str:
         """`q3vl embed` / `q3vl rerank`."""
         return f"q3vl {self.verb}"
-
-    @property
-    def class_name(self) -> str:
-        """`q3vl.Embedder` / `q3vl.Reranker`: what error messages tell the user to use."""
-        return "q3vl." + self.model_class.partition(":")[2]
 
     @abc.abstractmethod
     def output_shapes(self, hidden: int) -> dict[str, tuple[int | None, ...]]:
@@ -89,8 +71,12 @@ class Task(abc.ABC):
         return {}
 
     # ------------------------------------------------------------------ `q3vl parity` against the reference
-    def parity_requests(self, items: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-        """(row label prefix, request) pairs that run every item against the reference."""
+    def parity_requests(self, items: list[dict[str, Any]], query_image: Any) -> list[tuple[str, Any]]:
+        """(row label prefix, request) pairs that run every item against the reference.
+
+        `query_image` is the image a task whose requests carry a query puts in its image query (the
+        caller's sample input: this registry makes no inputs of its own).
+        """
         return [("", self.request(items))]
 
     @abc.abstractmethod
@@ -124,24 +110,6 @@ class Task(abc.ABC):
         return f"{self.metric.replace('_', ' ')} {value:.7f}" if self.higher_is_better else \
             f"{self.metric.replace('_', ' ')} {value:.2e}"
 
-    # ------------------------------------------------------------------ export (torch / ONNX side)
-    @abc.abstractmethod
-    def reference_outputs(self, model: Any, last_hidden: Any, token_ids: dict[str, int]) -> dict[str, np.ndarray]:
-        """The head applied in torch to transformers' final-norm state at each row's last token."""
-
-    @abc.abstractmethod
-    def torch_head(self, weights: Any, token_ids: dict[str, int]) -> Any:
-        """The plain graph's head: a torch module on the pooled state (`q3vl.export.heads`)."""
-
-    @abc.abstractmethod
-    def fused_head(self, g: Any, last: str, hidden: int, weights: Any, token_ids: dict[str, int],
-                   matmul: Any = None) -> None:
-        """Add the head's ops and outputs to a hand-built text graph `g` (`q3vl.export.heads`).
-
-        `matmul(x, w, name)`, when given, writes the head's constant-weight MatMuls (a quantized
-        export's weight format, `q3vl.export.quantize.quantized`); otherwise they are float32 MatMuls.
-        """
-
 
 class EmbeddingTask(Task):
     """Qwen3-VL-Embedding: the L2-normalised final-norm state of the last valid token."""
@@ -150,8 +118,7 @@ class EmbeddingTask(Task):
     outputs = (EMBEDDING, POOLED)  # (normalised, raw pooled): process(normalize=False) needs no 2nd graph
     default_instruction = "Represent the user's input."
     default_max_length = 8192
-    model_class = "q3vl.runtime.embedder:Embedder"
-    reference_class = "q3vl.reference.embedder:ReferenceEmbedder"
+    class_name = "q3vl.Embedder"
     verb = "embed"
     name_hint = "embed"
     model_name = "Qwen3-VL-Embedding"
@@ -178,22 +145,6 @@ class EmbeddingTask(Task):
     def bound(self, tol: Tolerance) -> float:
         return tol.embed_cos
 
-    def reference_outputs(self, model: Any, last_hidden: Any, token_ids: dict[str, int]) -> dict[str, np.ndarray]:
-        import torch
-
-        return {EMBEDDING: torch.nn.functional.normalize(last_hidden, dim=-1).numpy(), POOLED: last_hidden.numpy()}
-
-    def torch_head(self, weights: Any, token_ids: dict[str, int]) -> Any:
-        from q3vl.export.heads import embedding_torch
-
-        return embedding_torch()
-
-    def fused_head(self, g: Any, last: str, hidden: int, weights: Any, token_ids: dict[str, int],
-                   matmul: Any = None) -> None:
-        from q3vl.export.heads import embedding_fused
-
-        embedding_fused(g, last, hidden)
-
 
 class RerankerTask(Task):
     """Qwen3-VL-Reranker: sigmoid of the yes-minus-no logit at the last valid token."""
@@ -202,8 +153,7 @@ class RerankerTask(Task):
     outputs = (SCORE,)
     default_instruction = "Given a search query, retrieve relevant candidates that answer the query."
     default_max_length = 10240
-    model_class = "q3vl.runtime.reranker:Reranker"
-    reference_class = "q3vl.reference.reranker:ReferenceReranker"
+    class_name = "q3vl.Reranker"
     verb = "rerank"
     name_hint = "rerank"
     model_name = "Qwen3-VL-Reranker"
@@ -219,13 +169,11 @@ class RerankerTask(Task):
     def request(self, items: list[dict[str, Any]]) -> Any:
         return {"query": self.PARITY_QUERY, "documents": items}
 
-    def parity_requests(self, items: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-        """Every item as a document against a text query, then against a query carrying an image."""
-        from q3vl.testing.inputs import gradient_image
-
+    def parity_requests(self, items: list[dict[str, Any]], query_image: Any) -> list[tuple[str, Any]]:
+        """Every item as a document against a text query, then against a query carrying `query_image`."""
         docs = [{k: v for k, v in it.items() if k in ("text", "image", "video")} for it in items]
         queries = (("text query / ", {"text": "a red box moving over a gradient"}),
-                   ("image query / ", {"text": "like this", "image": gradient_image(128, 128, 3)}))
+                   ("image query / ", {"text": "like this", "image": query_image}))
         return [(label, {"query": q, "documents": docs}) for label, q in queries]
 
     def values(self, model: Any, request: Any) -> np.ndarray:
@@ -247,23 +195,6 @@ class RerankerTask(Task):
 
     def bound(self, tol: Tolerance) -> float:
         return tol.score_abs
-
-    def reference_outputs(self, model: Any, last_hidden: Any, token_ids: dict[str, int]) -> dict[str, np.ndarray]:
-        import torch
-
-        w = model.lm_head.weight
-        return {SCORE: torch.sigmoid(last_hidden @ (w[token_ids["yes"]] - w[token_ids["no"]])).numpy()}
-
-    def torch_head(self, weights: Any, token_ids: dict[str, int]) -> Any:
-        from q3vl.export.heads import reranker_torch
-
-        return reranker_torch(weights, token_ids)
-
-    def fused_head(self, g: Any, last: str, hidden: int, weights: Any, token_ids: dict[str, int],
-                   matmul: Any = None) -> None:
-        from q3vl.export.heads import reranker_fused
-
-        reranker_fused(g, last, weights, token_ids, matmul)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (EmbeddingTask(), RerankerTask())}

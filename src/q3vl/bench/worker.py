@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.bench.workloads import Workload
+from q3vl.runtime import model_for
 from q3vl.tasks import task_for
 
 
@@ -72,15 +73,20 @@ def load_system(spec: dict[str, Any], timer: Timer) -> tuple[Any, Callable[[Any]
     if spec["kind"] == "reference":
         import torch
 
+        from q3vl.reference import reference_for
+
         torch.set_num_threads(threads)
         # the reranker reference runs one pair per pass, as the published wrapper does
-        ref = task.reference(spec["checkpoint"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
+        ref = reference_for(task.name)(spec["checkpoint"], dtype=spec.get("dtype", "float32"),
+                                       device=spec.get("device", "cpu"))
         ref.model.forward = timer.wrap(ref.model.forward)
         return ref, lambda items: _reference_tokens(ref, items)
     options = {"threads": threads, **spec.get("backend_options", {})}  # e.g. io_binding, cuda_graph
-    model = task.runtime(spec["bundle"], backend=spec.get("backend", "cpu"), batch_size=int(spec.get("batch_size", 8)),
-                         backend_options=options, allow_unverified=bool(spec.get("allow_unverified")),
-                         **({"max_batch_tokens": int(spec["max_batch_tokens"])} if "max_batch_tokens" in spec else {}))
+    model = model_for(task.name)(spec["bundle"], backend=spec.get("backend", "cpu"),
+                                 batch_size=int(spec.get("batch_size", 8)), backend_options=options,
+                                 allow_unverified=bool(spec.get("allow_unverified")),
+                                 **({"max_batch_tokens": int(spec["max_batch_tokens"])} if "max_batch_tokens" in spec
+                                    else {}))
     model.backend.run = timer.wrap(model.backend.run)
     model.backend.run_bound = timer.wrap(model.backend.run_bound)  # the IO-binding path (default on GPUs)
     return model, lambda items: _runtime_tokens(model, items)

@@ -13,10 +13,10 @@ from typing import Any
 from q3vl.bundle import GraphEntry, Manifest, describe_files, looks_like_bundle
 from q3vl.errors import CheckpointError, ConfigError, ParityError, missing_extra, option
 from q3vl.export.onnx_export import export_graph, text_example, vision_example
-from q3vl.export.quantize.int8 import PLAN_FILE
+from q3vl.export.quantize.int8 import PLAN_FILE, plan_for_alpha
 from q3vl.export.quantize.quantized import Int8Hook, NBitsHook
 from q3vl.export.recipe import ExportRecipe
-from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity
+from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity, read_chat_template
 from q3vl.options import of
 from q3vl.outputs import check_output, staged_dir
 from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, weights_precision
@@ -39,19 +39,6 @@ def detect_task(checkpoint: Path) -> Task:
                               f"from its name; pass {option(TASK_EMBEDDING, '--task embedding')} or "
                               f"{option(TASK_RERANKER, '--task reranker')}")
     return found[0]
-
-
-def _chat_template(checkpoint: Path) -> str:
-    for name, key in (("chat_template.jinja", None), ("chat_template.json", "chat_template"),
-                      ("tokenizer_config.json", "chat_template")):
-        path = checkpoint / name
-        if path.is_file():
-            if key is None:
-                return path.read_text(encoding="utf-8")
-            value = json.loads(path.read_text(encoding="utf-8")).get(key)
-            if isinstance(value, str):
-                return value
-    raise CheckpointError(f"checkpoint {checkpoint} has no chat template (chat_template.jinja/.json)")
 
 
 def _require_bf16_kernels() -> None:
@@ -177,7 +164,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str | 
     keywords = {**({"precision": precision} if precision is not None else {}), **recipe_keywords}
     recipe = of(ExportRecipe, keywords, "export_bundle", recipe or ExportRecipe())
     precision, graph, weights, block_size = recipe.precision, recipe.kind, recipe.weights, recipe.block_size
-    int8_plan = int8_plan if int8_plan is not None else recipe.int8_plan()
+    int8_plan = int8_plan if int8_plan is not None else plan_for_alpha(recipe.int8_alpha)
     ckpt, out = Path(checkpoint), Path(out_dir)
     check_checkpoint(ckpt)
     spec = ModelSpec.from_checkpoint(ckpt)
@@ -187,7 +174,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str | 
     check_output(out, overwrite=overwrite, directory=True, replaceable=looks_like_bundle, what="bundle directory")
     tokenizer = TextTokenizer(ckpt / "tokenizer.json")
     token_ids = {**tokenizer.special.as_dict(), **kind.head_token_ids(tokenizer)}
-    template = _chat_template(ckpt)
+    template = read_chat_template(ckpt)
     calibrating = weights == "int8" and not (int8_plan is not None and int8_plan.projections)
     with Progress((3 if validate else 2) + calibrating, "export", unit="step", enabled=progress) as steps, \
             staged_dir(out, overwrite=overwrite) as tmp:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto as T
 
+from q3vl.export.heads import heads_for
 from q3vl.export.onnx_writer import MS, GraphWriter
 from q3vl.export.quantize.quantized import QuantHook
 from q3vl.export.weights import Weights
@@ -121,7 +122,7 @@ class TextGraph:
             final = self.take(final, last)
         # with a quant hook, the head's constant-weight MatMul (the reranker's yes-minus-no row) goes through
         # it too, as `q3vl quantize` rewrites every constant-weight MatMul of the fp32 graph
-        self.task.fused_head(g, final, t.hidden_size, self.wts, self.token_ids,
+        heads_for(self.task).fused_head(g, final, t.hidden_size, self.wts, self.token_ids,
                              matmul=self.matmul if self.quant is not None else None)
         return g.save("q3vl_text", opset=23)
 

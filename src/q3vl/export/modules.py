@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from q3vl.export.heads import heads_for
 from q3vl.export.weights import Weights
 from q3vl.spec import ModelSpec
 from q3vl.tasks import Task
@@ -234,7 +235,7 @@ class TextEncoder(nn.Module):
         self.register_buffer("axis", mrope_selector(t.mrope_section, half), persistent=False)
         self.vision_ids = (spec.image_token_id, spec.video_token_id)
         self.num_deepstack = spec.num_deepstack
-        self.head = task.torch_head(w, token_ids)
+        self.head = heads_for(task).torch_head(w, token_ids)
 
     def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids.permute(1, 2, 0)[..., self.axis]  # [B, L, hd/2]: each frequency's axis

@@ -30,7 +30,7 @@ class GraphWriter:
     `transform(name, array)`, when given, maps every weight before it is written (an int8 plan's
     smoothing folds, `q3vl.export.quantize.quantized`). With `data=False` no weight is written:
     each initializer keeps only its name, shape and type (a graph skeleton, for static checks of
-    a shape whose weights are gigabytes, `q3vl.testing.skeleton`).
+    a shape whose weights are gigabytes, `q3vl.export.skeleton`).
     """
 
     def __init__(self, path: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None,

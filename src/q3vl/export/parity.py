@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.export.heads import heads_for
 from q3vl.preprocess.encode import Encoded, ImagePlan, media_grid
+from q3vl.runtime import model_for
 from q3vl.tasks import task_for
 from q3vl.tolerances import TOLERANCES
 
@@ -70,18 +72,18 @@ def check(bundle: Path, checkpoint: Path, task: str, precision: str, backend: st
     from transformers import Qwen3VLForConditionalGeneration
 
     from q3vl.export.cases import run_cases
-    from q3vl.reference._common import bars_only_on_a_terminal
+    from q3vl.export.weights import bars_only_on_a_terminal
 
     with bars_only_on_a_terminal():
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
-    rt = task_for(task).runtime(bundle, allow_unverified=True, backend=backend)
+    rt = model_for(task_for(task).name)(bundle, allow_unverified=True, backend=backend)
     pad, spec, token_ids = rt.encoder.tokenizer.special.endoftext, rt.manifest.spec, rt.manifest.token_ids
 
     def reference(loaded: Any) -> dict[str, np.ndarray]:
         seqs, blocks = [x.plan.encoded for x in loaded], [x.blocks for x in loaded]
         hidden = model.model(**hf_batch(seqs, blocks, pad, spec)).last_hidden_state
         last = torch.tensor([len(s.ids) - 1 for s in seqs])
-        return rt.task.reference_outputs(model, hidden[torch.arange(len(seqs)), last], token_ids)
+        return heads_for(rt.task).reference_outputs(model, hidden[torch.arange(len(seqs)), last], token_ids)
 
     with torch.no_grad():
         return run_cases(rt, reference, TOLERANCES[precision], precision, lambda blocks: _hf_vision(model, blocks))

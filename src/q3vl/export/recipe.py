@@ -11,7 +11,6 @@ an int8 smoothing strength the int8 smoothing method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from q3vl.errors import ConfigError, option
 from q3vl.options import check_fields, opt
@@ -26,10 +25,14 @@ _ALPHA_HELP = ("one int8 smoothing strength in (0, 1) instead of trying 0.3-0.6 
                "a CPU)")
 
 
-def _alpha_plan(alpha: float | None) -> Any:
-    from q3vl.export.quantize.int8 import plan_for_alpha  # numpy only; its own check names the range
+def check_alpha(alpha: float | None) -> None:
+    """An int8 smoothing strength is None (the default search) or a number in (0, 1).
 
-    return plan_for_alpha(alpha)
+    Checked here, where the option is declared, so the recipes need nothing from `export.quantize`
+    (which reads the recipes): `quantize.int8.plan_for_alpha` turns a checked strength into a plan.
+    """
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):  # NaN fails both
+        raise ConfigError(f"int8 smoothing strength {alpha!r} must be a number in (0, 1); 0.4-0.5 suit most models")
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class ExportRecipe:
     tensorrt: bool = opt(False, "build TensorRT engines after the export (as `q3vl trt build` does)", group=TENSORRT)
 
     def __post_init__(self) -> None:
-        _alpha_plan(self.int8_alpha)
+        check_alpha(self.int8_alpha)
         check_fields(self)
         kind = self.kind
         if kind == "fused" and self.precision == "bf16":
@@ -71,10 +74,6 @@ class ExportRecipe:
         """The graph kind: `graph`, else plain with TensorRT, else fused."""
         return self.graph or ("plain" if self.tensorrt else "fused")
 
-    def int8_plan(self) -> Any:
-        """The `Int8Plan` settings of `int8_alpha` (None: the default search)."""
-        return _alpha_plan(self.int8_alpha)
-
 
 @dataclass(frozen=True)
 class QuantizeRecipe:
@@ -89,7 +88,7 @@ class QuantizeRecipe:
     int8_alpha: float | None = opt(None, "int8 smooth: " + _ALPHA_HELP, metavar="A")
 
     def __post_init__(self) -> None:
-        _alpha_plan(self.int8_alpha)
+        check_alpha(self.int8_alpha)
         check_fields(self)
         if self.weights != "int8" and self.method is not None:
             raise ConfigError(f"{option(repr_of('method', self.method), f'--method {self.method}')} is for int8 "
@@ -102,10 +101,6 @@ class QuantizeRecipe:
     def int8_method(self) -> str | None:
         """The int8 method (default "smooth"; None for the other formats, which have one method each)."""
         return (self.method or "smooth") if self.weights == "int8" else None
-
-    def int8_plan(self) -> Any:
-        """The `Int8Plan` settings of `int8_alpha` (None: the default search)."""
-        return _alpha_plan(self.int8_alpha)
 
 
 def repr_of(name: str, value: object) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,34 @@ def checkpoint_identity(path: Path) -> dict[str, str]:
     name = json.loads(config).get("_name_or_path") or path.name
     return {"path": str(path.resolve()), "name": str(name), "sha256": h.hexdigest(),
             "content_sha256": content.hexdigest()}
+
+
+def read_chat_template(checkpoint: Path) -> str:
+    """The checkpoint's chat template text (chat_template.jinja, else the JSON files that carry one)."""
+    for name, key in (("chat_template.jinja", None), ("chat_template.json", "chat_template"),
+                      ("tokenizer_config.json", "chat_template")):
+        path = checkpoint / name
+        if path.is_file():
+            if key is None:
+                return path.read_text(encoding="utf-8")
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, str):
+                return value
+    raise CheckpointError(f"checkpoint {checkpoint} has no chat template (chat_template.jinja/.json)")
+
+
+@contextlib.contextmanager
+def bars_only_on_a_terminal() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar off a terminal: in a log its carriage returns make one long line."""
+    from transformers.utils import logging as hf_logging
+
+    from q3vl.progress import on_terminal
+
+    hide = hf_logging.is_progress_bar_enabled() and not on_terminal()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()

@@ -18,13 +18,44 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from q3vl.errors import InputError
-from q3vl.preprocess.media import Deadline, MediaPolicy, normalize_host
 
 log = logging.getLogger(__name__)
+
+
+class FetchPolicy(Protocol):
+    """What a fetch reads of a `q3vl.preprocess.media.MediaPolicy` (media.py uses this module, not the reverse)."""
+
+    @property
+    def max_redirects(self) -> int: ...
+
+    def host_allowed(self, host: str) -> bool: ...
+
+    def address_allowed(self, ip: str) -> bool: ...
+
+
+class FetchDeadline(Protocol):
+    """What a fetch reads of `q3vl.preprocess.media.Deadline`: the item's time left."""
+
+    def left(self) -> float: ...
+
+    def expired(self) -> bool: ...
+
+    def check(self, what: str) -> None: ...
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case ASCII (IDNA) form without a trailing dot, so look-alike spellings compare equal."""
+    dot = "." if host.startswith(".") else ""  # an allowlist entry ".example.com" matches subdomains
+    try:
+        return dot + host.strip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError as e:
+        raise InputError(f"invalid host name {host!r}: {e}") from e
+
+
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
 HEADERS = {"Accept": "*/*", "Accept-Encoding": "identity", "User-Agent": "q3vl", "Connection": "close"}
@@ -55,7 +86,7 @@ class _Target:
     path: str
 
 
-def _target(url: str, policy: MediaPolicy, name: str) -> _Target:
+def _target(url: str, policy: FetchPolicy, name: str) -> _Target:
     """Parse one hop and apply the scheme and host rules (no network yet)."""
     try:
         p = urlsplit(url)
@@ -77,7 +108,7 @@ def _lookup(host: str, port: int) -> list[str]:
     return [str(ai[4][0]) for ai in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
-def _resolve(t: _Target, deadline: Deadline, timeout: float, name: str) -> list[str]:
+def _resolve(t: _Target, deadline: FetchDeadline, timeout: float, name: str) -> list[str]:
     """Resolve once, bounded by the deadline (getaddrinfo itself has no timeout)."""
     try:
         return [str(ipaddress.ip_address(t.host))]
@@ -142,7 +173,7 @@ class _PinnedTLS(_Pinned):
         self.sock = self.raw = self.context.wrap_socket(self._tcp(), server_hostname=self.host)
 
 
-def fetch(url: str, policy: MediaPolicy, deadline: Deadline, timeout: float, cap: int,
+def fetch(url: str, policy: FetchPolicy, deadline: FetchDeadline, timeout: float, cap: int,
           limit: str = "per-item limit (MediaPolicy.max_item_bytes)") -> bytes:
     """The body of `url` (at most `cap` bytes, `limit` naming where the cap comes from) under `policy`,
     within `deadline`; every failure is an `InputError`.
@@ -169,7 +200,7 @@ def fetch(url: str, policy: MediaPolicy, deadline: Deadline, timeout: float, cap
                      "(MediaPolicy.max_redirects)")
 
 
-def _get(t: _Target, ips: list[str], deadline: Deadline, timeout: float, cap: tuple[int, str], name: str
+def _get(t: _Target, ips: list[str], deadline: FetchDeadline, timeout: float, cap: tuple[int, str], name: str
          ) -> tuple[int, str | None, bytes]:
     """One GET to the first checked address that accepts; (status, Location, body)."""
     err: Exception | None = None
@@ -194,7 +225,7 @@ def _get(t: _Target, ips: list[str], deadline: Deadline, timeout: float, cap: tu
     raise InputError(f"unreachable URL {name}: {_reason(err)}") from err
 
 
-def _exchange(conn: _Pinned, t: _Target, deadline: Deadline, cap_limit: tuple[int, str], name: str
+def _exchange(conn: _Pinned, t: _Target, deadline: FetchDeadline, cap_limit: tuple[int, str], name: str
               ) -> tuple[int, str | None, bytes]:
     cap, limit = cap_limit
     conn.request("GET", t.path, headers=HEADERS)

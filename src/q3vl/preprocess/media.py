@@ -98,6 +98,8 @@ class MediaPolicy:
         if self.local_root is not None:
             object.__setattr__(self, "local_root", os.path.realpath(os.fspath(self.local_root)))
         if self.allowed_hosts is not None:
+            from q3vl.preprocess.fetch import normalize_host  # the transport's spelling of a host
+
             object.__setattr__(self, "allowed_hosts", tuple(normalize_host(h) for h in self.allowed_hosts))
         if self.image_formats is not None:
             object.__setattr__(self, "image_formats", tuple(f.upper() for f in self.image_formats))
@@ -122,6 +124,8 @@ class MediaPolicy:
         """Whether a URL's host passes `allowed_hosts` (exact, or a subdomain of a ".suffix" entry)."""
         if self.allowed_hosts is None:
             return True
+        from q3vl.preprocess.fetch import normalize_host
+
         host = normalize_host(host)
         return any(host == h or (h.startswith(".") and host.endswith(h)) for h in self.allowed_hosts)
 
@@ -134,15 +138,6 @@ class MediaPolicy:
         if any(a in net for a in (addr, *embedded) for net in self._networks if a.version == net.version):
             return True
         return all(a.is_global and not a.is_multicast for a in (addr, *embedded))
-
-
-def normalize_host(host: str) -> str:
-    """Lower-case ASCII (IDNA) form without a trailing dot, so look-alike spellings compare equal."""
-    dot = "." if host.startswith(".") else ""  # an allowlist entry ".example.com" matches subdomains
-    try:
-        return dot + host.strip(".").encode("idna").decode("ascii").lower()
-    except UnicodeError as e:
-        raise InputError(f"invalid host name {host!r}: {e}") from e
 
 
 class Deadline:

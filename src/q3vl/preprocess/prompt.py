@@ -178,10 +178,6 @@ class TextTokenizer:
         """Token ids of `text` with special tokens recognised (no BOS/EOS added, as the Qwen processor)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_plain(self, text: str) -> list[int]:
-        """Token ids of `text` as ordinary text: a special token's characters are just characters."""
-        return self._plain.encode(text, add_special_tokens=False).ids
-
     def encode_prompt(self, rendered: str, user: Sequence[str]) -> list[int]:
         """Ids of a rendered prompt whose user strings are `MARK{k}MARK` markers for `user[k]`.
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from q3vl.errors import ConfigError
-from q3vl.ray.rows import ColumnMap, image_limits, resolve, table_rows
+from q3vl.ray.rows import ERROR, ColumnMap, image_limits, prior_errors, resolve, table_rows
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -58,7 +58,6 @@ class DecodeImages:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
-        from q3vl.ray.udf import ERROR, prior_errors
         from q3vl.runtime import as_input_error, prepare_image
 
         errors = prior_errors(batch)

@@ -12,8 +12,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import shutil
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,10 +21,12 @@ from typing import Any
 from q3vl.errors import ConfigError, UnknownOptionError, missing_extra
 from q3vl.options import numbers, of, option_fields, split
 from q3vl.preprocess import MediaOptions
+from q3vl.progress import Progress
 from q3vl.ray.options import DatasetOptions
+from q3vl.ray.rows import ERROR
 from q3vl.ray.sources import Source, open_input
 from q3vl.ray.store import IdSet, OutputDir, file_sha256, now, record_run
-from q3vl.ray.udf import EMBEDDING, ERROR, ID, TOKENS, EmbedBatch, assign_ids, code_column
+from q3vl.ray.udf import EMBEDDING, ID, TOKENS, EmbedBatch, assign_ids, code_column
 from q3vl.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -236,41 +236,6 @@ def retry_args(map_batches: Any) -> dict[str, Any]:
     return {}
 
 
-class Progress:
-    """Rows/s and ETA: a tqdm bar on a terminal, a log line every `every` seconds otherwise."""
-
-    def __init__(self, total: int | None, show: bool | None, every: float = 10.0) -> None:
-        self.total, self.every, self.count = total, every, 0
-        self.start = self.last = time.perf_counter()
-        tty = sys.stderr.isatty() if show is None else show
-        self.bar = None
-        if tty:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="row", desc="embed-dataset", smoothing=0.1)
-
-    def update(self, n: int) -> None:
-        self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif time.perf_counter() - self.last >= self.every:
-            self.last = time.perf_counter()
-            log.info("%s", self.line())
-
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
-        if not self.total:
-            return f"{self.count} rows, {rate:.1f} rows/s"
-        left = max(self.total - self.count, 0)
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        return f"{self.count}/{self.total} rows ({100 * self.count / self.total:.0f}%), {rate:.1f} rows/s, ETA {eta}"
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def write_stream(ds: Any, out: OutputDir, rows_per_shard: int, progress: Progress) -> dict[str, int]:
     """Stream the pipeline's blocks into shards of about `rows_per_shard` rows, each id once."""
     import pyarrow as pa
@@ -332,8 +297,8 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
         src = open_input(input, job.input_format, job.columns, job.id_column)
         check_columns(src, job.codes)
         with OutputDir(output_dir, settings(src, bundle, job, options)) as out:
-            if job.calibration is not None and not (out.path / "calibration.json").exists():
-                shutil.copyfile(job.calibration, out.path / "calibration.json")  # what `index build` rescales with
+            if job.calibration is not None:
+                out.keep_calibration(job.calibration)  # what `index build --from-parquet` rescales with
             run: dict[str, Any] = {"started": now(), "finished": None, "workers": job.workers,
                                    "gpus_per_worker": job.gpus_per_worker, "ray_init_s": round(init_s, 2),
                                    "input_rows": src.total, "already_written": len(out.done),
@@ -341,7 +306,7 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
             record_run(out, run)
             ds = build_pipeline(src, bundle, out.done, job, options, rows_per_call)
             total = None if src.total is None else max(src.total - len(out.done), 0)
-            bar = Progress(total, job.progress)
+            bar = Progress(total, "embed-dataset", unit="row", bar=job.progress)
             start = time.perf_counter()
             try:
                 counts = write_stream(ds, out, job.rows_per_shard, bar)

@@ -26,12 +26,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError
 from q3vl.preprocess import CONTENT_KEYS, KEY, OPTION_KEYS, parse_json, resolve_path, to_item
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 MULTI = CONTENT_KEYS
 SINGLE = OPTION_KEYS
@@ -350,3 +353,13 @@ def row_id(row: dict[str, Any], cmap: ColumnMap, id_column: str | None, prior_er
     error = (f"id column {id_column!r} is {what}; ids must be integers or strings of 1..{MAX_ID_CHARS} characters "
              "(this row is keyed by its content hash)")
     return content_id(row, cmap, prior_error), error
+
+
+ERROR = "error"  # the column every stage writes a row's verdict to (and reads an earlier stage's from)
+
+
+def prior_errors(batch: pa.Table) -> list[str]:
+    """The incoming `error` column's verdicts ("" where none): an earlier stage's, honoured by every stage."""
+    if ERROR not in batch.column_names:
+        return [""] * batch.num_rows
+    return [e if isinstance(e, str) else "" for e in batch.column(ERROR).to_pylist()]

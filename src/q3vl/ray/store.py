@@ -1,13 +1,16 @@
 """The output directory of `q3vl embed-dataset`: Parquet shards written exactly once, and a manifest.
 
+The folder is a dataset any Parquet reader takes as is: shards at the top, the job's own files in
+`_q3vl/` (`layout.py` says where each lives and what each reader does with it).
+
 How a run killed at any point (driver or worker, SIGKILL included) and re-run ends with exactly one
 row per input id:
 
 - One writer. Workers only compute; the driver alone writes shards, so a retried Ray task (a worker
   died, its actor restarted) can never leave a second copy of its rows on disk.
-- A shard is written to `_tmp-part-N.parquet`, fsynced, then renamed to `part-N.parquet` (atomic on
-  POSIX): a `part-*` file is always complete. A run that dies mid-write leaves only a `_tmp-*` file,
-  which the next run deletes.
+- A shard is written to `_q3vl/staging/part-N.parquet.tmp`, fsynced, then renamed to `part-N.parquet`
+  (atomic on POSIX): a `part-*` file is always complete. A run that dies mid-write leaves only a
+  staged file, which the next run deletes.
 - The shards are the truth, the manifest a summary: at start the ids of every `part-*` file are read
   (a shard renamed just before a kill, missing from the manifest, is adopted), and rows whose id is
   already written are skipped before they are embedded and again when written (an id that occurs
@@ -15,6 +18,8 @@ row per input id:
 - A lock file (`flock`, released by the kernel when its holder dies) keeps two runs off one directory.
 - The manifest records the bundle's hash and every option that changes the numbers; a run with other
   ones is refused instead of mixing two kinds of vectors in one output.
+- A directory written by an older q3vl (manifest beside the shards) is checked the same way, then
+  moved into the `_q3vl/` layout (`layout.migrate_legacy`) and resumed.
 """
 
 from __future__ import annotations
@@ -34,12 +39,10 @@ import numpy as np
 
 import q3vl
 from q3vl.errors import ConfigError, InputError, OutputExistsError
+from q3vl.ray import layout
+from q3vl.ray.layout import FORMAT, MANIFEST, SHARDS
 
 log = logging.getLogger(__name__)
-MANIFEST = "q3vl-dataset.json"
-FORMAT = "q3vl-dataset/1"
-LOCK = ".lock"
-TMP = "_tmp-"
 MAX_ERROR_SAMPLES = 20
 
 
@@ -97,24 +100,6 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(TMP + path.name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class OutputDir:
     """An output directory opened for one run: locked, checked against `settings`, cleaned, with the
     ids already written in `done`. Use as a context manager (the lock is released on exit).
@@ -122,53 +107,58 @@ class OutputDir:
 
     def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / LOCK, "a+")  # noqa: SIM115  # held for the run, closed in close()
+        (self.path / layout.STAGING).mkdir(parents=True, exist_ok=True)
+        self._locks = [_lock(self.path, layout.LOCK)]
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ConfigError(f"another run is writing {self.path} (its lock file {LOCK} is held)") from None
-        self.manifest = self._read_or_create(settings)
-        self.done = IdSet()
-        self.schema: Any = None
-        self._recover()
+            if (self.path / layout.LEGACY_LOCK).exists():  # an older q3vl's lock: it may still be writing here
+                self._locks.append(_lock(self.path, layout.LEGACY_LOCK))
+            self.manifest = self._read_or_create(settings)
+            if len(self._locks) > 1:  # the directory is in the new layout now: an older q3vl refuses it
+                (self.path / layout.LEGACY_LOCK).unlink()
+            self.done = IdSet()
+            self.schema: Any = None
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
 
     # ---------------------------------------------------------------- opening
     def _read_or_create(self, settings: dict[str, Any]) -> dict[str, Any]:
-        path = self.path / MANIFEST
+        legacy = self.path / layout.LEGACY_MANIFEST
+        path = legacy if legacy.exists() else self.path / MANIFEST
         if not path.exists():
-            if any(self.path.glob("part-*.parquet")):
+            if any(self.path.glob(SHARDS)):
                 raise OutputExistsError(f"{self.path} holds shards but no {MANIFEST}; use an empty output directory")
             return {"format": FORMAT, "q3vl_version": q3vl.__version__, **settings, "shards": [], "runs": []}
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise OutputExistsError(f"{path} is not a readable manifest ({e}); use another output directory") from e
-        if manifest.get("format") != FORMAT:
-            raise OutputExistsError(f"{path} is not a q3vl embed-dataset manifest")
+        if manifest.get("format") != (layout.LEGACY_FORMAT if path == legacy else FORMAT):
+            raise OutputExistsError(f"{path} is not a q3vl embed-dataset manifest this q3vl reads ({FORMAT}, or "
+                                    f"{layout.LEGACY_FORMAT} beside the shards); use another output directory")
         diffs = changed(manifest, settings)
         if diffs:
             raise OutputExistsError(f"{self.path} was written with other settings ({'; '.join(diffs)}); resume with "
                                     "the same bundle and options, or write to a new output directory")
+        if path == legacy:
+            layout.migrate_legacy(self.path, manifest)
         return manifest
 
     def _recover(self) -> None:
         """Delete partial files, adopt complete shards the manifest missed, and collect written ids."""
         import pyarrow.parquet as pq
 
-        for tmp in self.path.glob(TMP + "*"):
-            log.info("removing %s, left by an interrupted run", tmp.name)
-            tmp.unlink()
+        layout.remove_partial(self.path)
         known = {s["file"]: s for s in self.manifest["shards"]}
         shards = []
-        for f in sorted(self.path.glob("part-*.parquet")):
+        for f in sorted(self.path.glob(SHARDS)):
             try:
                 table = pq.read_table(f, columns=["id", "error"])
                 self.schema = self.schema or pq.read_schema(f)
             except Exception as e:  # not something this writer produced whole: set aside, recompute its rows
-                log.warning("setting aside unreadable shard %s (%s)", f.name, e)
-                f.rename(f.with_name(f.name + ".unreadable"))
+                aside = layout.set_aside(f).relative_to(self.path)
+                log.warning("setting aside unreadable shard %s as %s (%s)", f.name, aside, e)
                 continue
             ids = table.column("id").to_pylist()
             if f.name not in known:
@@ -187,17 +177,17 @@ class OutputDir:
         return f"part-{max(numbers, default=-1) + 1:06d}.parquet"
 
     def commit(self, table: Any) -> dict[str, Any]:
-        """Write `table` as the next shard (temp file, fsync, atomic rename), then record it."""
+        """Write `table` as the next shard (staged file, fsync, atomic rename), then record it."""
         import pyarrow.parquet as pq
 
         table = self._conform(table)
         name = self.next_name()
-        tmp = self.path / (TMP + name)
+        tmp = self.path / layout.STAGING / (name + ".tmp")
         pq.write_table(table, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path / name)
-        _fsync_dir(self.path)
+        layout.fsync_dir(self.path)
         entry = _shard_entry(name, table)
         self.manifest["shards"].append(entry)
         self.done.add(table.column("id").to_pylist())
@@ -223,17 +213,34 @@ class OutputDir:
         self.manifest["errors"] = sum(s["errors"] for s in shards)
         samples = [x for s in shards for x in s.get("error_samples", [])]
         self.manifest["error_samples"] = samples[:MAX_ERROR_SAMPLES]
-        _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        layout.write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+
+    def keep_calibration(self, source: str | Path) -> None:
+        """Store the run's calibration (once, atomically) for `index build --from-parquet` to rescale with."""
+        if not (self.path / layout.CALIBRATION).exists():
+            layout.write_atomic(self.path / layout.CALIBRATION, Path(source).read_bytes())
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._lock.close()
+        for lock in self._locks:
+            with contextlib.suppress(OSError):
+                lock.close()
 
     def __enter__(self) -> OutputDir:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lock(out: Path, name: str) -> Any:
+    """`out/name` opened and `flock`ed for the run (closed, so released, in `OutputDir.close`)."""
+    f = open(out / name, "a+")  # noqa: SIM115  # held for the run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"another run is writing {out} (its lock file {name} is held)") from None
+    return f
 
 
 def _shard_entry(name: str, table: Any) -> dict[str, Any]:
@@ -273,18 +280,16 @@ def now() -> str:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of an embed-dataset output directory."""
-    f = Path(path) / MANIFEST
-    if not f.is_file():
+    """The manifest of an embed-dataset output directory (read where it is: an older layout's is not moved)."""
+    f = layout.manifest_path(Path(path))
+    if f is None:
         raise ConfigError(f"{path} is not an embed-dataset output directory (no {MANIFEST})")
     return json.loads(f.read_text())
 
 
 def iter_shards(path: str | Path, columns: list[str] | None = None) -> Iterator[Any]:
-    """Each complete shard of an output directory as a `pyarrow.Table` (partial `_tmp-*` files are
-    never read).
-    """
+    """Each complete shard of an output directory as a `pyarrow.Table` (staged files are never read)."""
     import pyarrow.parquet as pq
 
-    for f in sorted(Path(path).glob("part-*.parquet")):
+    for f in sorted(Path(path).glob(SHARDS)):
         yield pq.read_table(f, columns=columns)

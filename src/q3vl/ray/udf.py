@@ -28,7 +28,7 @@ import numpy as np
 
 from q3vl.errors import BackendError, ConfigError, InputError
 from q3vl.ray.options import CODES
-from q3vl.ray.rows import MULTI, SINGLE, ColumnMap, content_id, item_of, row_id, table_rows
+from q3vl.ray.rows import ERROR, MULTI, SINGLE, ColumnMap, content_id, item_of, prior_errors, row_id, table_rows
 from q3vl.runtime import RuntimeOptions
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from q3vl.runtime import BatchResult, Plan, Reranker
 
 log = logging.getLogger(__name__)
-ID, EMBEDDING, TOKENS, ERROR, SCORE = "id", "embedding", "tokens", "error", "score"
+ID, EMBEDDING, TOKENS, SCORE = "id", "embedding", "tokens", "score"
 CONTENT = MULTI
 
 
@@ -72,13 +72,6 @@ def _with_results(batch: pa.Table, keep: Sequence[str] | None, results: dict[str
     for name, column in results.items():
         table = table.append_column(name, column)
     return table
-
-
-def prior_errors(batch: pa.Table) -> list[str]:
-    """The incoming `error` column's verdicts ("" where none): an earlier stage's, honoured by every stage."""
-    if ERROR not in batch.column_names:
-        return [""] * batch.num_rows
-    return [e if isinstance(e, str) else "" for e in batch.column(ERROR).to_pylist()]
 
 
 class RowStage:

@@ -13,11 +13,11 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from q3vl.errors import missing_extra
+from q3vl.export.weights import bars_only_on_a_terminal
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +54,6 @@ def load(path: str | Path, dtype: str, device: str, attn_implementation: str,
     processor = AutoProcessor.from_pretrained(str(path), padding_side=padding_side)
     _prefer_decord()
     return model, processor
-
-
-@contextlib.contextmanager
-def bars_only_on_a_terminal() -> Iterator[None]:
-    """Hide transformers' "Loading weights" bar off a terminal: in a log its carriage returns make one long line."""
-    from transformers.utils import logging as hf_logging
-
-    from q3vl.progress import on_terminal
-
-    hide = hf_logging.is_progress_bar_enabled() and not on_terminal()
-    if hide:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if hide:
-            hf_logging.enable_progress_bar()
 
 
 def _prefer_decord() -> None:

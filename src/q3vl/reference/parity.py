@@ -27,6 +27,8 @@ import numpy as np
 
 from q3vl.bundle import Manifest
 from q3vl.progress import Progress
+from q3vl.reference import reference_for
+from q3vl.runtime import model_for
 from q3vl.tasks import task_for
 from q3vl.tolerances import tolerance
 
@@ -123,15 +125,20 @@ def compare(checkpoint: Path, bundle: Path, inputs: Inputs, batch_size: int = 8,
     task = task_for(manifest.task)
     tol = tolerance(manifest.precision)
     log.info("loading the bundle and the PyTorch reference (%s)", checkpoint)
-    runtime, reference = task.runtime(bundle, batch_size=batch_size), task.reference(checkpoint)
-    per_item = len(task.parity_requests([inputs[0][1]])) if inputs else 0
+    from q3vl.testing.inputs import gradient_image
+
+    runtime = model_for(task.name)(bundle, batch_size=batch_size)
+    reference = reference_for(task.name)(checkpoint)
+
+    query_image = gradient_image(128, 128, 3)  # what a reranker's image query carries
+    per_item = len(task.parity_requests([inputs[0][1]], query_image)) if inputs else 0
     by_label: dict[str, list[ParityRow]] = {}
     key = task.outputs[0]
     with Progress(len(inputs) * per_item, f"parity ({task.name})", enabled=progress) as bar:
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]
-            ours = task.parity_requests([item for _, item in chunk])
-            theirs = task.parity_requests([for_reference(item) for _, item in chunk])
+            ours = task.parity_requests([item for _, item in chunk], query_image)
+            theirs = task.parity_requests([for_reference(item) for _, item in chunk], query_image)
             for (label, request), (_, ref_request) in zip(ours, theirs):
                 got, ref = task.values(runtime, request), task.reference_values(reference, ref_request)
                 figures = task.compare({key: got}, {key: ref})

@@ -15,7 +15,7 @@ options before it loads a model) does not pay for the preprocessing stack and ON
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from q3vl.runtime.batch import BatchPolicy, Details, Loaded, Plan
@@ -41,7 +41,19 @@ _WHERE = {"BatchPolicy": "batch", "Details": "batch", "Loaded": "batch", "Plan":
           "bundle_geometry": "images", "prepare_image": "images", "RuntimeOptions": "options"}
 __all__ = ["BatchModel", "BatchPolicy", "BatchResult", "BatchRunner", "BatchSink", "Collector", "Details", "Embedder",
            "Loaded", "Outputs", "Plan", "Reranker", "RuntimeOptions", "as_input_error", "bundle_geometry", "guarded",
-           "prepare_image", "run_batches"]
+           "model_for", "prepare_image", "run_batches"]
+
+
+def model_for(task: str) -> Any:
+    """The runtime class (`Embedder` / `Reranker`) that runs bundles of `task`, a `q3vl.tasks` name."""
+    from q3vl.errors import ConfigError
+    from q3vl.runtime.embedder import Embedder
+    from q3vl.runtime.reranker import Reranker
+
+    models = {m.task.name: m for m in (Embedder, Reranker)}
+    if task not in models:
+        raise ConfigError(f"no runtime class runs {task!r} bundles; known tasks: {sorted(models)}")
+    return models[task]
 
 
 def __getattr__(name: str) -> object:

@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from q3vl.errors import InputError, RequestError, RequestTooLargeError
+from q3vl.errors import InputError
 from q3vl.options import default_of
 from q3vl.preprocess import IMAGE_EXTENSIONS, to_item
 from q3vl.runtime import RuntimeOptions
+from q3vl.serve.errors import RequestError, RequestTooLargeError
 from q3vl.serve.media import MediaGate
 from q3vl.serve.schemas import (
     ChatMessage,

@@ -27,11 +27,9 @@ from q3vl.errors import (
     InputError,
     OverloadedError,
     Q3VLError,
-    RequestError,
-    RequestTooLargeError,
     UnavailableError,
-    UnknownModelError,
 )
+from q3vl.serve.errors import RequestError, RequestTooLargeError, UnknownModelError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from q3vl.errors import RequestError
+from q3vl.serve.errors import RequestError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")

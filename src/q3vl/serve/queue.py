@@ -87,7 +87,7 @@ class Round:
 
 
 @dataclass(frozen=True)
-class Limits:
+class QueueLimits:
     """How rounds are gathered and how much may wait: the `ServeConfig` options of those names (the
     defaults are theirs; `max_wait` is `max_wait_ms` in seconds, `max_items` is `max_queue_items`).
     """
@@ -99,7 +99,7 @@ class Limits:
     max_items: int = default_of(ServeConfig, "max_queue_items")
 
     @classmethod
-    def of(cls, config: ServeConfig, batch_size: int, max_batch_tokens: int) -> Limits:
+    def of(cls, config: ServeConfig, batch_size: int, max_batch_tokens: int) -> QueueLimits:
         """The limits of `config` for a model whose batching policy is (`batch_size`, `max_batch_tokens`)."""
         return cls(batch_size, max_batch_tokens, config.max_wait_ms / 1000, config.max_batch_requests,
                    config.max_queue_items)
@@ -108,7 +108,7 @@ class Limits:
 class _Round:
     """Items being taken for one round, within its item, token and request caps."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: QueueLimits) -> None:
         self.limits = limits
         self.picked: list[tuple[Job, Plan]] = []
         self.members: set[int] = set()
@@ -136,7 +136,7 @@ class _Round:
 class ModelQueue:
     """One model's queue and scheduler thread; `submit`/`cancel`/`run` are called on the event loop."""
 
-    def __init__(self, model: BatchRunner, name: str, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, model: BatchRunner, name: str, limits: QueueLimits, metrics: Metrics) -> None:
         self.model, self.name, self.limits, self.metrics = model, name, limits, metrics
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()  # requests with waiting items, in arrival order

@@ -16,9 +16,10 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from q3vl.errors import RequestError, UnavailableError
+from q3vl.errors import UnavailableError
 from q3vl.runtime import Embedder, Plan
-from q3vl.serve import convert, outputs
+from q3vl.serve import convert, encodings
+from q3vl.serve.errors import RequestError
 from q3vl.serve.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -62,7 +63,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     dim = _dim(model, body.dimensions, "dimensions")
     outcome = await svc.submit(model, items.items, items.params, request.receive)
     vectors = model.vectors(outcome.job.outputs(), body.normalize, dim) if outcome.job else np.zeros((0, 0))
-    encode = outputs.b64_float32 if body.encoding_format == "base64" else (lambda v: v.tolist())
+    encode = encodings.b64_float32 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens}
     return _respond({"object": "list", "data": data, "model": svc.names["embedding"], "usage": usage},
@@ -82,7 +83,7 @@ async def embed_v2(body: EmbedV2Request, request: Request) -> Response:
     items = convert.cohere_items(body, svc.gate, svc.config.input_type_instructions)
     dim = _dim(model, body.output_dimension, "output_dimension")
     types = list(body.embedding_types or ["float"])
-    outputs.check_codes(types, svc.calibration, dim or model.dim)
+    encodings.check_codes(types, svc.calibration, dim or model.dim)
 
     def check(plans: list[Plan]) -> None:
         _check_lengths(plans, items.params, body.max_tokens, body.truncate, model.max_length)
@@ -93,7 +94,7 @@ async def embed_v2(body: EmbedV2Request, request: Request) -> Response:
     vectors = model.vectors(outcome.job.outputs(), True, dim)
     images = sum(_count(it.get("image")) for it in items.items)
     units = {"input_tokens": outcome.tokens, **({"images": images} if images else {})}
-    return _respond({"id": str(uuid.uuid4()), "embeddings": outputs.by_type(vectors, types, svc.calibration),
+    return _respond({"id": str(uuid.uuid4()), "embeddings": encodings.by_type(vectors, types, svc.calibration),
                      "texts": list(body.texts) if body.texts is not None else None,
                      "meta": {"api_version": {"version": "2"}, "billed_units": units,
                               "tokens": {"input_tokens": outcome.tokens}},

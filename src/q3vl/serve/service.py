@@ -27,16 +27,14 @@ from q3vl.errors import (
     ConfigError,
     InputError,
     QueryError,
-    RequestError,
-    RequestTooLargeError,
     UnavailableError,
-    UnknownModelError,
 )
 from q3vl.runtime import BatchModel, Embedder, Plan, Reranker
 from q3vl.serve.config import ServeConfig
+from q3vl.serve.errors import RequestError, RequestTooLargeError, UnknownModelError
 from q3vl.serve.media import MediaGate
 from q3vl.serve.metrics import Metrics
-from q3vl.serve.queue import Job, Limits, ModelQueue
+from q3vl.serve.queue import Job, ModelQueue, QueueLimits
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -93,7 +91,7 @@ class Service:
             model = cls(path, options=self.options)
             self.models[task] = model
             pol = model.policy
-            limits = Limits.of(c, pol.batch_size, pol.max_batch_tokens)
+            limits = QueueLimits.of(c, pol.batch_size, pol.max_batch_tokens)
             self.queues[task] = ModelQueue(model, task, limits, self.metrics)
             log.info("loaded %s bundle %s as %r", task, path, self.names[task])
         emb = self.models.get("embedding")

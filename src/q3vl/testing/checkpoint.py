@@ -36,7 +36,7 @@ from typing import Any
 from q3vl.errors import missing_extra
 from q3vl.precision import check
 from q3vl.tasks import task_for
-from q3vl.testing.outliers import Plan, describe, edit, make_plan
+from q3vl.testing.outliers import OutlierPlan, describe, edit, make_plan
 from q3vl.testing.shapes import config_dict, processor_configs
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _seed(seed: int, name: str) -> int:
 
 
 def _tensors(shapes: dict[str, tuple[int, ...]], seed: int, hidden: int, dtype: Any,
-             plan: Plan | None = None) -> Iterator[tuple[str, Any]]:
+             plan: OutlierPlan | None = None) -> Iterator[tuple[str, Any]]:
     import torch
 
     for name, shape in shapes.items():
@@ -107,7 +107,7 @@ def _tensors(shapes: dict[str, tuple[int, ...]], seed: int, hidden: int, dtype: 
 
 
 def _write_weights(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, hidden: int, dtype: Any,
-                   shard_bytes: int, plan: Plan | None = None) -> int:
+                   shard_bytes: int, plan: OutlierPlan | None = None) -> int:
     """Write shards one at a time; returns the number of shards."""
     import torch
     from safetensors.torch import save_file

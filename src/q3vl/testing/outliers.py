@@ -92,7 +92,7 @@ class _Migration:
 
 
 @dataclass
-class Plan:
+class OutlierPlan:
     """Everything the edits need, drawn once from the seed; `edit` applies it tensor by tensor."""
 
     shape: str
@@ -138,7 +138,7 @@ def _migration(rng: np.random.Generator, size: int, count: int, exclude: np.ndar
     return _Migration(channels, np.exp(rng.uniform(lo, hi, count)))
 
 
-def make_plan(config: dict[str, Any], shape: str, seed: int) -> Plan:
+def make_plan(config: dict[str, Any], shape: str, seed: int) -> OutlierPlan:
     """Draw the outlier plan for a checkpoint config (the layout `q3vl.testing.shapes.config_dict` writes)."""
     t, v = config["text_config"], config["vision_config"]
     d, f, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
@@ -158,7 +158,7 @@ def make_plan(config: dict[str, Any], shape: str, seed: int) -> Plan:
     vd, depth, vf = v["hidden_size"], v["depth"], v["intermediate_size"]
     reg_channels = np.sort(vr.choice(vd, 2, replace=False))
     table = v["num_position_embeddings"]
-    return Plan(
+    return OutlierPlan(
         shape=shape, d=d, head_dim=hd, kv_heads=nkv, q_heads=nq, massive_channels=massive,
         massive_values=np.array([MASSIVE, -0.6 * MASSIVE]), trigger=trigger, mean_dir=mean_dir, early=early,
         late=tuple(late),
@@ -180,7 +180,7 @@ def _residual_growth(layers: int) -> float:
     return 1 + MEAN_GAIN**2 + 1.25 * layers
 
 
-def _offset(plan: Plan, layer: int) -> float:
+def _offset(plan: OutlierPlan, layer: int) -> float:
     """Weight of the shared direction subtracted in a spike unit's gate: GATE_OFFSET standard
     deviations at the ordinary tokens of `layer`, whose normed state has sqrt(d) * MEAN_GAIN /
     sqrt(growth) along it. This is the negative gate bias trained SwiGLU units show (Qwen3-1.7B's
@@ -189,7 +189,7 @@ def _offset(plan: Plan, layer: int) -> float:
     return GATE_OFFSET * math.sqrt(_residual_growth(layer)) / (math.sqrt(plan.d) * MEAN_GAIN)
 
 
-def _spike(plan: Plan, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _spike(plan: OutlierPlan, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gate row, up row, residual vector the down-projection column adds per unit of act) of a spike layer.
 
     Emergence layer: the unit reads the trigger direction, strongest at <|im_start|> (its planted
@@ -217,14 +217,14 @@ def _spike(plan: Plan, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return GAIN * (direction - lam * plan.mean_dir), GAIN * direction, write
 
 
-def _o_proj_columns(plan: Plan, kv_channel: int) -> list[int]:
+def _o_proj_columns(plan: OutlierPlan, kv_channel: int) -> list[int]:
     """o_proj input columns fed by one v channel: the same head dim of every query head in its KV group."""
     group, dim = divmod(int(kv_channel), plan.head_dim)
     rep = plan.q_heads // plan.kv_heads
     return [(group * rep + r) * plan.head_dim + dim for r in range(rep)]
 
 
-def _edit_layer(plan: Plan, i: int, rest: str, w: np.ndarray) -> None:
+def _edit_layer(plan: OutlierPlan, i: int, rest: str, w: np.ndarray) -> None:
     h = plan.hidden
     if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         w[h.channels] *= h.scales
@@ -250,7 +250,7 @@ def _edit_layer(plan: Plan, i: int, rest: str, w: np.ndarray) -> None:
     w[:, h.channels] /= h.scales  # last: a planted row keeps its meaning on the migrated input channels
 
 
-def _edit_block(plan: Plan, i: int, rest: str, w: np.ndarray) -> None:
+def _edit_block(plan: OutlierPlan, i: int, rest: str, w: np.ndarray) -> None:
     h, p, vd = plan.vision_hidden, plan.vision_proj[i], plan.vd
     reg = i == plan.register_block
     gain = REGISTER_SPIKE / ((0.87 - REGISTER_THRESHOLD) * math.sqrt(vd))
@@ -278,7 +278,7 @@ def _edit_block(plan: Plan, i: int, rest: str, w: np.ndarray) -> None:
             w[plan.register_channels, unit] = target / (len(plan.register_units) * REGISTER_TYPICAL)
 
 
-def edit(plan: Plan, name: str, w: np.ndarray) -> None:
+def edit(plan: OutlierPlan, name: str, w: np.ndarray) -> None:
     """Apply the plan to one freshly drawn float32 tensor, in place (tensors not named are left alone)."""
     if name == "model.language_model.embed_tokens.weight":
         w += MEAN_GAIN * math.sqrt(plan.d) * plan.mean_dir
@@ -293,7 +293,7 @@ def edit(plan: Plan, name: str, w: np.ndarray) -> None:
             fn(plan, int(index), rest, w)
 
 
-def describe(plan: Plan) -> dict[str, Any]:
+def describe(plan: OutlierPlan) -> dict[str, Any]:
     """The plan as JSON-ready facts (written beside the checkpoint as outliers.json)."""
     def mig(m: _Migration) -> dict[str, list[Any]]:
         return {"channels": m.channels.tolist(), "scales": np.round(m.scales, 3).tolist()}

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from q3vl.export.heads import heads_for
 from q3vl.export.quantize.int8 import Int8Plan
 from q3vl.export.quantize.planner import merger, project, text_layer, vision_block
 from q3vl.tasks import Task, task_for
@@ -237,7 +238,7 @@ def _head(spec: Any, w: Any, task: Task, tokenizer: Any) -> Any:
     from q3vl.export.modules import RMSNorm
 
     norm = RMSNorm(w.get("model.language_model.norm.weight"), spec.text.rms_norm_eps)
-    module = task.torch_head(w, task.head_token_ids(tokenizer))
+    module = heads_for(task).torch_head(w, task.head_token_ids(tokenizer))
 
     def head(x: Any, mask: Any) -> dict[str, Any]:
         last = mask.sum(1) - 1
@@ -261,9 +262,8 @@ def calibrate(checkpoint: str | Path, task: str, plan: Int8Plan | None = None) -
     candidate whose head output (pooled embedding / score) stays closest on the calibration inputs
     is returned, with every candidate's figure in `search`.
     """
-    from q3vl.export.exporter import _chat_template
     from q3vl.export.quantize.fakequant import head_error
-    from q3vl.export.weights import Weights
+    from q3vl.export.weights import Weights, read_chat_template
     from q3vl.preprocess.encode import Encoder, PreprocessConfig
     from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer
     from q3vl.preprocess.vision import Geometry
@@ -276,7 +276,7 @@ def calibrate(checkpoint: str | Path, task: str, plan: Int8Plan | None = None) -
     br = _Branches(cands, simulate=len(cands) > 1)
     spec = ModelSpec.from_checkpoint(ckpt)
     tokenizer = TextTokenizer(ckpt / "tokenizer.json")
-    encoder = Encoder(tokenizer, ChatTemplate(_chat_template(ckpt)), PreprocessConfig(max_length=8192),
+    encoder = Encoder(tokenizer, ChatTemplate(read_chat_template(ckpt)), PreprocessConfig(max_length=8192),
                       Geometry.from_spec(spec.vision))
     seqs, blocks = calibration_items(encoder, kind)
     w = Weights(ckpt)

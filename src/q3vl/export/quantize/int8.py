@@ -147,13 +147,10 @@ def plan_for_alpha(alpha: float | None) -> Int8Plan | None:
     Each searched strength runs a simulated int8 copy of the model beside the float one, so the search
     costs (1 + len(alphas)) x the calibration forward passes; a fixed strength costs one.
     """
-    if alpha is None:
-        return None
-    from q3vl.errors import ConfigError
+    from q3vl.export.recipe import check_alpha
 
-    if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):  # NaN fails both comparisons
-        raise ConfigError(f"int8 smoothing strength {alpha!r} must be a number in (0, 1); 0.4-0.5 suit most models")
-    return Int8Plan(alphas=(float(alpha),))
+    check_alpha(alpha)
+    return None if alpha is None else Int8Plan(alphas=(float(alpha),))
 
 
 def pow2(x: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import numpy as np
 
 from q3vl.bundle import MANIFEST, Manifest, describe_files, looks_like_bundle, sha256
 from q3vl.errors import BundleError, CheckpointError, ConfigError, ParityError, missing_extra, option
+from q3vl.export.quantize.int8 import plan_for_alpha
 from q3vl.export.recipe import QuantizeRecipe
 from q3vl.options import of
 from q3vl.outputs import check_output, staged_dir
@@ -128,10 +129,11 @@ def _convert(src: Path, dst: Path, weights: str, block_size: int, method: str | 
 def compare_bundles(base: Path, quantized: Path, weights: str) -> dict[str, Any]:
     """The quantized bundle against the fp32 bundle it came from, on the export-time cases."""
     from q3vl.export.cases import run_cases
+    from q3vl.runtime import model_for
     from q3vl.tasks import task_for
 
     task = task_for(Manifest.read(base).task)
-    with task.runtime(base) as ref, task.runtime(quantized, allow_unverified=True) as model:
+    with model_for(task.name)(base) as ref, model_for(task.name)(quantized, allow_unverified=True) as model:
         report = run_cases(model, ref.run_batch, tolerance(weights_precision(weights)), weights_precision(weights))
     report["against"] = "fp32 bundle"
     report["summary"] += " vs the fp32 bundle"
@@ -196,7 +198,7 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str | None
     keywords = {**({"weights": weights} if weights is not None else {}), **recipe_keywords}
     recipe = of(QuantizeRecipe, keywords, "quantize_bundle", recipe)
     weights, method, block_size = recipe.weights, recipe.int8_method, recipe.block_size
-    plan = plan if plan is not None else recipe.int8_plan()
+    plan = plan if plan is not None else plan_for_alpha(recipe.int8_alpha)
     src, out = Path(bundle), Path(out_dir)
     manifest = check_quantizable(src)
     calibrate_on = check_smooth(src, manifest, checkpoint, plan) if method == "smooth" else None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from q3vl.cli import command
-from q3vl.tensorrt.cli import add_engine_args, build_from_args
+from q3vl.cli.tensorrt import add_engine_args, build_from_args
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:

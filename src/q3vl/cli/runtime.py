@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from q3vl.cli import command
-from q3vl.errors import InputError
+from q3vl.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # imported where used: option checks run before numpy and the runtime load
     import numpy as np
@@ -96,7 +96,7 @@ def run_items(model: Any, records: list[Record], a: argparse.Namespace, request:
 @command("embed", _embed_args)
 def _embed(a: argparse.Namespace) -> int:
     """Embed the items of a JSONL file with an embedding bundle (.npy or .jsonl out)."""
-    from q3vl.checks import bundle_for, check_calibration, check_dim
+    from q3vl.checks import bundle_for, check_dim
     from q3vl.outputs import check_output
     from q3vl.preprocess.adapter import read_items
 
@@ -189,3 +189,26 @@ def _rerank(a: argparse.Namespace) -> int:
     with staged_file(a.output, overwrite=a.overwrite) as tmp:
         tmp.write_text(lines, encoding="utf-8")
     return 0
+
+
+def check_calibration(path: Path | None, quantize: str, width: int) -> None:
+    """int8/uint8 codes need `--calibration`, a q3vl calibration file fitted at the output width."""
+    if quantize not in ("int8", "uint8"):
+        if path is not None:
+            raise ConfigError(f"--calibration is only used with --quantize int8 or uint8, not {quantize}")
+        return
+    if path is None:
+        raise ConfigError(f"--quantize {quantize} needs --calibration FILE (fit one with `q3vl calibrate "
+                          f"EMBEDDINGS.npy -o FILE` on a float32 sample of the same --dim)")
+    from q3vl.codes.embeddings import Calibration
+
+    if not path.is_file():
+        raise ConfigError(f"--calibration {path}: no such file")
+    try:
+        calib = Calibration.load(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--calibration {path}: {e}") from None
+    if calib.dim != width:
+        raise ConfigError(f"--calibration {path} was fitted on {calib.dim}-dimensional embeddings; this run "
+                          f"makes {width}-dimensional ones (refit it with `q3vl calibrate ... --dim {width}` "
+                          f"or pass the matching --dim)")

@@ -68,7 +68,7 @@ def _load_sample(path: Path) -> np.ndarray:
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
-    from q3vl.runtime.cli import common_args
+    from q3vl.cli.runtime import common_args
 
     p.add_argument("bundle", type=Path, nargs="?", help="embedding bundle (not with --from-parquet)")
     p.add_argument("inputs", type=Path, nargs="?", help="JSONL of items to index (an optional 'id' key is kept)")
@@ -92,9 +92,9 @@ def _index_build(a: argparse.Namespace) -> int:
     if a.bundle is None or a.inputs is None:
         raise ConfigError("index build needs BUNDLE and INPUTS, or --from-parquet OUTPUT_DIR")
     from q3vl.checks import bundle_for, check_dim, require
+    from q3vl.cli.runtime import run_items, runtime_options
     from q3vl.outputs import check_output, staged_dir
     from q3vl.preprocess.adapter import ids, read_items
-    from q3vl.runtime.cli import run_items, runtime_options
 
     require("index")
     manifest = bundle_for(a.bundle, "embedding")
@@ -124,7 +124,7 @@ CALIBRATION_SAMPLE = 50_000
 def _index_from_parquet(a: argparse.Namespace) -> int:
     """Stream the shards into the index: vectors of good rows only, keyed by position, ids in the meta.
 
-    int8 rescoring uses the calibration the job stored (`calibration.json`), else ranges fitted on the
+    int8 rescoring uses the calibration the job stored (`_q3vl/calibration.json`), else ranges fitted on the
     first `CALIBRATION_SAMPLE` vectors (held in memory until then), never per shard.
     """
     from q3vl.checks import require
@@ -139,11 +139,12 @@ def _index_from_parquet(a: argparse.Namespace) -> int:
     from q3vl.codes.embeddings import Calibration
     from q3vl.codes.index import BinaryIndex
     from q3vl.outputs import staged_dir
+    from q3vl.ray.layout import calibration_path
     from q3vl.ray.store import read_manifest
 
     manifest = read_manifest(a.from_parquet)
-    stored = a.from_parquet / "calibration.json"
-    calib = Calibration.load(stored) if stored.exists() and a.rescore == "int8" and not a.dim else None
+    stored = calibration_path(a.from_parquet)
+    calib = Calibration.load(stored) if stored is not None and a.rescore == "int8" and not a.dim else None
     index: BinaryIndex | None = None
     ids: list[str] = []
     held: list[np.ndarray] = []

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from q3vl.codes.embeddings import Calibration, quantize_embeddings
-from q3vl.errors import RequestError
+from q3vl.serve.errors import RequestError
 
 CODE_TYPES = ("int8", "uint8", "binary", "ubinary")
 HOW_TO_CALIBRATE = ("start the server with --calibration FILE; make FILE from embeddings of a sample of your "

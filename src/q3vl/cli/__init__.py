@@ -182,15 +182,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def _register_more() -> None:
-    """Import the modules whose commands live beside their implementation (all import light)."""
+    """Import the command modules (`q3vl.cli.<part>`, all import light): each registers its commands.
+
+    They live in this front-end package, not beside what they drive, so no lower layer imports the CLI.
+    """
     import importlib
 
-    for module in ("q3vl.testing.cli", "q3vl.export.cli", "q3vl.runtime.cli", "q3vl.export.quantize.cli",
-                   "q3vl.codes.cli", "q3vl.bench.cli", "q3vl.tensorrt.cli", "q3vl.serve.cli", "q3vl.ray.cli"):
-        importlib.import_module(module)
-
-
-if __name__ == "__main__":  # run through the imported module so submodules register into one table
-    from q3vl.cli import main as _main
-
-    sys.exit(_main())
+    for module in ("testing", "export", "runtime", "quantize", "codes", "bench", "tensorrt", "serve", "ray"):
+        importlib.import_module(f"q3vl.cli.{module}")
