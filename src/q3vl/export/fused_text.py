@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto as T
 
+from q3vl.export.model_math import injects_deepstack, text_inv_freq, text_mrope_axis
 from q3vl.export.onnx_writer import MS, GraphWriter
 from q3vl.export.quantize.quantized import QuantHook
 from q3vl.export.weights import Weights
@@ -36,14 +37,6 @@ from q3vl.tasks import Task
 
 def _np(t: object) -> np.ndarray:
     return t.numpy()  # type: ignore[attr-defined]
-
-
-def mrope_axis(section: tuple[int, int, int], half: int) -> np.ndarray:
-    """Which position axis (t=0, h=1, w=2) drives each rotary frequency (interleaved M-RoPE)."""
-    sel = np.zeros(half, np.int64)
-    sel[1:section[1] * 3:3] = 1
-    sel[2:section[2] * 3:3] = 2
-    return sel
 
 
 class TextGraph:
@@ -114,7 +107,7 @@ class TextGraph:
             attn = self.matmul(attn, lw["self_attn.o_proj.weight"].T, p + "o_proj")
             h, resid = self.skip_rms(attn, resid, lw["post_attention_layernorm.weight"], p + "post_attention_layernorm")
             pending = self.mlp(h, lw, p)
-            if i < sp.num_deepstack:
+            if injects_deepstack(i, sp.num_deepstack):
                 pending = g.op("Add", [pending, self.deepstack_rows(ds, i, is_vis, row)])
         final, _ = self.skip_rms(pending, resid, _np(self.wts.get("model.language_model.norm.weight")), "final_norm")
         if t.num_layers - 1 < sp.num_deepstack:
@@ -153,11 +146,9 @@ class TextGraph:
     def rotary(self, pos: str) -> tuple[str, str]:
         """Per-token cos/sin [B, L, d/2] from 3-D positions (each frequency on its t/h/w axis)."""
         g, t = self.g, self.spec.text
-        half = t.head_dim // 2
-        inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, t.head_dim, 2, dtype=np.float32) / t.head_dim))
         per_token = g.op("Transpose", [pos], perm=[1, 2, 0])  # [B, L, 3]
-        chosen = g.op("Gather", [per_token, g.const(mrope_axis(t.mrope_section, half))], axis=2)
-        freqs = g.op("Mul", [g.op("Cast", [chosen], to=T.FLOAT), g.const(inv_freq.astype(np.float32))])
+        chosen = g.op("Gather", [per_token, g.const(text_mrope_axis(t))], axis=2)
+        freqs = g.op("Mul", [g.op("Cast", [chosen], to=T.FLOAT), g.const(text_inv_freq(t))])
         return g.op("Cos", [freqs]), g.op("Sin", [freqs])
 
     def attention(self, h: str, lw: dict[str, np.ndarray], p: str, cos: str, sin: str,
