@@ -100,7 +100,7 @@ class TextGraph:
             else:
                 h, resid = self.skip_rms(pending, resid, lw["input_layernorm.weight"], p + "input_layernorm")
             attn = self.attention(h, lw, p, cos, sin, seqlens_k, total)
-            if i == t.num_layers - 1 and i >= sp.num_deepstack:
+            if i == t.num_layers - 1 and not injects_deepstack(i, sp.num_deepstack):
                 # Only the pooled token's state is read: the last layer's o_proj, MLP and final norm
                 # run on one row per sequence ([B, D]) instead of [B, L, D].
                 attn, resid = self.take(attn, last), self.take(resid, last)
@@ -110,7 +110,7 @@ class TextGraph:
             if injects_deepstack(i, sp.num_deepstack):
                 pending = g.op("Add", [pending, self.deepstack_rows(ds, i, is_vis, row)])
         final, _ = self.skip_rms(pending, resid, _np(self.wts.get("model.language_model.norm.weight")), "final_norm")
-        if t.num_layers - 1 < sp.num_deepstack:
+        if injects_deepstack(t.num_layers - 1, sp.num_deepstack):
             final = self.take(final, last)
         # with a quant hook, the head's constant-weight MatMul (the reranker's yes-minus-no row) goes through
         # it too, as `q3vl quantize` rewrites every constant-weight MatMul of the fp32 graph
