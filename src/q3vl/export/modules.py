@@ -114,6 +114,7 @@ class Merger(nn.Module):
         super().__init__()
         t = w.many([f"{prefix}.{n}" for n in ("norm.weight", "norm.bias", "linear_fc1.weight",
                                               "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")])
+        self.prefix = prefix  # the checkpoint's (and the quantization plan's) name for it
         self.postshuffle, self.group = postshuffle, merge * merge
         self.norm = LayerNorm(t[f"{prefix}.norm.weight"], t[f"{prefix}.norm.bias"], eps)
         self.fc1 = Linear(t[f"{prefix}.linear_fc1.weight"], t[f"{prefix}.linear_fc1.bias"], dtype)

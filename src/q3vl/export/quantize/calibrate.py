@@ -129,7 +129,7 @@ def _vision(spec: Any, w: Any, blocks: list[Any], br: _Branches) -> dict[int, li
             for b in feats:
                 for d, o in zip(deep[b], feats[b]):
                     d.append(o)
-        merged = _merge(br, spec, final_merger(spec, w, F32), "model.visual.merger", False, xs)
+        merged = _merge(br, spec, final_merger(spec, w, F32), xs)
     result: dict[int, list[Any]] = {}
     for key in br.keys:
         result[key] = [None] * len(blocks)
@@ -149,7 +149,6 @@ def _vision_step(br: _Branches, spec: Any, i: int, blk: Any, ds: Any, xs: dict[i
     states, each branch's DeepStack maps, empty without a merger). The float branch's projection inputs
     plan the block, then the merger, before the simulated branches run.
     """
-    from q3vl.export.model_math import deepstack_merger, deepstack_slot
     from q3vl.export.modules import vision_step
 
     taps = _Taps()
@@ -165,9 +164,8 @@ def _vision_step(br: _Branches, spec: Any, i: int, blk: Any, ds: Any, xs: dict[i
     for plan in br.plans:
         vision_block(plan, i, {n: x_in[n] for n in _BLOCK_PROJECTIONS}, weights)
     if ds is not None:
-        prefix = deepstack_merger(deepstack_slot(spec.vision, i) or 0)
-        _plan_merger(br, spec, ds, prefix, True, {n: x_in["merger." + n] for n in ("fc1", "fc2")})
-        modules.update({prefix + ".fc1.w": ds.fc1, prefix + ".fc2.w": ds.fc2})
+        _plan_merger(br, spec, ds, {n: x_in["merger." + n] for n in ("fc1", "fc2")})
+        modules.update({ds.prefix + ".fc1.w": ds.fc1, ds.prefix + ".fc2.w": ds.fc2})
     run = lambda states: [vision_step(blk, ds, x, c, s) for x, (c, s) in zip(states, rot)]  # noqa: E731
     steps.update(br.step(xs, run, modules))
     states = {b: [x for x, _ in out] for b, out in steps.items()}
@@ -175,21 +173,22 @@ def _vision_step(br: _Branches, spec: Any, i: int, blk: Any, ds: Any, xs: dict[i
     return states, feats
 
 
-def _plan_merger(br: _Branches, spec: Any, m: Any, prefix: str, postshuffle: bool, x_in: dict[str, Any]) -> None:
+def _plan_merger(br: _Branches, spec: Any, m: Any, x_in: dict[str, Any]) -> None:
+    """Plan merger `m`'s two projections from the float branch's inputs `x_in`."""
     weights = {"fc1": m.fc1.weight.detach().numpy(), "fc2": m.fc2.weight.detach().numpy()}
     for plan in br.plans:
-        merger(plan, prefix, x_in, weights, postshuffle, spec.vision.spatial_merge_size**2)
+        merger(plan, m.prefix, x_in, weights, m.postshuffle, spec.vision.spatial_merge_size**2)
 
 
-def _merge(br: _Branches, spec: Any, m: Any, prefix: str, postshuffle: bool,
-           xs: dict[int, list[Any]]) -> dict[int, list[Any]]:
+def _merge(br: _Branches, spec: Any, m: Any, xs: dict[int, list[Any]]) -> dict[int, list[Any]]:
     """The final merger on every branch, planned from the float branch's inputs."""
     taps = _Taps()
     taps.tap("fc1", m.fc1)
     taps.tap("fc2", m.fc2)
     out = {0: [m(x) for x in xs[0]]}
-    _plan_merger(br, spec, m, prefix, postshuffle, taps.take())
-    out.update(br.step(xs, lambda states: [m(x) for x in states], {prefix + ".fc1.w": m.fc1, prefix + ".fc2.w": m.fc2}))
+    _plan_merger(br, spec, m, taps.take())
+    modules = {m.prefix + ".fc1.w": m.fc1, m.prefix + ".fc2.w": m.fc2}
+    out.update(br.step(xs, lambda states: [m(x) for x in states], modules))
     return out
 
 
