@@ -242,7 +242,7 @@ def _kinds(hint: Any) -> tuple[Any, ...]:
 
 
 def _help(meta: Mapping[str, Any], default: Any, env: str | None) -> str:
-    text = meta["help"]
+    text = str(meta["help"])
     if env:
         text += f" (default: ${env})"
     elif not (default is None or isinstance(default, bool) or default in ((), "", {})) and "default:" not in text:
