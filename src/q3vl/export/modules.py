@@ -20,6 +20,10 @@ DeepStack is row-major by visual row on both sides, so the rows of several visio
 written side by side into one text-graph input buffer (zero-copy on a GPU, see runtime/pipeline.py).
     -> embedding [B, D] (L2-normalised final-norm state at the last valid token), pooled [B, D] (raw)  or
     -> score [B] (sigmoid(h_last . (w_yes - w_no)))
+
+The encoders' walks (`vision_layers` + `vision_step`, `text_layers` + `text_context` + `text_step`,
+`last_valid`) are public so that int8 calibration runs exactly them, one layer built at a time; the
+config-only math (rotary frequencies, M-RoPE axes, DeepStack slots) is `q3vl.export.model_math`.
 """
 
 from __future__ import annotations
