@@ -125,6 +125,8 @@ def test_index_rerank_calibrate_and_quantize_check_first(tiny_embedding_bundle, 
          "refusing to replace {tmp}/idx: it does not look like a q3vl bundle directory"),
         (["bench", "--quick", "--variants", "fp32,fp64"], "--variants: unknown ['fp64']"),
         (["bench", "--quick", "--workloads", "text-99"], "--workloads: unknown workload 'text-99'"),
+        (["bench", "--quick", "--bundle", f"new={tmp_path}"], f"--bundle 'new={tmp_path}': expected LABEL=PATH"),
+        (["bench", "--quick", "--reference-dtype", "fp32,fp8"], "--reference-dtype: unknown ['fp8']"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -47,6 +47,34 @@ def test_per_token_ops_match_the_numpy_oracle(tmp_path):
     assert rel.max() < 0.05  # every row, the ordinary ones included, keeps ~2% error
 
 
+def test_the_fused_gemm_computes_what_the_op_chain_computes(tmp_path):
+    """gemm "to_float" (QuantizeLinear + MatMulIntegerToFloat, 8 ops) against "integer" (the 12-op chain
+    of bundles made before): the same codes and products, on 2-D and 3-D inputs with a massive token."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+
+    from q3vl.export.onnx_writer import GraphWriter
+
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((64, 40)) / 8).astype(np.float32)
+    for shape in [(9, 64), (2, 5, 64), (1, 64)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        x.reshape(-1, 64)[0] *= 3000
+        got, ops = {}, {}
+        for gemm in ("integer", "to_float"):
+            plan = Int8Plan(alpha=None, max_error=None, gemm=gemm)
+            plan.add(Projection("proj", None, False, 0.0))
+            g = GraphWriter(tmp_path / f"{gemm}{len(shape)}.onnx", plan.transform)
+            dims = [f"d{i}" for i in range(len(shape) - 1)]
+            g.add_output(emit_matmul(g, g.add_input("x", T.FLOAT, [*dims, 64]), w, "proj", plan), "y", T.FLOAT,
+                         [*dims, 40])
+            ops[gemm] = len(g.nodes) - 1  # without the output Identity
+            sess = ort.InferenceSession(str(g.save("m", opset=23)), providers=["CPUExecutionProvider"])
+            got[gemm] = sess.run(None, {"x": x})[0]
+        np.testing.assert_array_equal(got["to_float"], got["integer"])
+        assert (ops["integer"], ops["to_float"]) == (12, 8)
+
+
 def test_smoothing_is_exact_and_folds_where_planned(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 32)).astype(np.float32)
@@ -74,7 +102,7 @@ def test_plan_save_load_round_trip(tmp_path):
     plan.add(Projection("b", None, True, 0.09))
     plan.save(tmp_path / "p.npz")
     back = Int8Plan.load(tmp_path / "p.npz")
-    assert back.summary() == plan.summary()
+    assert back.summary() == plan.summary() and back.gemm == "to_float"
     arr = np.arange(8, dtype=np.float32)
     np.testing.assert_array_equal(back.transform("t", arr), plan.transform("t", arr))
     assert back.quantized("a") and not back.quantized("b")

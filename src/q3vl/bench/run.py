@@ -47,9 +47,37 @@ def machine_info() -> dict[str, Any]:
         except md.PackageNotFoundError:
             continue
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    flags = simd_flags()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem, 1),
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "simd": flags, "native_bf16": native_bf16(flags)}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features` in /proc/cpuinfo; empty where unreadable)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def simd_flags(flags: set[str] | None = None) -> list[str]:
+    """The flags speed depends on: x86 AVX/AVX-512/AMX/FMA, Arm bf16/i8mm/dot-product/SVE."""
+    flags = cpu_flags() if flags is None else flags
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")) or f in ARM_SIMD)
+
+
+ARM_SIMD = {"asimd", "asimddp", "bf16", "i8mm", "sve", "sve2", "svebf16", "svei8mm"}
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # bf16 dot products in hardware (x86 AVX-512/AMX, Arm)
+
+
+def native_bf16(simd: list[str] | None = None) -> list[str]:
+    """The flags that give this CPU native bf16 matrix arithmetic (empty: none, so PyTorch's bf16
+    runs emulated and is no faster than float32; a bf16 reference is then not the fast baseline).
+    """
+    have = set(simd_flags() if simd is None else simd)
+    return [f for f in BF16_FLAGS if f in have]
 
 
 def run_system(system: dict[str, Any], workloads: list[Workload], repeats: int, media: Path,

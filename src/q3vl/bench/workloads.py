@@ -1,10 +1,10 @@
 """The benchmark workloads: identical, generated inputs for every system.
 
-Text short (~32 tokens), medium (~128, not in the standard matrix: the GPU run's 32 x 128) and long
-(~512), images 448x448, 1280x720 and a 1920x1080 screenshot
-(max_pixels shrinks it), a 16-frame video (frame list), a mixed batch, each at batch sizes 1, 8
-and 32 where the machine allows (`heavy` workloads run at batch 1 only on CPU), and reranking one
-query against 32 documents.
+Text short (~16 and ~32 tokens), medium (~128; ~16 and ~128 are not in the standard matrix: the
+GPU run's 32 x 128 and the CPU query-latency run use them) and long (~512), images 448x448,
+1280x720 and a 1920x1080 screenshot (max_pixels shrinks it), a 16-frame video (frame list), a
+mixed batch, each at batch sizes 1, 8 and 32 where the machine allows (`heavy` workloads run at
+batch 1 only on CPU), and reranking one query against 32 documents.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def make_items(name: str, batch: int, media: Path) -> Any:
         docs = [{"text": words(60, i)} for i in range(24)] + [{"image": gradient_image(448, 448, i)} for i in range(8)]
         return {"query": {"text": words(20)}, "documents": docs}
     make = {
+        "text-16": lambda i: {"text": words(14, i)},  # ~16 text tokens (a few words split in two)
         "text-32": lambda i: {"text": words(24, i)},
         "text-128": lambda i: {"text": words(116, i)},
         "text-512": lambda i: {"text": words(500, i)},
@@ -58,6 +59,10 @@ def make_items(name: str, batch: int, media: Path) -> Any:
                             {"video": [gradient_image(240, 320, i * 8 + k) for k in range(8)]}][i % 4],
     }[name]
     return [make(i) for i in range(batch)]
+
+
+EMBED_NAMES = ("text-16", "text-32", "text-128", "text-512", "image-448", "image-1280x720", "screenshot-1920x1080",
+               "video-16f", "video-file", "mixed")  # every name `make_items` knows, besides "rerank 1x32"
 
 
 def _video(media: Path) -> Path:

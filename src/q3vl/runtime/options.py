@@ -55,7 +55,8 @@ class RuntimeOptions:
                          group=LIMITS)
     timeout: float = opt(10.0, "seconds to fetch and decode one media item", above=0, group=LIMITS)
     backend: str | None = opt(None, "cpu | cuda | tensorrt-ep | tensorrt (default: cpu; embed-dataset: cuda "
-                                    "when its workers have GPUs)", choices=BACKEND_NAMES, group=BACKEND)
+                                    "when its workers have GPUs; or a backend registered with "
+                                    "q3vl.runtime.backends.base.register)", group=BACKEND)
     backend_options: Any = opt(None, "the backend's typed options (a dict or its options object)", cli=False)
     verify: str = opt("size", "bundle files checked at load: size, or full (hash the weights too)",
                       choices=("size", "full"), group=BACKEND)
@@ -77,6 +78,13 @@ class RuntimeOptions:
             from q3vl.errors import ConfigError
 
             raise ConfigError(f"need min_pixels <= max_pixels, not {self.min_pixels} > {self.max_pixels}")
+        if self.backend is not None and self.backend not in BACKEND_NAMES:
+            from q3vl.errors import ConfigError
+            from q3vl.runtime.backends.base import BACKENDS
+
+            if self.backend not in BACKENDS:  # a registered backend (a plugin, a test's) is a choice too
+                raise ConfigError(f"backend must be one of {sorted({*BACKEND_NAMES, *BACKENDS})}, "
+                                  f"not {self.backend!r}")
         if self.media_policy is not None and not isinstance(self.media_policy, MediaPolicy):
             from q3vl.errors import ConfigError
 

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 ACTIVATIONS = ("token", "tensor")
+GEMMS = ("integer", "to_float")  # how a per-token int8 projection is written (`emit_matmul`)
 MS = "com.microsoft"
 PLAN_FILE = "int8_plan.npz"  # where an int8 bundle keeps its plan (`q3vl export --weights int8`, `q3vl quantize`)
 
@@ -71,6 +72,7 @@ class Int8Plan:
     projections: dict[str, Projection] = field(default_factory=dict)
     alphas: tuple[float, ...] | None = (0.3, 0.4, 0.5, 0.6)  # strengths calibration tries (None: no smoothing)
     search: dict[str, float] = field(default_factory=dict)  # strength -> head error on the calibration inputs
+    gemm: str = "to_float"  # "to_float": MatMulIntegerToFloat; "integer": MatMulInteger + Cast + 2 Mul (before)
     _divisors: dict[str, list[Fold]] = field(default_factory=dict, repr=False)
 
     def add(self, p: Projection) -> None:
@@ -103,7 +105,7 @@ class Int8Plan:
         errs = [p.error for p in self.projections.values()]
         return {"activations": self.activations, "activation_bits": self.activation_bits,
                 "weight_bits": self.weight_bits, "alpha": self.alpha, "alphas_tried": self.search,
-                "max_error": self.max_error, "projections": len(self.projections),
+                "max_error": self.max_error, "gemm": self.gemm, "projections": len(self.projections),
                 "float_projections": sorted(n for n, p in self.projections.items() if p.keep_float),
                 "simulated_error_max": round(max(errs), 5) if errs else None,
                 "simulated_error_median": round(float(np.median(errs)), 5) if errs else None}
@@ -121,7 +123,7 @@ class Int8Plan:
                          "folds": [[f.target, f.offset] for f in p.folds]})
         meta = {"activations": self.activations, "weight_bits": self.weight_bits, "alpha": self.alpha,
                 "max_error": self.max_error, "activation_bits": self.activation_bits, "search": self.search,
-                "projections": rows}
+                "gemm": self.gemm, "projections": rows}
         arrays["meta"] = np.array(json.dumps(meta))
         np.savez(path, **arrays)
 
@@ -130,7 +132,8 @@ class Int8Plan:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             plan = cls(meta["activations"], meta["weight_bits"], meta.get("activation_bits", 8), meta["alpha"],
-                       meta["max_error"], search=meta.get("search", {}))
+                       meta["max_error"], search=meta.get("search", {}),
+                       gemm=meta.get("gemm", "integer"))  # plans saved before `gemm` were written that way
             for i, p in enumerate(meta["projections"]):
                 folds = [Fold(t, o, z[f"f{i}_{j}"]) for j, (t, o) in enumerate(p["folds"])]
                 plan.add(Projection(p["name"], z[f"s{i}"] if p["smooth"] else None, p["keep_float"], p["error"],
@@ -219,16 +222,21 @@ class OpSink(Protocol):
 def emit_matmul(g: OpSink, x: str, w: np.ndarray, name: str, plan: Int8Plan) -> str:
     """`x @ w` for projection `name` as the plan says: a float MatMul or the int8 ops.
 
-    `w` is the graph-layout weight [K, N] before smoothing. Per-token activations:
+    `w` is the graph-layout weight [K, N] before smoothing. Per-token activations, gemm "to_float"
+    (the default; 8 ops, two of them on the [.., 1] shape only):
 
         x [.., K] -> |x| -> ReduceMax(-1) -> * 1/127 -> max(., eps) = r [.., 1]
-        round(x / r + 128) -> uint8 -> MatMulInteger(., w_q int8 [K, N], zero point 128) -> int32
-        -> float -> * w_scale [N] -> * r -> y [.., N]
+        QuantizeLinear(x, r, 128, block_size=K) -> uint8 xq         (round(x / r) + 128, per row)
+        MatMulIntegerToFloat(xq, w_q int8 [K, N], r, w_scale [N], 128) -> y [.., N]
 
+    MatMulIntegerToFloat applies w_scale in the GEMM's output stage and r once after it. gemm
+    "integer" (bundles made before) writes the same arithmetic as 12 ops: Div, Add, Round, Cast
+    instead of QuantizeLinear (the same codes, except where its float x / r + 128 rounds a value
+    within 2^-17 of a tie), and MatMulInteger, Cast, Mul, Mul instead of MatMulIntegerToFloat (the
+    same products); each is a pass over [.., K] or [.., N], and at batch 1 each op's thread-pool
+    dispatch costs more than its arithmetic (docs/quantization.md, "Profile").
     Per-tensor activations: ONNX Runtime's DynamicQuantizeMatMul (uint8, one scale per call).
     """
-    from onnx import TensorProto as T
-
     if not plan.quantized(name):
         return g.op("MatMul", [x, g.weight(name, w)])
     q, scale = quantize_weight(plan.transform(name, w), plan.weight_bits)
@@ -245,6 +253,17 @@ def emit_matmul(g: OpSink, x: str, w: np.ndarray, name: str, plan: Int8Plan) -> 
     amax = 2 ** (plan.activation_bits - 1) - 1  # 127, or 63 (raw uint8 <= 127: 8-bit weights cannot saturate)
     r = g.op("Max", [g.op("Mul", [g.op("ReduceMax", [g.op("Abs", [x]), g.const([-1], dtype=np.int64)], keepdims=1),
                                   g.const(np.float32(1 / amax))]), g.const(np.float32(1e-30))])
+    if plan.gemm == "to_float":
+        zp_rows = g.op("Expand", [a_zp, g.op("Shape", [r])])  # QuantizeLinear: zero point shaped like the scale
+        xq = g.op("QuantizeLinear", [x, r, zp_rows], axis=-1, block_size=int(w.shape[0]))
+        return g.op("MatMulIntegerToFloat", [xq, wq, r, ws, *zero_points], domain=MS)
+    return _integer_chain(g, x, r, wq, ws, zero_points, amax)
+
+
+def _integer_chain(g: OpSink, x: str, r: str, wq: str, ws: str, zero_points: list[str], amax: int) -> str:
+    """The "integer" gemm: round(x / r + 128) -> uint8 -> MatMulInteger -> int32 -> float -> * w_scale -> * r."""
+    from onnx import TensorProto as T
+
     xq = g.op("Cast", [g.op("Round", [g.op("Add", [g.op("Div", [x, r]), g.const(np.float32(amax + 1))])])],
               to=T.UINT8)
     acc = g.op("MatMulInteger", [xq, wq, *zero_points])
