@@ -54,10 +54,10 @@ def _calibration_record(ckpt, monkeypatch):
 
 def _traced_record(ckpt):
     """The same inputs through the whole traced modules, projection inputs taken by forward hooks."""
-    from q3vl.export.exporter import _chat_template
     from q3vl.export.modules import TextEncoder, VisionEncoder
     from q3vl.export.quantize.calibrate import calibration_items
     from q3vl.export.weights import Weights
+    from q3vl.export.weights import read_chat_template as _chat_template
     from q3vl.preprocess.encode import Encoder, PreprocessConfig
     from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer
     from q3vl.preprocess.vision import Geometry, stack_blocks
