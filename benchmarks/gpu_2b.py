@@ -45,8 +45,8 @@ in all, planned: the machine's start (1-2 min), 7 part calls (about 1.5 min) and
 most): 10 to 11 minutes. PyAV is not carried: the video items are frame lists, and q3vl imports
 PyAV only for video files. The same pack and run were rehearsed on CPU with a Python 3.12 as
 `python3` (the wheels install and import, onnxruntime-gpu lists CUDAExecutionProvider). Afterwards:
-copy the returned files into benchmarks/results/, put gpu-2b.md's status row into the README's GPU
-section, and commit them.
+copy the returned files into benchmarks/results/, put gpu-2b.md's figures into the README's status
+table and docs/gpu.md (and the tables into benchmarks/README.md), and commit them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ marker comment on the last non-blank line above a block changes that:
 - `<!-- snippet: slow (reason) -->`: runs only under `pytest -m slow`; the reason is required.
 - `<!-- snippet: output -->`: shows output or a file's content; not run.
 - `<!-- snippet: background ready=URL timeout=S -->`: a long-running process (a server): started,
-  waited for (URL answers 2xx, or S seconds pass with it still alive), stopped after the last block.
+  waited for (URL answers 2xx, or S seconds pass with it still alive), stopped after the last block
+  of its file (so each page starts its own server, and two pages may use the same port).
 
 A block that runs must exit 0 and write no traceback and no carriage return (progress bars belong
 to terminals, not logs).
@@ -191,7 +192,8 @@ class Runner:
     def stop(self) -> list[str]:
         """Stop the background processes (SIGTERM, then SIGKILL); a crash before the stop is a failure."""
         problems = []
-        for block, proc in self.background:
+        running, self.background = self.background, []
+        for block, proc in running:
             if proc.poll() is not None:
                 problems.append(f"{block.where}: background process died with code {proc.returncode}")
                 continue
@@ -213,6 +215,8 @@ def run_all(paths: list[Path], workdir: Path, slow: bool, env: dict[str, str] | 
     outcome.failures += [msg for b in blocks if (msg := b.problem())]
     try:
         for n, block in enumerate(blocks):
+            if n and block.path != blocks[n - 1].path:  # a page's servers end with the page
+                outcome.failures += runner.stop()
             if block.kind == "skip":
                 outcome.skipped.append(block)
             elif not block.runs:

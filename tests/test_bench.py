@@ -47,7 +47,7 @@ def test_quick_benchmark_pools_rounds(tiny_embedding, tiny_embedding_bundle, tmp
     table = (tmp_path / "quick.md").read_text()
     assert "| q3vl fp32 (embedding) | text-32 | 8 |" in table and "Speed-up over the PyTorch reference" in table
     assert (tmp_path / "quick.png").stat().st_size > 1000
-    # the README's summary table: each cell is the runtime's median and reference / runtime, by hand
+    # the summary table of benchmarks/README.md: each cell is the runtime's median and reference / runtime, by hand
     rows = {line.split(" | ")[0].lstrip("| ") + "/" + line.split(" | ")[1]: line for line in table.splitlines()
             if line.startswith("| ") and line.count(" ms (") >= 1}
     ref = {(w["workload"], w["batch"]): w["median_ms"] for w in saved["results"][0]["workloads"]}

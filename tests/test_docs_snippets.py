@@ -1,4 +1,5 @@
-"""Every code block of README.md and docs/*.md runs as written (the convention: docs/contributing.md).
+"""Every code block of README.md, docs/*.md and benchmarks/README.md runs as written (the convention:
+docs/contributing.md).
 
 The blocks run in order in one scratch directory, as a reader would paste them into one shell in
 an empty directory: the README makes the models and sample files later blocks (and docs/) use.
@@ -18,7 +19,7 @@ from tests.hub_server import LoopbackHub, hub_env
 from tests.snippets import Block, parse, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 
 
 def test_every_block_follows_the_convention():
@@ -122,3 +123,13 @@ def test_background_blocks_are_started_waited_for_and_stopped(tmp_path):
     assert block.kind == "background"
     with pytest.raises(ProcessLookupError):  # and it was stopped after the last block
         os.kill(int((tmp_path / "pid.txt").read_text()), 0)
+
+
+def test_a_pages_background_blocks_stop_when_the_next_page_starts(tmp_path):
+    first = tmp_path / "a.md"
+    first.write_text("<!-- snippet: background timeout=1 -->\n```bash\necho $$ > pid.txt; exec sleep 617\n```\n"
+                     "```bash\nkill -0 \"$(cat pid.txt)\"\n```\n")
+    second = tmp_path / "b.md"
+    second.write_text("```bash\n! kill -0 \"$(cat pid.txt)\" 2>/dev/null\n```\n")
+    outcome = run_all([first, second], tmp_path, slow=False)
+    assert outcome.failures == [] and len(outcome.ran) == 3  # alive on its page, gone on the next

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from q3vl.export.fused_text import mrope_axis
+from q3vl.export.model_math import mrope_axis
 
 
 def op_counts(path) -> Counter:

@@ -2,7 +2,7 @@
 
 Against the float32 transformers model for exported precisions; against the fp32 bundle they came
 from for weight-quantized bundles (which is itself held to the fp32 bar). Values were set from
-measurements on the random-weight tiny and small checkpoints (README, "Parity"); they are floors a
+measurements on the random-weight tiny and small checkpoints (docs/parity.md); they are floors a
 bundle must clear, not the typical figure (fp32 bundles measure cosine 1 - 1e-12).
 """
 

@@ -64,8 +64,8 @@ def _reference_columns(data: dict[str, Any]) -> list[str]:
 
 
 def summary(data: dict[str, Any]) -> str:
-    """The README table: one row per workload, the reference's median ms (one column per reference
-    dtype), then each runtime system's median ms with its end-to-end speed-up over the fastest
+    """The summary table (benchmarks/README.md): one row per workload, the reference's median ms (one
+    column per reference dtype), then each runtime system's median ms with its end-to-end speed-up over the fastest
     reference of the same task and workload, measured in the same run.
     """
     columns: list[str] = []
@@ -106,7 +106,7 @@ def machine_line(data: dict[str, Any]) -> str:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    """Machine line, the summary table (the README's), a latency table per system, and the speed-up table."""
+    """Machine line, the summary table (benchmarks/README.md's), a latency table per system, and the speed-up table."""
     multi = len(_reference_columns(data)) > 1
     lead = ("Median end-to-end ms; in parentheses the speed-up over the fastest PyTorch reference setting of "
             "the same run on that workload:" if multi else

@@ -28,6 +28,7 @@ import numpy as np
 from onnx import TensorProto as T
 
 from q3vl.export.heads import heads_for
+from q3vl.export.model_math import injects_deepstack, text_inv_freq, text_mrope_axis
 from q3vl.export.onnx_writer import MS, GraphWriter
 from q3vl.export.quantize.quantized import QuantHook
 from q3vl.export.weights import Weights
@@ -37,14 +38,6 @@ from q3vl.tasks import Task
 
 def _np(t: object) -> np.ndarray:
     return t.numpy()  # type: ignore[attr-defined]
-
-
-def mrope_axis(section: tuple[int, int, int], half: int) -> np.ndarray:
-    """Which position axis (t=0, h=1, w=2) drives each rotary frequency (interleaved M-RoPE)."""
-    sel = np.zeros(half, np.int64)
-    sel[1:section[1] * 3:3] = 1
-    sel[2:section[2] * 3:3] = 2
-    return sel
 
 
 class TextGraph:
@@ -108,17 +101,17 @@ class TextGraph:
             else:
                 h, resid = self.skip_rms(pending, resid, lw["input_layernorm.weight"], p + "input_layernorm")
             attn = self.attention(h, lw, p, cos, sin, seqlens_k, total)
-            if i == t.num_layers - 1 and i >= sp.num_deepstack:
+            if i == t.num_layers - 1 and not injects_deepstack(i, sp.num_deepstack):
                 # Only the pooled token's state is read: the last layer's o_proj, MLP and final norm
                 # run on one row per sequence ([B, D]) instead of [B, L, D].
                 attn, resid = self.take(attn, last), self.take(resid, last)
             attn = self.matmul(attn, lw["self_attn.o_proj.weight"].T, p + "o_proj")
             h, resid = self.skip_rms(attn, resid, lw["post_attention_layernorm.weight"], p + "post_attention_layernorm")
             pending = self.mlp(h, lw, p)
-            if i < sp.num_deepstack:
+            if injects_deepstack(i, sp.num_deepstack):
                 pending = g.op("Add", [pending, self.deepstack_rows(ds, i, is_vis, row)])
         final, _ = self.skip_rms(pending, resid, _np(self.wts.get("model.language_model.norm.weight")), "final_norm")
-        if t.num_layers - 1 < sp.num_deepstack:
+        if injects_deepstack(t.num_layers - 1, sp.num_deepstack):
             final = self.take(final, last)
         # with a quant hook, the head's constant-weight MatMul (the reranker's yes-minus-no row) goes through
         # it too, as `q3vl quantize` rewrites every constant-weight MatMul of the fp32 graph
@@ -154,11 +147,9 @@ class TextGraph:
     def rotary(self, pos: str) -> tuple[str, str]:
         """Per-token cos/sin [B, L, d/2] from 3-D positions (each frequency on its t/h/w axis)."""
         g, t = self.g, self.spec.text
-        half = t.head_dim // 2
-        inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, t.head_dim, 2, dtype=np.float32) / t.head_dim))
         per_token = g.op("Transpose", [pos], perm=[1, 2, 0])  # [B, L, 3]
-        chosen = g.op("Gather", [per_token, g.const(mrope_axis(t.mrope_section, half))], axis=2)
-        freqs = g.op("Mul", [g.op("Cast", [chosen], to=T.FLOAT), g.const(inv_freq.astype(np.float32))])
+        chosen = g.op("Gather", [per_token, g.const(text_mrope_axis(t))], axis=2)
+        freqs = g.op("Mul", [g.op("Cast", [chosen], to=T.FLOAT), g.const(text_inv_freq(t))])
         return g.op("Cos", [freqs]), g.op("Sin", [freqs])
 
     def attention(self, h: str, lw: dict[str, np.ndarray], p: str, cos: str, sin: str,

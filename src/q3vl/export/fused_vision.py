@@ -15,6 +15,7 @@ import numpy as np
 from onnx import TensorProto as T
 
 from q3vl.export.fused_text import _np
+from q3vl.export.model_math import deepstack_merger, deepstack_slot, vision_inv_freq
 from q3vl.export.onnx_writer import MS, GraphWriter
 from q3vl.export.quantize.quantized import QuantHook
 from q3vl.export.weights import Weights
@@ -70,9 +71,9 @@ class VisionGraph:
         deepstack = []
         for i in range(v.depth):
             x = self.block(x, i, cos, sin)
-            if i in v.deepstack_visual_indexes:
-                k = v.deepstack_visual_indexes.index(i)
-                deepstack.append(self.merger(x, f"model.visual.deepstack_merger_list.{k}", postshuffle=True))
+            slot = deepstack_slot(v, i)
+            if slot is not None:
+                deepstack.append(self.merger(x, deepstack_merger(slot), postshuffle=True))
         out = self.merger(x, "model.visual.merger", postshuffle=False)
         d = v.out_hidden_size
         g.add_output(out, "visual_embeds", T.FLOAT, ["blocks", "merged", d])
@@ -83,11 +84,10 @@ class VisionGraph:
     def rotary(self, pos: str) -> tuple[str, str]:
         """Per-token cos/sin [S, n, hd/2] (h frequencies then w frequencies)."""
         g, v = self.g, self.spec.vision
-        half = (v.hidden_size // v.num_heads) // 2  # h frequencies then w frequencies, hd/4 each
-        inv = (1.0 / (v.rope_theta ** (np.arange(0, half, 2, dtype=np.float32) / half))).astype(np.float32)
+        inv = vision_inv_freq(v)  # hd/4 frequencies, for the row and then the column position
         freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos], to=T.FLOAT), g.const([-1], dtype=np.int64)]),
                              g.const(inv)])  # [S, n, 2, hd/4]
-        per_token = g.const([0, 0, half], dtype=np.int64)
+        per_token = g.const([0, 0, 2 * inv.size], dtype=np.int64)
         return (g.op("Reshape", [g.op("Cos", [freqs]), per_token]),
                 g.op("Reshape", [g.op("Sin", [freqs]), per_token]))
 

@@ -20,15 +20,30 @@ DeepStack is row-major by visual row on both sides, so the rows of several visio
 written side by side into one text-graph input buffer (zero-copy on a GPU, see runtime/pipeline.py).
     -> embedding [B, D] (L2-normalised final-norm state at the last valid token), pooled [B, D] (raw)  or
     -> score [B] (sigmoid(h_last . (w_yes - w_no)))
+
+The encoders' walks (`vision_layers` + `vision_step`, `text_layers` + `text_context` + `text_step`,
+`last_valid`) are public so that int8 calibration runs exactly them, one layer built at a time; the
+config-only math (rotary frequencies, M-RoPE axes, DeepStack slots) is `q3vl.export.model_math`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from q3vl.export.heads import heads_for
+from q3vl.export.model_math import (
+    deepstack_merger,
+    deepstack_slot,
+    injects_deepstack,
+    text_inv_freq,
+    text_mrope_axis,
+    vision_inv_freq,
+)
 from q3vl.export.weights import Weights
 from q3vl.spec import ModelSpec
 from q3vl.tasks import Task
@@ -104,6 +119,7 @@ class Merger(nn.Module):
         super().__init__()
         t = w.many([f"{prefix}.{n}" for n in ("norm.weight", "norm.bias", "linear_fc1.weight",
                                               "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")])
+        self.prefix = prefix  # the checkpoint's (and the quantization plan's) name for it
         self.postshuffle, self.group = postshuffle, merge * merge
         self.norm = LayerNorm(t[f"{prefix}.norm.weight"], t[f"{prefix}.norm.bias"], eps)
         self.fc1 = Linear(t[f"{prefix}.linear_fc1.weight"], t[f"{prefix}.linear_fc1.bias"], dtype)
@@ -140,40 +156,83 @@ class VisionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
 
-class VisionEncoder(nn.Module):
-    """Patch embed (Conv3d as MatMul), learned position taps, 2-D rotary, blocks, mergers."""
+class PatchEmbed(nn.Module):
+    """Patch embedding (the Conv3d as one MatMul) plus the learned position embeddings, read at each
+    patch's four interpolation taps (indices and weights from `q3vl.preprocess`).
+    """
 
-    def __init__(self, spec: ModelSpec, w: Weights, dtype: torch.dtype = F32) -> None:
+    def __init__(self, spec: ModelSpec, w: Weights, dtype: torch.dtype) -> None:
         super().__init__()
-        v = spec.vision
         pe = w.many(["model.visual.patch_embed.proj.weight", "model.visual.patch_embed.proj.bias",
                      "model.visual.pos_embed.weight"])
         conv = pe["model.visual.patch_embed.proj.weight"]
         self.patch = Linear(conv.reshape(conv.shape[0], -1), pe["model.visual.patch_embed.proj.bias"], dtype)
         self.pos_table = _p(pe["model.visual.pos_embed.weight"])
-        head_dim = v.hidden_size // v.num_heads
-        quarter = head_dim // 2
-        self.inv_freq = _p(1.0 / (v.rope_theta ** (torch.arange(0, quarter, 2, dtype=F32) / quarter)))
-        eps, merge = v.layer_norm_eps, v.spatial_merge_size
-        self.blocks = nn.ModuleList(VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, dtype, eps)
-                                    for i in range(v.depth))
-        self.ds_index = list(v.deepstack_visual_indexes)
-        self.ds_mergers = nn.ModuleList(Merger(w, f"model.visual.deepstack_merger_list.{i}", True, dtype, eps, merge)
-                                        for i in range(len(self.ds_index)))
-        self.merger = Merger(w, "model.visual.merger", False, dtype, eps, merge)
+
+    def forward(self, pixel_values: torch.Tensor, interp_idx: torch.Tensor, interp_w: torch.Tensor) -> torch.Tensor:
+        taps = (F.embedding(interp_idx, self.pos_table) * interp_w.unsqueeze(-1)).sum(-2)
+        return self.patch(pixel_values) + taps
+
+
+def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [..., 1, T, hd] (a head axis to broadcast over) from per-token angles [..., T, hd/2]."""
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-3)
+    return emb.cos(), emb.sin()
+
+
+def vision_rotary(pos_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary cos/sin [S, 1, n, hd] from (row, column) patch positions [S, n, 2]."""
+    return _cos_sin((pos_ids.unsqueeze(-1).to(F32) * inv_freq).flatten(-2))  # [S, n, hd/2]: h freqs, w freqs
+
+
+def vision_layers(spec: ModelSpec, w: Weights, dtype: torch.dtype) -> Iterator[tuple[VisionBlock, Merger | None]]:
+    """The tower's blocks in order, each with the DeepStack merger its output feeds (or None), built on
+    demand: the whole tower (`VisionEncoder`) or one block at a time (calibration).
+    """
+    v = spec.vision
+    for i in range(v.depth):
+        slot = deepstack_slot(v, i)
+        yield (VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, dtype, v.layer_norm_eps),
+               None if slot is None else Merger(w, deepstack_merger(slot), True, dtype, v.layer_norm_eps,
+                                                v.spatial_merge_size))
+
+
+def final_merger(spec: ModelSpec, w: Weights, dtype: torch.dtype) -> Merger:
+    """The merger after the last block (LayerNorm before the 2x2 shuffle)."""
+    v = spec.vision
+    return Merger(w, "model.visual.merger", False, dtype, v.layer_norm_eps, v.spatial_merge_size)
+
+
+def vision_step(block: nn.Module, ds_merger: nn.Module | None, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of the tower's walk: the block's output, and its DeepStack feature map if it feeds one."""
+    x = block(x, cos, sin)
+    return x, None if ds_merger is None else ds_merger(x)
+
+
+class VisionEncoder(nn.Module):
+    """Patch embed, position taps, 2-D rotary, blocks (DeepStack mergers on the way), final merger."""
+
+    def __init__(self, spec: ModelSpec, w: Weights, dtype: torch.dtype = F32) -> None:
+        super().__init__()
+        self.embed = PatchEmbed(spec, w, dtype)
+        self.inv_freq = _p(torch.from_numpy(vision_inv_freq(spec.vision)))
+        layers = list(vision_layers(spec, w, dtype))
+        self.blocks = nn.ModuleList(b for b, _ in layers)
+        self.ds_slot = [deepstack_slot(spec.vision, i) for i in range(len(layers))]
+        by_slot = {k: m for k, (_, m) in zip(self.ds_slot, layers) if k is not None and m is not None}
+        self.ds_mergers = nn.ModuleList(by_slot[k] for k in range(len(by_slot)))
+        self.merger = final_merger(spec, w, dtype)
 
     def forward(self, pixel_values: torch.Tensor, pos_ids: torch.Tensor, interp_idx: torch.Tensor,
                 interp_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.patch(pixel_values)
-        x = x + (F.embedding(interp_idx, self.pos_table) * interp_w.unsqueeze(-1)).sum(-2)
-        freqs = (pos_ids.unsqueeze(-1).to(F32) * self.inv_freq).flatten(-2)  # [S, n, hd/2]: h freqs, w freqs
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [S, 1, n, hd]
-        cos, sin = emb.cos(), emb.sin()
+        x = self.embed(pixel_values, interp_idx, interp_w)
+        cos, sin = vision_rotary(pos_ids, self.inv_freq)
         deepstack = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin)
-            if i in self.ds_index:
-                deepstack.append(self.ds_mergers[self.ds_index.index(i)](x))
+        for blk, k in zip(self.blocks, self.ds_slot):
+            x, feat = vision_step(blk, None if k is None else self.ds_mergers[k], x, cos, sin)
+            if feat is not None:
+                deepstack.append(feat)
         return self.merger(x), torch.stack(deepstack, 2)
 
 
@@ -209,12 +268,55 @@ class DecoderLayer(nn.Module):
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
-def mrope_selector(section: tuple[int, int, int], half: int) -> torch.Tensor:
-    """Which position axis (t=0, h=1, w=2) drives each rotary frequency (interleaved M-RoPE)."""
-    sel = torch.zeros(half, dtype=torch.long)
-    sel[1:section[1] * 3:3] = 1
-    sel[2:section[2] * 3:3] = 2
-    return sel
+def text_layers(spec: ModelSpec, w: Weights, dtype: torch.dtype) -> Iterator[DecoderLayer]:
+    """The decoder layers in order, built on demand: all of them (`TextEncoder`) or one at a time (calibration)."""
+    for i in range(spec.text.num_layers):
+        yield DecoderLayer(spec, w, f"model.language_model.layers.{i}", dtype)
+
+
+class TextContext(NamedTuple):
+    """What every decoder layer of one batch reads besides the residual stream."""
+
+    cos: torch.Tensor  # [B, 1, L, hd] M-RoPE
+    sin: torch.Tensor
+    bias: torch.Tensor  # [B, 1, L, L] causal + padding, additive
+    is_vis: torch.Tensor  # [B, L, 1] visual-row tokens
+    row: torch.Tensor  # [B, L] each token's row in visual_embeds / deepstack_embeds (0 elsewhere)
+
+
+def text_context(spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 inv_freq: torch.Tensor, axis: torch.Tensor) -> TextContext:
+    """Rotary tables, attention bias and the visual-row map of one batch (`axis`: `model_math.text_mrope_axis`)."""
+    pos = position_ids.permute(1, 2, 0)[..., axis]  # [B, L, hd/2]: each frequency's axis
+    cos, sin = _cos_sin(pos.to(F32) * inv_freq)
+    is_vis = (input_ids == spec.image_token_id) | (input_ids == spec.video_token_id)
+    # float cumsum/clip: TensorRT 10 implements CumSum and Clip for float types only (exact below 2^24 rows)
+    row = (torch.cumsum(is_vis.reshape(-1).to(F32), 0) - 1).clamp(min=0).to(torch.int64).reshape(is_vis.shape)
+    seq = input_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
+    allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # [B, L, L]
+    bias = torch.where(allowed, 0.0, -1e9).to(F32).unsqueeze(1)
+    return TextContext(cos, sin, bias, is_vis.unsqueeze(-1), row)
+
+
+def place_visual(ctx: TextContext, tokens: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+    """The first residual stream: token embeddings [B, L, D] with the visual rows written in token order."""
+    return torch.where(ctx.is_vis, F.embedding(ctx.row, visual_embeds), tokens.to(F32))
+
+
+def text_step(layer: nn.Module, i: int, x: torch.Tensor, ctx: TextContext, deepstack_embeds: torch.Tensor,
+              num_deepstack: int) -> torch.Tensor:
+    """One step of the decoder's walk: layer `i`, then DeepStack map `i` added at the visual rows if it has one."""
+    x = layer(x, ctx.cos, ctx.sin, ctx.bias)
+    if injects_deepstack(i, num_deepstack):
+        x = x + torch.where(ctx.is_vis, F.embedding(ctx.row, deepstack_embeds[:, i]), 0.0)
+    return x
+
+
+def last_valid(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's state at its last valid token: [B, L, D] -> [B, D] (right or left padding)."""
+    last = x.shape[1] - 1 - torch.argmax(attention_mask.flip(-1).to(torch.int64), dim=-1)
+    return x[torch.arange(x.shape[0], device=x.device), last]
 
 
 class TextEncoder(nn.Module):
@@ -223,42 +325,19 @@ class TextEncoder(nn.Module):
     def __init__(self, spec: ModelSpec, w: Weights, task: Task, token_ids: dict[str, int],
                  dtype: torch.dtype = F32) -> None:
         super().__init__()
-        t = spec.text
-        emb_name = "model.language_model.embed_tokens.weight"
-        self.embed = _p(w.get(emb_name), dtype)
-        self.layers = nn.ModuleList(DecoderLayer(spec, w, f"model.language_model.layers.{i}", dtype)
-                                    for i in range(t.num_layers))
-        self.norm = RMSNorm(w.get("model.language_model.norm.weight"), t.rms_norm_eps)
-        half = t.head_dim // 2
-        self.inv_freq = _p(1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=F32) / t.head_dim)))
+        self.spec = spec
+        self.embed = _p(w.get("model.language_model.embed_tokens.weight"), dtype)
+        self.layers = nn.ModuleList(text_layers(spec, w, dtype))
+        self.norm = RMSNorm(w.get("model.language_model.norm.weight"), spec.text.rms_norm_eps)
+        self.inv_freq = _p(torch.from_numpy(text_inv_freq(spec.text)))
         self.axis: torch.Tensor
-        self.register_buffer("axis", mrope_selector(t.mrope_section, half), persistent=False)
-        self.vision_ids = (spec.image_token_id, spec.video_token_id)
-        self.num_deepstack = spec.num_deepstack
+        self.register_buffer("axis", torch.from_numpy(text_mrope_axis(spec.text)), persistent=False)
         self.head = heads_for(task).torch_head(w, token_ids)
-
-    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = position_ids.permute(1, 2, 0)[..., self.axis]  # [B, L, hd/2]: each frequency's axis
-        freqs = pos.to(F32) * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, L, hd]
-        return emb.cos(), emb.sin()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 visual_embeds: torch.Tensor, deepstack_embeds: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        is_vis = (input_ids == self.vision_ids[0]) | (input_ids == self.vision_ids[1])
-        # float cumsum/clip: TensorRT 10 implements CumSum and Clip for float types only (exact below 2^24 rows)
-        row = (torch.cumsum(is_vis.reshape(-1).to(F32), 0) - 1).clamp(min=0).to(torch.int64).reshape(is_vis.shape)
-        m = is_vis.unsqueeze(-1)
-        x = torch.where(m, F.embedding(row, visual_embeds), F.embedding(input_ids, self.embed).to(F32))
-        cos, sin = self.rotary(position_ids)
-        seq = input_ids.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
-        allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # [B, L, L]
-        bias = torch.where(allowed, 0.0, -1e9).to(F32).unsqueeze(1)
+        ctx = text_context(self.spec, input_ids, attention_mask, position_ids, self.inv_freq, self.axis)
+        x = place_visual(ctx, F.embedding(input_ids, self.embed), visual_embeds)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, bias)
-            if i < self.num_deepstack:
-                x = x + torch.where(m, F.embedding(row, deepstack_embeds[:, i]), 0.0)
-        x = self.norm(x)
-        last = seq - 1 - torch.argmax(attention_mask.flip(-1).to(torch.int64), dim=-1)
-        return self.head(x[torch.arange(x.shape[0], device=x.device), last])
+            x = text_step(layer, i, x, ctx, deepstack_embeds, self.spec.num_deepstack)
+        return self.head(last_valid(self.norm(x), attention_mask))

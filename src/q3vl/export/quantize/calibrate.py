@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,26 +82,31 @@ class _Branches:
         self.plans = candidates
         self.keys = [0, *range(1, len(candidates) + 1)] if simulate else [0]
 
-    def step(self, states: dict[int, Any], fn: Any, modules: dict[str, Any]) -> dict[int, Any]:
-        """Apply `fn` (one layer) to each candidate branch's state with `modules` quantized as it plans.
-
-        Branch 0 (float, recorded) is run by the caller.
+    def simulated(self, modules: dict[str, Any]) -> Iterator[int]:
+        """Each candidate branch's key, with `modules` quantized as its plan says while the caller runs
+        that branch's step (branch 0, float and recorded, is run by the caller).
         """
         from q3vl.export.quantize.fakequant import quantized
 
-        out = {}
         for k in self.keys[1:]:
             with quantized(modules, self.plans[k - 1]):
-                out[k] = fn(states[k])
-        return out
+                yield k
+
+    def step(self, states: dict[int, Any], fn: Any, modules: dict[str, Any]) -> dict[int, Any]:
+        """Apply `fn` (one layer) to each candidate branch's state with `modules` quantized as it plans."""
+        return {k: fn(states[k]) for k in self.simulated(modules)}
 
 
 def _vision(spec: Any, w: Any, blocks: list[Any], br: _Branches) -> dict[int, list[Any]]:
-    """Per branch, the vision outputs (merged rows, deepstack) per block; every projection planned on the way."""
-    import torch
-    import torch.nn.functional as F
+    """Per branch, the vision outputs (merged rows, deepstack) per block; every projection planned on the way.
 
-    from q3vl.export.modules import F32, Linear, VisionBlock
+    The walk of `modules.VisionEncoder` (its patch embedding, rotary and `vision_step`), one block at a
+    time, on every group of same-sized blocks.
+    """
+    import torch
+
+    from q3vl.export.model_math import vision_inv_freq
+    from q3vl.export.modules import F32, PatchEmbed, final_merger, vision_layers, vision_rotary
     from q3vl.preprocess.vision import stack_blocks
 
     v = spec.vision
@@ -108,37 +114,23 @@ def _vision(spec: Any, w: Any, blocks: list[Any], br: _Branches) -> dict[int, li
     groups = [[i for i, b in enumerate(blocks) if b.num_patches == n] for n in sizes]
     feeds = [{k: torch.from_numpy(a) for k, a in stack_blocks([blocks[i] for i in g], v.spatial_merge_size,
                                                               v.num_position_embeddings).items()} for g in groups]
-    pe = w.many(["model.visual.patch_embed.proj.weight", "model.visual.patch_embed.proj.bias",
-                 "model.visual.pos_embed.weight"])
-    conv = pe["model.visual.patch_embed.proj.weight"]
-    patch = Linear(conv.reshape(conv.shape[0], -1), pe["model.visual.patch_embed.proj.bias"], F32)
+    embed = PatchEmbed(spec, w, F32)
     pv = torch.cat([f["pixel_values"].reshape(-1, v.patch_dim) for f in feeds]).numpy()
     for plan in br.plans:
-        project(plan, "patch_embed.w", pv, patch.weight.detach().numpy(), None)
-    table = pe["model.visual.pos_embed.weight"]
-    half = (v.hidden_size // v.num_heads) // 2
-    inv = 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=F32) / half))
-    rot = []
-    for f in feeds:
-        emb = (f["pos_ids"].unsqueeze(-1).to(F32) * inv).flatten(-2)
-        emb = torch.cat((emb, emb), dim=-1).unsqueeze(1)
-        rot.append((emb.cos(), emb.sin()))
+        project(plan, "patch_embed.w", pv, embed.patch.weight.detach().numpy(), None)
+    inv = torch.from_numpy(vision_inv_freq(v))
+    rot = [vision_rotary(f["pos_ids"], inv) for f in feeds]
     with torch.no_grad():
-        embed = lambda _: [patch(f["pixel_values"]) + (F.embedding(f["interp_idx"], table)  # noqa: E731
-                                                       * f["interp_w"].unsqueeze(-1)).sum(-2) for f in feeds]
-        xs = {0: embed(None), **br.step(dict.fromkeys(br.keys), embed, {"patch_embed.w": patch})}
+        run = lambda _: [embed(f["pixel_values"], f["interp_idx"], f["interp_w"]) for f in feeds]  # noqa: E731
+        xs = {0: run(None), **br.step(dict.fromkeys(br.keys), run, {"patch_embed.w": embed.patch})}
         deep: dict[int, list[list[Any]]] = {b: [[] for _ in feeds] for b in br.keys}
-        for i in range(v.depth):
+        for i, (blk, ds) in enumerate(vision_layers(spec, w, F32)):
             log.info("int8 calibration: vision block %d/%d", i + 1, v.depth)
-            xs = _vision_block(br, VisionBlock(w, f"model.visual.blocks.{i}", v.num_heads, F32, v.layer_norm_eps),
-                               i, xs, rot)
-            if i in v.deepstack_visual_indexes:
-                out = _merge(br, w, f"model.visual.deepstack_merger_list.{v.deepstack_visual_indexes.index(i)}", True,
-                             xs, v)
-                for b in br.keys:
-                    for d, o in zip(deep[b], out[b]):
-                        d.append(o)
-        merged = _merge(br, w, "model.visual.merger", False, xs, v)
+            xs, feats = _vision_step(br, spec, i, blk, ds, xs, rot)
+            for b in feats:
+                for d, o in zip(deep[b], feats[b]):
+                    d.append(o)
+        merged = _merge(br, spec, final_merger(spec, w, F32), xs)
     result: dict[int, list[Any]] = {}
     for key in br.keys:
         result[key] = [None] * len(blocks)
@@ -149,70 +141,84 @@ def _vision(spec: Any, w: Any, blocks: list[Any], br: _Branches) -> dict[int, li
     return result
 
 
-def _vision_block(br: _Branches, blk: Any, i: int, xs: dict[int, list[Any]], rot: list[Any]) -> dict[int, list[Any]]:
-    """One ViT block on every branch; the float branch's projection inputs plan the block."""
-    names = ("qkv", "proj", "fc1", "fc2")
+_BLOCK_PROJECTIONS = ("qkv", "proj", "fc1", "fc2")
+
+
+def _vision_step(br: _Branches, spec: Any, i: int, blk: Any, ds: Any, xs: dict[int, list[Any]],
+                 rot: list[Any]) -> tuple[dict[int, list[Any]], dict[int, list[Any]]]:
+    """`modules.vision_step` (block i, then its DeepStack merger if any) on every branch: (each branch's
+    states, each branch's DeepStack maps, empty without a merger). The float branch's projection inputs
+    plan the block, then the merger, before the simulated branches run.
+    """
+    from q3vl.export.modules import vision_step
+
     taps = _Taps()
-    for n in names:
+    for n in _BLOCK_PROJECTIONS:
         taps.tap(n, getattr(blk, n))
-    out = {0: [blk(x, c, s) for x, (c, s) in zip(xs[0], rot)]}
-    x_in, weights = taps.take(), {n: getattr(blk, n).weight.detach().numpy() for n in names}
+    if ds is not None:
+        taps.tap("merger.fc1", ds.fc1)
+        taps.tap("merger.fc2", ds.fc2)
+    steps = {0: [vision_step(blk, ds, x, c, s) for x, (c, s) in zip(xs[0], rot)]}
+    x_in = taps.take()
+    weights = {n: getattr(blk, n).weight.detach().numpy() for n in _BLOCK_PROJECTIONS}
+    modules = {f"model.visual.blocks.{i}.{n}.w": getattr(blk, n) for n in _BLOCK_PROJECTIONS}
     for plan in br.plans:
-        vision_block(plan, i, x_in, weights)
-    run = lambda states: [blk(x, c, s) for x, (c, s) in zip(states, rot)]  # noqa: E731
-    out.update(br.step(xs, run, {f"model.visual.blocks.{i}.{n}.w": getattr(blk, n) for n in names}))
-    return out
+        vision_block(plan, i, {n: x_in[n] for n in _BLOCK_PROJECTIONS}, weights)
+    if ds is not None:
+        _plan_merger(br, spec, ds, {n: x_in["merger." + n] for n in ("fc1", "fc2")})
+        modules.update({ds.prefix + ".fc1.w": ds.fc1, ds.prefix + ".fc2.w": ds.fc2})
+    run = lambda states: [vision_step(blk, ds, x, c, s) for x, (c, s) in zip(states, rot)]  # noqa: E731
+    steps.update(br.step(xs, run, modules))
+    states = {b: [x for x, _ in out] for b, out in steps.items()}
+    feats = {} if ds is None else {b: [f for _, f in out] for b, out in steps.items()}
+    return states, feats
 
 
-def _merge(br: _Branches, w: Any, prefix: str, postshuffle: bool, xs: dict[int, list[Any]],
-           v: Any) -> dict[int, list[Any]]:
-    from q3vl.export.modules import F32, Merger
+def _plan_merger(br: _Branches, spec: Any, m: Any, x_in: dict[str, Any]) -> None:
+    """Plan merger `m`'s two projections from the float branch's inputs `x_in`."""
+    weights = {"fc1": m.fc1.weight.detach().numpy(), "fc2": m.fc2.weight.detach().numpy()}
+    for plan in br.plans:
+        merger(plan, m.prefix, x_in, weights, m.postshuffle, spec.vision.spatial_merge_size**2)
 
-    m, taps = Merger(w, prefix, postshuffle, F32, v.layer_norm_eps, v.spatial_merge_size), _Taps()
+
+def _merge(br: _Branches, spec: Any, m: Any, xs: dict[int, list[Any]]) -> dict[int, list[Any]]:
+    """The final merger on every branch, planned from the float branch's inputs."""
+    taps = _Taps()
     taps.tap("fc1", m.fc1)
     taps.tap("fc2", m.fc2)
     out = {0: [m(x) for x in xs[0]]}
-    x_in, weights = taps.take(), {"fc1": m.fc1.weight.detach().numpy(), "fc2": m.fc2.weight.detach().numpy()}
-    for plan in br.plans:
-        merger(plan, prefix, x_in, weights, postshuffle, v.spatial_merge_size**2)
-    out.update(br.step(xs, lambda states: [m(x) for x in states], {prefix + ".fc1.w": m.fc1, prefix + ".fc2.w": m.fc2}))
+    _plan_merger(br, spec, m, taps.take())
+    modules = {m.prefix + ".fc1.w": m.fc1, m.prefix + ".fc2.w": m.fc2}
+    out.update(br.step(xs, lambda states: [m(x) for x in states], modules))
     return out
 
 
 def _text(spec: Any, w: Any, feeds: dict[int, dict[str, np.ndarray]], br: _Branches, head: Any) -> dict[int, Any]:
-    """Run the decoder layers one at a time on each branch's calibration batch, planning every layer's
-    projections from the float branch; returns each branch's head output (`head(final_hidden)`).
+    """The walk of `modules.TextEncoder` (its context, visual placement and `text_step`), one decoder layer
+    at a time, on each branch's calibration batch, planning every layer's projections from the float
+    branch; returns each branch's head output (`head(final_hidden)`).
     """
     import torch
     import torch.nn.functional as F
 
-    from q3vl.export.modules import F32, DecoderLayer, mrope_selector
+    from q3vl.export.model_math import text_inv_freq, text_mrope_axis
+    from q3vl.export.modules import F32, place_visual, text_context, text_layers, text_step
 
     t, f0 = spec.text, feeds[0]
     ids, mask, pos = (torch.from_numpy(f0[k]) for k in ("input_ids", "attention_mask", "position_ids"))
-    is_vis = (ids == spec.image_token_id) | (ids == spec.video_token_id)
-    row = (torch.cumsum(is_vis.reshape(-1).to(torch.int64), 0) - 1).clamp(min=0).reshape(is_vis.shape)
-    m = is_vis.unsqueeze(-1)
+    ctx = text_context(spec, ids, mask, pos, torch.from_numpy(text_inv_freq(t)), torch.from_numpy(text_mrope_axis(t)))
     table = w.get("model.language_model.embed_tokens.weight")
-    tok = F.embedding(ids, table)
+    tok = F.embedding(ids, table)  # cast to float32 by place_visual, as in TextEncoder
     del table
-    xs = {k: torch.where(m, F.embedding(row, torch.from_numpy(feeds[k]["visual_embeds"])), tok) for k in br.keys}
+    xs = {k: place_visual(ctx, tok, torch.from_numpy(feeds[k]["visual_embeds"])) for k in br.keys}
     ds = {k: torch.from_numpy(feeds[k]["deepstack_embeds"]) for k in br.keys}
-    inv = 1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=F32) / t.head_dim))
-    freqs = pos.permute(1, 2, 0)[..., mrope_selector(t.mrope_section, t.head_dim // 2)].to(F32) * inv
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-    cos, sin = emb.cos(), emb.sin()
-    seq = ids.shape[1]
-    allowed = torch.ones(seq, seq, dtype=torch.bool).tril().unsqueeze(0) & mask.bool().unsqueeze(1)
-    bias = torch.where(allowed, 0.0, -1e9).to(F32).unsqueeze(1)
     with torch.no_grad():
-        for i in range(t.num_layers):
+        for i, layer in enumerate(text_layers(spec, w, F32)):
             log.info("int8 calibration: text layer %d/%d", i + 1, t.num_layers)
-            p = f"model.language_model.layers.{i}."
-            layer, taps = DecoderLayer(spec, w, p[:-1], F32), _Taps()
+            p, taps = f"model.language_model.layers.{i}.", _Taps()
             for key, mod in (("qkv", layer.q), ("o_proj", layer.o), ("gate_up", layer.gate), ("down_proj", layer.down)):
                 taps.tap(key, mod, mask.bool())
-            xs[0] = layer(xs[0], cos, sin, bias)
+            xs[0] = text_step(layer, i, xs[0], ctx, ds[0], spec.num_deepstack)
             wt = {"qkv": torch.cat([layer.q.weight, layer.k.weight, layer.v.weight], 1),
                   "o_proj": layer.o.weight, "gate_up": torch.cat([layer.gate.weight, layer.up.weight], 1),
                   "down_proj": layer.down.weight}
@@ -221,28 +227,24 @@ def _text(spec: Any, w: Any, feeds: dict[int, dict[str, np.ndarray]], br: _Branc
                 text_layer(plan, i, x_in, weights, (t.num_heads, t.num_kv_heads, t.head_dim))
             mods = {p + "qkv": (layer.q, layer.k, layer.v), p + "o_proj": (layer.o,),
                     p + "gate_up": (layer.gate, layer.up), p + "down_proj": (layer.down,)}
-            xs.update(br.step(xs, lambda x, layer=layer: layer(x, cos, sin, bias), mods))
-            if i < spec.num_deepstack:
-                for k in br.keys:
-                    xs[k] = xs[k] + torch.where(m, F.embedding(row, ds[k][:, i]), 0.0)
+            for k in br.simulated(mods):
+                xs[k] = text_step(layer, i, xs[k], ctx, ds[k], spec.num_deepstack)
             del layer, wt
         return {k: head(x, mask) for k, x in xs.items()}
 
 
 def _head(spec: Any, w: Any, task: Task, tokenizer: Any) -> Any:
-    """The task's head (the plain graph's torch module) on a final hidden state [B, L, D]: the text
-    graph's outputs by name (normalised and raw pooled vector, or the yes/no score).
+    """The task's head as `modules.TextEncoder` ends (final norm, last valid token, the task's torch head)
+    on a final hidden state [B, L, D]: the text graph's outputs by name (normalised and raw pooled
+    vector, or the yes/no score).
     """
-    import torch
-
-    from q3vl.export.modules import RMSNorm
+    from q3vl.export.modules import RMSNorm, last_valid
 
     norm = RMSNorm(w.get("model.language_model.norm.weight"), spec.text.rms_norm_eps)
     module = heads_for(task).torch_head(w, task.head_token_ids(tokenizer))
 
     def head(x: Any, mask: Any) -> dict[str, Any]:
-        last = mask.sum(1) - 1
-        out = module(norm(x)[torch.arange(x.shape[0]), last])
+        out = module(last_valid(norm(x), mask))
         return dict(zip(task.outputs, out if isinstance(out, tuple) else (out,)))
     return head
 
