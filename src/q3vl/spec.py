@@ -158,6 +158,40 @@ class ModelSpec:
         return cls.from_config(read_json(Path(path) / "config.json", CheckpointError))
 
 
+# What q3vl's preprocessing implements (the Qwen3-VL processor's values); a checkpoint's processor
+# configs, when present, must agree, and when absent these are the defaults the wrapper's processor uses.
+PROCESSOR_VALUES = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def check_processor_configs(path: Path, spec: ModelSpec) -> None:
+    """Refuse a checkpoint whose processor configs ask for preprocessing q3vl does not implement.
+
+    Why: q3vl computes pixels itself from the model's vision config (patch, temporal patch and merge
+    sizes, mean = std = 0.5); a fine-tune whose processor normalises differently would export fine
+    and embed every image wrongly. Absent configs are the Qwen3-VL defaults, as for the wrapper.
+    """
+    expected: dict[str, Any] = {**PROCESSOR_VALUES, "patch_size": spec.vision.patch_size,
+                                "temporal_patch_size": spec.vision.temporal_patch_size,
+                                "merge_size": spec.vision.spatial_merge_size}
+    for name in PROCESSOR_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"corrupt {file}: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{file} does not hold a JSON object")
+        for key, value in expected.items():
+            got = config.get(key, value)
+            if (list(got) if isinstance(got, (list, tuple)) else got) != value:
+                raise CheckpointError(f"{file} sets {key} = {got!r}, but q3vl's preprocessing implements "
+                                      f"{key} = {value!r} (the Qwen3-VL processor's, and this model's vision "
+                                      "config): this checkpoint's images would be preprocessed differently")
+
+
 def _check_sizes(obj: Any, bounds: dict[str, int]) -> None:
     """Each named field is an int in [1, bound]: a zero, negative or absurd size is a broken config."""
     for name, bound in bounds.items():

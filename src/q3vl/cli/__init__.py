@@ -188,5 +188,6 @@ def _register_more() -> None:
     """
     import importlib
 
-    for module in ("testing", "export", "runtime", "quantize", "codes", "bench", "tensorrt", "serve", "ray"):
+    for module in ("testing", "export", "runtime", "quantize", "codes", "bench", "tensorrt", "serve", "ray",
+                   "hub"):
         importlib.import_module(f"q3vl.cli.{module}")

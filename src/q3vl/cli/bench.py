@@ -38,7 +38,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                                       "fp32 with --quick)")
     p.add_argument("--tasks", default="embedding,reranker")
     p.add_argument("--bundle", action="append", default=[], metavar="LABEL=PATH",
-                   help="also benchmark this bundle as system 'q3vl LABEL' (repeatable; e.g. an int8 bundle "
+                   help="also benchmark this bundle (a directory or a Hub repo id) as system 'q3vl LABEL' "
+                        "(repeatable; e.g. an int8 bundle "
                         "before and after a change, in the same interleaved run); --variants none: only these")
     add_flags(p, RuntimeOptions(), only=("backend",))  # the runtime variants' backend
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda)")
@@ -182,13 +183,18 @@ def select(workloads: list[Any], spec: str | None) -> list[Any]:
 
 
 def _labelled(value: str) -> tuple[str, Path]:
-    """LABEL=PATH of --bundle: the label names the system, the path must be a bundle."""
+    """LABEL=PATH of --bundle: the label names the system, the path must be a bundle (or a Hub repo id of one,
+    downloaded and verified here, before any benchmark starts).
+    """
     from q3vl.bundle import MANIFEST
+    from q3vl.checks import bundle_source
 
     label, sep, path = value.partition("=")
-    if not sep or not label.strip() or not (Path(path) / MANIFEST).is_file():
-        raise ConfigError(f"--bundle {value!r}: expected LABEL=PATH with PATH a q3vl bundle directory")
-    return label.strip(), Path(path)
+    local = bundle_source(path) if sep and label.strip() and path else None
+    if local is None or not (local / MANIFEST).is_file():
+        raise ConfigError(f"--bundle {value!r}: expected LABEL=PATH with PATH a q3vl bundle directory (or a Hub "
+                          "repo id ORG/NAME[@REVISION] of one)")
+    return label.strip(), local
 
 
 def _listed(value: str, known: Any, flag: str) -> list[str]:

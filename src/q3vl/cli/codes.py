@@ -70,7 +70,7 @@ def _load_sample(path: Path) -> np.ndarray:
 def _build_args(p: argparse.ArgumentParser) -> None:
     from q3vl.cli.runtime import common_args
 
-    p.add_argument("bundle", type=Path, nargs="?", help="embedding bundle (not with --from-parquet)")
+    p.add_argument("bundle", nargs="?", help="embedding bundle, or a Hub repo id (not with --from-parquet)")
     p.add_argument("inputs", type=Path, nargs="?", help="JSONL of items to index (an optional 'id' key is kept)")
     p.add_argument("--from-parquet", type=Path, metavar="OUTPUT_DIR",
                    help="index the shards of `q3vl embed-dataset` instead (bundle, dim and calibration from its "
@@ -91,12 +91,13 @@ def _index_build(a: argparse.Namespace) -> int:
         return _index_from_parquet(a)
     if a.bundle is None or a.inputs is None:
         raise ConfigError("index build needs BUNDLE and INPUTS, or --from-parquet OUTPUT_DIR")
-    from q3vl.checks import bundle_for, check_dim, require
+    from q3vl.checks import bundle_for, check_dim, locate_source, require
     from q3vl.cli.runtime import run_items, runtime_options
     from q3vl.outputs import check_output, staged_dir
     from q3vl.preprocess.adapter import ids, read_items
 
     require("index")
+    a.bundle, source = locate_source(a.bundle)
     manifest = bundle_for(a.bundle, "embedding")
     check_dim(a.dim, manifest, a.bundle)
     check_output(a.output, overwrite=a.overwrite, directory=True, what="index directory",
@@ -110,8 +111,8 @@ def _index_build(a: argparse.Namespace) -> int:
     with Embedder(a.bundle, options=options) as model:
         emb = run_items(model, records, a, dim=a.dim).values
     keys = ids(records) or list(range(len(records)))
-    index = BinaryIndex.build(emb, rescore=a.rescore, meta={"bundle": str(a.bundle.resolve()), "ids": keys,
-                                                            "matryoshka_dim": a.dim})
+    ref = source if source != str(a.bundle) else str(a.bundle.resolve())  # a Hub id pinned to its commit
+    index = BinaryIndex.build(emb, rescore=a.rescore, meta={"bundle": ref, "ids": keys, "matryoshka_dim": a.dim})
     with staged_dir(a.output, overwrite=a.overwrite) as tmp:
         index.save(tmp)
     sys.stdout.write(f"indexed {len(index)} items (dim {index.dim}, rescore {a.rescore}) -> {a.output}\n")

@@ -15,13 +15,17 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     from q3vl.export.recipe import TENSORRT, ExportRecipe
     from q3vl.options import add_flags
 
-    p.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("checkpoint", help="Hugging Face checkpoint directory, or a Hub repo id ORG/NAME[@REVISION] "
+                                      "(downloaded into the Hub cache; an existing local path wins)")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--task", choices=["auto", "embedding", "reranker"], default="auto")
     groups = add_flags(p, ExportRecipe())  # graph x precision x weights (and --tensorrt)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (stamped in the manifest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--token", help="Hub token for a private or gated repo (default: $HF_TOKEN or the stored login)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the memory and disk check made before a Hub download (when it misjudges this machine)")
     trt = groups[TENSORRT]
     trt.description = "--tensorrt also builds engines, as `q3vl trt build` does"
     add_engine_args(trt, prefix="trt-")
@@ -33,11 +37,15 @@ def _check_export(a: argparse.Namespace) -> Any:
     from q3vl.checks import require
     from q3vl.export.recipe import ExportRecipe
     from q3vl.export.weights import check_checkpoint
+    from q3vl.hub.source import RepoRef, parse_source
     from q3vl.options import from_args
     from q3vl.outputs import check_output
 
     require("export")
-    check_checkpoint(a.checkpoint)
+    if isinstance(parse_source(a.checkpoint), RepoRef):  # a bad repo id: one line, before any work
+        require("hub")
+    else:
+        check_checkpoint(Path(a.checkpoint))
     recipe = from_args(a, ExportRecipe())  # every combination that cannot be built is refused here
     check_output(a.output, overwrite=a.overwrite, directory=True, replaceable=looks_like_bundle,
                  what="bundle directory")
@@ -55,14 +63,15 @@ def _export(a: argparse.Namespace) -> int:
     from q3vl.export.exporter import export_bundle, summary
 
     out = export_bundle(a.checkpoint, a.output, task=a.task, recipe=recipe, overwrite=a.overwrite,
-                        validate=not a.no_validate, progress=not a.no_progress)
+                        validate=not a.no_validate, progress=not a.no_progress, token=a.token,
+                        preflight=not a.no_preflight)
     sys.stdout.write(summary(out) + "\n")
     return build_from_args(out, a, a.trt_precision) if recipe.tensorrt else 0
 
 
 def _parity_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="the checkpoint the bundle was exported from")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("checkpoint", help="the checkpoint the bundle was exported from (a folder or a Hub repo id)")
+    p.add_argument("bundle", help="the bundle (a folder or a Hub repo id)")
     p.add_argument("--inputs", type=Path, help="JSONL of items, as `q3vl embed` reads them (an optional id labels "
                                                "each row); default: the built-in set of 28 items")
     from q3vl.options import add_flags
@@ -79,13 +88,21 @@ PARITY_OPTIONS = ("batch_size",)
 def _parity(a: argparse.Namespace) -> int:
     """Compare the runtime with the PyTorch reference item by item; exit 1 below tolerance."""
     from q3vl.bundle import Manifest
-    from q3vl.checks import require
+    from q3vl.checks import bundle_source, require
     from q3vl.export.weights import check_checkpoint
+    from q3vl.hub.source import RepoRef, parse_source
     from q3vl.options import from_args
     from q3vl.runtime.options import RuntimeOptions
 
     require("export", ["torch", "transformers", "torchvision", "qwen_vl_utils"])
     from_args(a, RuntimeOptions(), only=PARITY_OPTIONS)  # checked before any model loads
+    a.bundle = bundle_source(a.bundle)
+    if isinstance(parse_source(a.checkpoint), RepoRef):
+        require("hub")
+        from q3vl.hub.checkpoint import resolve_checkpoint
+
+        a.checkpoint = resolve_checkpoint(a.checkpoint, progress=not a.no_progress).path
+    a.checkpoint = Path(a.checkpoint)
     check_checkpoint(a.checkpoint)
     manifest = Manifest.read(a.bundle)
     from q3vl.reference.parity import check_source, load_inputs, run

@@ -19,7 +19,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     from q3vl.export.recipe import QuantizeRecipe
     from q3vl.options import add_flags
 
-    p.add_argument("bundle", type=Path, help="an fp32 bundle")
+    p.add_argument("bundle", help="an fp32 bundle, or a Hub repo id ORG/NAME[@REVISION] of one")
     p.add_argument("-o", "--output", type=Path, required=True, help="the new bundle directory")
     add_flags(p, QuantizeRecipe())  # the weight format, the int8 method and its settings
     p.add_argument("--checkpoint", type=Path,
@@ -32,7 +32,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 def _quantize(a: argparse.Namespace) -> int:
     """Write a weight-quantized copy of a bundle, with its parity measured and stored."""
     from q3vl.bundle import looks_like_bundle
-    from q3vl.checks import require
+    from q3vl.checks import bundle_source, require
     from q3vl.export.quantize.weights import check_quantizable, check_smooth, quantize_bundle
     from q3vl.export.recipe import QuantizeRecipe
     from q3vl.options import from_args
@@ -40,6 +40,7 @@ def _quantize(a: argparse.Namespace) -> int:
 
     require("export", ["onnx"])
     recipe = from_args(a, QuantizeRecipe())  # every combination that cannot be built is refused here
+    a.bundle = bundle_source(a.bundle)
     manifest = check_quantizable(a.bundle)
     if recipe.int8_method == "smooth":  # calibration runs the checkpoint's layers in torch
         check_smooth(a.bundle, manifest, a.checkpoint)

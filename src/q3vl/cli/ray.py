@@ -16,7 +16,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("input", type=Path, help="Parquet file, JSONL, CSV, or a folder of images/videos (recursive)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (shards + manifest)")
-    p.add_argument("--bundle", type=Path, required=True, help="embedding bundle (readable by every worker)")
+    p.add_argument("--bundle", required=True, help="embedding bundle: a directory every worker can read, or a Hub "
+                                                   "repo id ORG/NAME[@REVISION] (downloaded once; each worker "
+                                                   "resolves the same commit from the Hub cache)")
     add_flags(p, DatasetOptions())  # input, output, cluster and media-policy options
     add_flags(p, RuntimeOptions())  # what every worker's Embedder is built with
     p.epilog = MEDIA_NOTE
@@ -31,17 +33,18 @@ MEDIA_NOTE = ("media: by default local files are read wherever the job can read 
 @command("embed-dataset", _args)
 def _embed_dataset(a: argparse.Namespace) -> int:
     """Embed a corpus on Ray Data into resumable, exactly-once Parquet shards."""
-    from q3vl.checks import bundle_for, check_dim, require
+    from q3vl.checks import bundle_for, check_dim, locate_source, require
     from q3vl.options import from_args
     from q3vl.ray.options import DatasetOptions
     from q3vl.runtime import RuntimeOptions
 
     require("ray")
     job, options = from_args(a, DatasetOptions()), from_args(a, RuntimeOptions())  # checked before Ray starts
-    check_dim(job.dim, bundle_for(a.bundle, "embedding"), a.bundle)
+    local, source = locate_source(a.bundle)  # a Hub id: downloaded once here, pinned to its commit
+    check_dim(job.dim, bundle_for(local, "embedding"), local)
     from q3vl.ray.job import embed_corpus
 
-    run = embed_corpus(a.input, a.output, a.bundle, job, options)
+    run = embed_corpus(a.input, a.output, source, job, options)
     total = run["already_written"] + run["rows"]
     sys.stdout.write(f"embedded {run['rows']} rows ({run['errors']} with errors, {run['duplicates']} duplicate or "
                      f"already-written rows dropped) into {run['shards']} shards in {run['seconds']} s "

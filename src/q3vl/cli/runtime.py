@@ -50,7 +50,7 @@ def runtime_options(a: argparse.Namespace) -> Any:
 
 
 def _embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="an embedding bundle (q3vl export)")
+    p.add_argument("bundle", help="an embedding bundle (q3vl export), or a Hub repo id ORG/NAME[@REVISION]")
     p.add_argument("inputs", type=Path, help="JSONL, one item per line: text/image/video, its options (instruction, "
                                              "fps, max_frames, min/max/total_pixels) and an optional id; relative "
                                              "paths resolve against the file's directory")
@@ -96,10 +96,11 @@ def run_items(model: Any, records: list[Record], a: argparse.Namespace, request:
 @command("embed", _embed_args)
 def _embed(a: argparse.Namespace) -> int:
     """Embed the items of a JSONL file with an embedding bundle (.npy or .jsonl out)."""
-    from q3vl.checks import bundle_for, check_dim
+    from q3vl.checks import bundle_for, bundle_source, check_dim
     from q3vl.outputs import check_output
     from q3vl.preprocess.adapter import read_items
 
+    a.bundle = bundle_source(a.bundle)
     manifest = bundle_for(a.bundle, "embedding")
     width = check_dim(a.dim, manifest, a.bundle)
     check_calibration(a.calibration, a.quantize, width)
@@ -152,7 +153,8 @@ def write_vectors(path: Path, arr: np.ndarray, records: list[Record], failed: np
 
 
 def _rerank_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="a reranker bundle (q3vl export of a reranker checkpoint)")
+    p.add_argument("bundle", help="a reranker bundle (q3vl export of a reranker checkpoint), or a Hub repo id "
+                                  "ORG/NAME[@REVISION]")
     p.add_argument("query", type=Path, help="JSON file with the query: text/image/video and the request's "
                                             "options (instruction, fps, max_frames, min/max/total_pixels); "
                                             "relative paths resolve against its directory")
@@ -166,10 +168,11 @@ def _rerank_args(p: argparse.ArgumentParser) -> None:
 @command("rerank", _rerank_args)
 def _rerank(a: argparse.Namespace) -> int:
     """Score the documents of a JSONL file against a query with a reranker bundle."""
-    from q3vl.checks import bundle_for
+    from q3vl.checks import bundle_for, bundle_source
     from q3vl.outputs import check_output, staged_file
     from q3vl.preprocess.adapter import read_items, read_query
 
+    a.bundle = bundle_source(a.bundle)
     bundle_for(a.bundle, "reranker")
     if a.output is not None:
         check_output(a.output, suffixes=(".jsonl",), overwrite=a.overwrite)

@@ -10,16 +10,17 @@ from q3vl.cli import command
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", type=Path, nargs="+", help="bundles or .onnx files")
+    p.add_argument("paths", nargs="+", help="bundles (directories or Hub repo ids) or .onnx files")
 
 
 @command("trt check", _check_args)
 def _check(a: argparse.Namespace) -> int:
     """Check a bundle's ops and data types against TensorRT 10's ONNX table; exit 1 on problems."""
-    from q3vl.checks import require
+    from q3vl.checks import bundle_source, require
     from q3vl.errors import ConfigError
 
     require("export", ["onnx"])
+    a.paths = [bundle_source(p) for p in a.paths]
     files = [f for p in a.paths for f in (sorted(p.glob("*.onnx")) if p.is_dir() else [p])]
     missing = [str(p) for p in a.paths if not p.exists()]
     if missing or not files:
@@ -59,7 +60,7 @@ def build_from_args(bundle: Path, a: argparse.Namespace, precision: str) -> int:
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="a bundle exported with --graph plain")
+    p.add_argument("bundle", help="a bundle exported with --graph plain")
     add_engine_args(p)
 
 
@@ -67,11 +68,18 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 def _build(a: argparse.Namespace) -> int:
     """Build TensorRT engines into a plain-graph bundle, with profiles from the given limits."""
     from q3vl.checks import positive, require
+    from q3vl.errors import ConfigError
+    from q3vl.hub.source import is_repo_id
     from q3vl.tensorrt.build import check_bundle_for_tensorrt, require_tensorrt
 
     positive(max_batch=a.max_batch, max_tokens=a.max_tokens, max_image_pixels=a.max_image_pixels,
              max_frames=a.max_frames, max_images=a.max_images, workspace_gb=a.workspace_gb)
     require("export", ["onnx"])  # the static op check reads the graphs
+    if is_repo_id(a.bundle):
+        raise ConfigError(f"trt build writes engines into the bundle directory, not into a Hub cache: download "
+                          f"{a.bundle} into a folder (huggingface-cli download {a.bundle} --local-dir DIR) and "
+                          "build there")
+    a.bundle = Path(a.bundle)
     check_bundle_for_tensorrt(a.bundle)
     require_tensorrt()
     return build_from_args(a.bundle, a, a.precision)

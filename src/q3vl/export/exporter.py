@@ -17,11 +17,13 @@ from q3vl.export.quantize.int8 import PLAN_FILE, plan_for_alpha
 from q3vl.export.quantize.quantized import Int8Hook, NBitsHook
 from q3vl.export.recipe import ExportRecipe
 from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity, read_chat_template
+from q3vl.hub.card import write_card
+from q3vl.hub.preflight import ExportPlan
 from q3vl.options import of
 from q3vl.outputs import check_output, staged_dir
 from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, weights_precision
 from q3vl.progress import Progress
-from q3vl.spec import ModelSpec
+from q3vl.spec import ModelSpec, check_processor_configs
 from q3vl.tasks import TASKS, Task, task_for
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,12 @@ PRECISIONS, GRAPHS = GRAPH_PRECISIONS, GRAPH_KINDS  # what `export_bundle` accep
 TASK_EMBEDDING, TASK_RERANKER = "task='embedding'", "task='reranker'"
 
 
-def detect_task(checkpoint: Path) -> Task:
-    """The task from the checkpoint's name (directory or `_name_or_path`): "...Reranker..." or "...Embedding..."."""
+def detect_task(checkpoint: Path, hint: str = "") -> Task:
+    """The task from the checkpoint's name (directory, `_name_or_path`, or `hint`: the Hub repo id it came
+    from): "...Reranker..." or "...Embedding...".
+    """
     cfg = json.loads((checkpoint / "config.json").read_text())
-    names = f"{checkpoint.resolve().name} {cfg.get('_name_or_path', '')}".lower()
+    names = f"{checkpoint.resolve().name} {cfg.get('_name_or_path', '')} {hint}".lower()
     found = [t for t in TASKS.values() if t.name_hint in names]
     if len(found) != 1:
         raise CheckpointError(f"cannot tell whether {checkpoint} is an embedding or a reranker checkpoint "
@@ -123,11 +127,15 @@ def _check_graphs(out: Path) -> None:
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str | None = None, task: str = "auto", *,
                   recipe: ExportRecipe | None = None, overwrite: bool = False, validate: bool = True,
-                  progress: bool = True, int8_plan: Any = None, **recipe_keywords: object) -> Path:
+                  progress: bool = True, int8_plan: Any = None, token: str | None = None, preflight: bool = True,
+                  **recipe_keywords: object) -> Path:
     """Export a Qwen3-VL-Embedding/Reranker checkpoint to a self-contained, validated bundle.
 
     Args:
-        checkpoint: Hugging Face format directory (config.json, safetensors, tokenizer files).
+        checkpoint: Hugging Face format directory (config.json, safetensors, tokenizer files), or a Hub
+            repo id `namespace/name[@revision]` (an existing local path wins): only the files the
+            export needs are downloaded into the Hub cache (`q3vl.hub.checkpoint`), and the repo id and
+            commit sha are recorded in the manifest. Needs the `hub` extra.
         out_dir: bundle directory to create (must be absent or empty unless `overwrite`). It is
             written beside itself under a hidden name and renamed when complete, so a failed or
             interrupted export leaves no `out_dir` behind.
@@ -151,6 +159,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str | 
         progress: report the export steps (a bar on a terminal, log lines otherwise).
         int8_plan: int8 only: an `Int8Plan`, used as is when filled in, else its settings are
             used to calibrate one here (default: the recipe's `int8_alpha`, or the default search).
+        token: Hub token for a private or gated repo (default: `HF_TOKEN` or the stored login).
+        preflight: compare the memory and disk the export needs with what the machine has first
+            (`q3vl.hub.preflight`): a Hub export that cannot fit is refused before its weights are
+            downloaded; a local one gets a warning.
 
     Returns:
         The bundle directory.
@@ -165,13 +177,16 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str | 
     recipe = of(ExportRecipe, keywords, "export_bundle", recipe or ExportRecipe())
     precision, graph, weights, block_size = recipe.precision, recipe.kind, recipe.weights, recipe.block_size
     int8_plan = int8_plan if int8_plan is not None else plan_for_alpha(recipe.int8_alpha)
-    ckpt, out = Path(checkpoint), Path(out_dir)
-    check_checkpoint(ckpt)
-    spec = ModelSpec.from_checkpoint(ckpt)
+    out = Path(out_dir)
     if precision == "bf16" and validate:
         _require_bf16_kernels()
-    kind = task_for(task) if task != "auto" else detect_task(ckpt)
     check_output(out, overwrite=overwrite, directory=True, replaceable=looks_like_bundle, what="bundle directory")
+    source = _checkpoint(checkpoint, ExportPlan(precision, graph, weights, validate, out), token, preflight, progress)
+    ckpt = source.path
+    check_checkpoint(ckpt)
+    spec = ModelSpec.from_checkpoint(ckpt)
+    check_processor_configs(ckpt, spec)
+    kind = task_for(task) if task != "auto" else detect_task(ckpt, source.repo.repo_id if source.repo else "")
     tokenizer = TextTokenizer(ckpt / "tokenizer.json")
     token_ids = {**tokenizer.special.as_dict(), **kind.head_token_ids(tokenizer)}
     template = read_chat_template(ckpt)
@@ -183,22 +198,53 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str | 
         quant = _quant_hook(ckpt, kind, weights, block_size, int8_plan)
         if calibrating:
             steps.update()
+        origin = {**source.source(), "command": _command(checkpoint, out, precision, task, graph, weights, validate),
+                  "bundle": str(out)}
         manifest = _write_bundle(ckpt, tmp, spec, kind, precision, graph, token_ids, template, validate, steps,
-                                 quant)
+                                 quant, origin)
     if validate and not manifest.parity["passed"]:
         raise ParityError(f"exported graphs do not match transformers: {manifest.parity['summary']}",
                           manifest.parity)
     return out
 
 
+def _checkpoint(source: str | Path, plan: ExportPlan, token: str | None, preflight: bool, progress: bool) -> Any:
+    """The checkpoint folder (a Hub id is downloaded after its pre-flight); a local one gets the pre-flight
+    figures as a warning.
+    """
+    from q3vl.hub.checkpoint import resolve_checkpoint
+
+    resolved = resolve_checkpoint(source, plan, token=token, check_resources=preflight, progress=progress)
+    if resolved.repo is None and preflight and (resolved.path / "config.json").is_file():
+        from q3vl.hub.preflight import check_export
+
+        check_export(str(resolved.path), ModelSpec.from_checkpoint(resolved.path), plan, 0, plan.output,
+                     warn_only=True)
+    return resolved
+
+
+def _command(source: str | Path, out: Path, precision: str, task: str, graph: str, weights: str | None,
+             validate: bool) -> str:
+    """The `q3vl export` command line that makes this bundle (the model card's recipe)."""
+    parts = ["q3vl export", str(source), "-o", out.name]
+    for flag, value, default in (("--precision", precision, "fp32"), ("--task", task, "auto"),
+                                 ("--graph", graph, "fused"), ("--weights", weights, None)):
+        if value != default:
+            parts += [flag, str(value)]
+    return " ".join(parts + ([] if validate else ["--no-validate"]))
+
+
 def _write_bundle(ckpt: Path, out: Path, spec: ModelSpec, kind: Task, precision: str, graph: str,
                   token_ids: dict[str, int], template: str, validate: bool, steps: Progress,
-                  quant: Any = None) -> Manifest:
-    """Graphs, tokenizer, template and manifest into `out` (the staging directory), then validation.
+                  quant: Any = None, origin: dict[str, Any] | None = None) -> Manifest:
+    """Graphs, tokenizer, template, manifest and model card into `out` (the staging directory), then validation.
 
     `quant` (a `q3vl.export.quantize.quantized` hook, fused fp32 graphs only) writes the weights quantized;
-    the graphs are then recorded, and validated, at that weight format's precision.
+    the graphs are then recorded, and validated, at that weight format's precision. `origin`: the Hub
+    repo id, revision and commit sha (recorded in the manifest's source) and the export command.
     """
+    origin = dict(origin or {})
+    final = origin.pop("bundle", str(out))
     started = time.perf_counter()
     if graph == "fused":
         seconds = _build_fused(ckpt, out, spec, kind, precision, token_ids, steps, quant)
@@ -208,7 +254,7 @@ def _write_bundle(ckpt: Path, out: Path, spec: ModelSpec, kind: Task, precision:
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     names = ["vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data", "tokenizer.json",
              "chat_template.jinja"]
-    extra: dict[str, Any] = {"export": {"seconds": seconds}}
+    extra: dict[str, Any] = {"export": {"seconds": seconds, "command": origin.pop("command", None)}}
     if quant is not None:
         extra["quantization"] = {**quant.summary(), "at_export": True}
         if isinstance(quant, Int8Hook):
@@ -221,7 +267,8 @@ def _write_bundle(ckpt: Path, out: Path, spec: ModelSpec, kind: Task, precision:
                 "text": GraphEntry("text.onnx", gp, graph, list(kind.outputs))},  # type: ignore[arg-type]
         preprocess={"patch_size": spec.vision.patch_size, "temporal_patch_size": spec.vision.temporal_patch_size,
                     "merge_size": spec.vision.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
-        source=checkpoint_identity(ckpt), parity={"passed": None, "summary": "not validated (validate=False)"},
+        source={**checkpoint_identity(ckpt), **({"name": origin["repo_id"]} if "repo_id" in origin else {}), **origin},
+        parity={"passed": None, "summary": "not validated (validate=False)"},
         files=describe_files(out, names), extra=extra)
     manifest.write(out)
     if validate:
@@ -233,6 +280,7 @@ def _write_bundle(ckpt: Path, out: Path, spec: ModelSpec, kind: Task, precision:
         steps.update()
     manifest.extra["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
     manifest.write(out)
+    write_card(out, final)
     return manifest
 
 

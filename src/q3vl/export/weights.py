@@ -114,6 +114,9 @@ def read_chat_template(checkpoint: Path) -> str:
             if key is None:
                 return path.read_text(encoding="utf-8")
             value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, list):  # named templates: [{"name": "default", "template": ...}, ...]
+                value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"),
+                             None)
             if isinstance(value, str):
                 return value
     raise CheckpointError(f"checkpoint {checkpoint} has no chat template (chat_template.jinja/.json)")

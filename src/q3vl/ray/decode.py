@@ -44,13 +44,14 @@ class DecodeImages:
     def __init__(self, bundle: str | Path, *, columns: ColumnMap | None = None, base_dir: str | None = None,
                  min_pixels: int = 4096, max_pixels: int = 1_843_200, media_policy: MediaPolicy | None = None,
                  timeout: float = 10.0) -> None:
+        from q3vl.checks import bundle_source
         from q3vl.preprocess import MediaPolicy
         from q3vl.runtime import bundle_geometry
 
         self.columns = columns or ColumnMap()
         if self.columns.json:
             raise ConfigError("the decode stage reads columns, not JSON lines")
-        self.geometry = bundle_geometry(bundle)
+        self.geometry = bundle_geometry(bundle_source(bundle))  # a Hub id: the shared cache's copy
         self.base_dir, self.min_pixels, self.max_pixels = base_dir, min_pixels, max_pixels
         self.policy = media_policy or MediaPolicy()
         self.timeout = timeout

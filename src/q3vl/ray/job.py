@@ -73,10 +73,12 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def settings(src: Source, bundle: Path, job: DatasetOptions, options: RuntimeOptions) -> dict[str, Any]:
+def settings(src: Source, bundle: Path, job: DatasetOptions, options: RuntimeOptions,
+             source: str | None = None) -> dict[str, Any]:
     """What the output directory is bound to: the bundle (by hash), the input and the options that
     change the numbers (`numbers=True` in their declaration: not workers, batch sizes or the backend);
-    the runtime's are recorded where they differ from their defaults.
+    the runtime's are recorded where they differ from their defaults. `source`: a Hub bundle's pinned
+    id (`org/name@<sha>`), recorded instead of its cache path.
     """
     recorded: dict[str, Any] = {}
     for name, value in numbers(job).items():
@@ -88,7 +90,7 @@ def settings(src: Source, bundle: Path, job: DatasetOptions, options: RuntimeOpt
             recorded[name] = sorted(value) if name == "codes" else value
     model = numbers(options, changed_only=True)
     recorded.update({f"model.{k}": v for k, v in sorted(model.items())})
-    out = {"bundle": {"path": str(bundle.resolve()), "sha256": file_sha256(bundle / "q3vl.json")},
+    out = {"bundle": {"path": source or str(bundle.resolve()), "sha256": file_sha256(bundle / "q3vl.json")},
            "input": {"path": str(src.path), "format": src.format}, "options": recorded}
     return json.loads(json.dumps(out))  # as the manifest will hold them (tuples become lists)
 
@@ -122,7 +124,7 @@ def check_columns(src: Source, codes: Sequence[str]) -> None:
                           f"{src.names}); map them with --column KEY=COLUMN")
 
 
-def build_pipeline(src: Source, bundle: Path, done: IdSet, job: DatasetOptions, options: RuntimeOptions,
+def build_pipeline(src: Source, bundle: str | Path, done: IdSet, job: DatasetOptions, options: RuntimeOptions,
                    rows_per_call: int) -> Any:
     """Read -> ids (skip done) in blocks of `rows_per_call` rows (so every worker gets work) ->
     (decode on `job.decode_workers` CPU actors) -> embed.
@@ -149,7 +151,7 @@ def build_pipeline(src: Source, bundle: Path, done: IdSet, job: DatasetOptions, 
                        rows_per_call=rows_per_call, **kwargs)
 
 
-def decode_stage(ds: Any, bundle: Path, src: Source, actors: int, rows_per_call: int, options: RuntimeOptions,
+def decode_stage(ds: Any, bundle: str | Path, src: Source, actors: int, rows_per_call: int, options: RuntimeOptions,
                  cpus: float = DECODE_CPUS) -> Any:
     """`DecodeImages` on `actors` CPU actors, with the embedding stage's pixel limits and media policy."""
     from q3vl.ray.decode import DecodeImages
@@ -289,14 +291,17 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
     many actors. Media are read under `options.media_policy` when given, else the policy of `job`'s
     media options (a trusted corpus: local files anywhere unless `media_root`).
     """
+    from q3vl.checks import locate_source
+
     job, options = job_options(job, options, keywords)
-    bundle = Path(bundle)
+    bundle, source = locate_source(bundle)  # a Hub id: downloaded here once; workers get it pinned to its commit
+    pinned = source if source != str(bundle) else None
     rows_per_call = job.rows_per_call or 4 * options.batch_size
     with ray_session(job.address, job.num_cpus) as init_s:
         quiet_ray_data()
         src = open_input(input, job.input_format, job.columns, job.id_column)
         check_columns(src, job.codes)
-        with OutputDir(output_dir, settings(src, bundle, job, options)) as out:
+        with OutputDir(output_dir, settings(src, bundle, job, options, pinned)) as out:
             if job.calibration is not None:
                 out.keep_calibration(job.calibration)  # what `index build --from-parquet` rescales with
             run: dict[str, Any] = {"started": now(), "finished": None, "workers": job.workers,
@@ -304,7 +309,7 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
                                    "input_rows": src.total, "already_written": len(out.done),
                                    "skipped_files": src.skipped_files}
             record_run(out, run)
-            ds = build_pipeline(src, bundle, out.done, job, options, rows_per_call)
+            ds = build_pipeline(src, pinned or bundle, out.done, job, options, rows_per_call)
             total = None if src.total is None else max(src.total - len(out.done), 0)
             bar = Progress(total, "embed-dataset", unit="row", bar=job.progress)
             start = time.perf_counter()

@@ -39,8 +39,26 @@ T = TypeVar("T")
 M = TypeVar("M", bound="BundleModel")
 
 
+def _local(bundle: str | Path) -> Path:
+    """The bundle directory: a local path as it is; a Hub repo id `org/name[@rev]` downloaded into the Hub
+    cache and verified (`q3vl.hub.bundle`, imported only then: the runtime never imports huggingface_hub
+    for a local bundle).
+    """
+    from q3vl.hub.source import parse_source
+
+    where = parse_source(bundle)
+    if isinstance(where, Path):
+        return where
+    from q3vl.hub.bundle import resolve_bundle
+
+    return resolve_bundle(bundle)
+
+
 class BundleModel:
     """A loaded bundle for one task, with its backend, preprocessing and loader pool.
+
+    `bundle` is a bundle directory or a Hub repo id `org/name[@revision]` (downloaded once into the Hub
+    cache and checked against its manifest; an existing local path wins).
 
     Its options are a `RuntimeOptions` (`q3vl.runtime.options`: each field's meaning and default),
     given whole as `options=`, or as the published wrapper's seven positional arguments (`max_length`,
@@ -72,7 +90,7 @@ class BundleModel:
             check_text(self.default_instruction, "default_instruction")
         except InputError as e:
             raise ConfigError(e.reason) from None
-        self.path = Path(bundle)
+        self.path = _local(bundle)
         self.manifest = Manifest.read(self.path)
         self._check_bundle(o.verify, o.allow_unverified)
         tokenizer = TextTokenizer(self.path / "tokenizer.json")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from q3vl.errors import ConfigError
+from q3vl.hub.source import RepoRef, check_source, parse_source
 from q3vl.options import check_fields, like, opt
 from q3vl.preprocess import MediaOptions
 from q3vl.runtime import RuntimeOptions
@@ -46,12 +47,15 @@ class ServeConfig(MediaOptions):
 
     FLAG_GROUPS: ClassVar[tuple[str, ...]] = (MODELS, NETWORK, BATCHING, MediaOptions.GROUP)
 
-    embedding: Path | None = opt(None, "embedding bundle", group=MODELS)
-    reranker: Path | None = opt(None, "reranker bundle", group=MODELS)
-    embedding_name: str | None = opt(None, "the `model` name clients use (default: the bundle directory's name)",
-                                     group=MODELS)
-    reranker_name: str | None = opt(None, "the reranker's `model` name (default: the bundle directory's name)",
-                                    group=MODELS)
+    # the model source: a bundle directory or a Hub repo id (`parse=str`: a flag's string stays one)
+    embedding: str | Path | None = opt(None, "embedding bundle: a directory or a Hub repo id ORG/NAME[@REVISION]",
+                                       parse=str, group=MODELS)
+    reranker: str | Path | None = opt(None, "reranker bundle: a directory or a Hub repo id ORG/NAME[@REVISION]",
+                                      parse=str, group=MODELS)
+    embedding_name: str | None = opt(None, "the `model` name clients use (default: the bundle directory's name, or "
+                                     "the repo id)", group=MODELS)
+    reranker_name: str | None = opt(None, "the reranker's `model` name (default: the bundle directory's name, "
+                                    "or the repo id)", group=MODELS)
     backend: str | None = like(RuntimeOptions, "backend", group=MODELS)
     calibration: Path | None = opt(None, "calibration JSON for Cohere's int8/uint8 embedding types", group=MODELS)
     input_type_instructions: dict[str, str] = opt(
@@ -81,6 +85,8 @@ class ServeConfig(MediaOptions):
 
     def __post_init__(self) -> None:
         check_fields(self)  # MediaOptions' own checks run too (below)
+        for name in ("embedding", "reranker"):  # a malformed repo id: refused here, before the server starts
+            check_source(getattr(self, name), name)
         MediaOptions.__post_init__(self)
         if self.max_queue_items < self.max_client_batch_size:
             raise ConfigError(f"max_queue_items ({self.max_queue_items}) must be at least max_client_batch_size "
@@ -94,9 +100,9 @@ class ServeConfig(MediaOptions):
             raise ConfigError("q3vl serve needs --embedding BUNDLE and/or --reranker BUNDLE")
         names = {}
         if self.embedding is not None:
-            names["embedding"] = self.embedding_name or Path(self.embedding).resolve().name
+            names["embedding"] = self.embedding_name or _default_name(self.embedding)
         if self.reranker is not None:
-            names["reranker"] = self.reranker_name or Path(self.reranker).resolve().name
+            names["reranker"] = self.reranker_name or _default_name(self.reranker)
         if len(set(names.values())) < len(names):
             raise ConfigError("the embedding and reranker bundles need different names "
                               "(--embedding-name / --reranker-name)")
@@ -111,6 +117,12 @@ class ServeConfig(MediaOptions):
                               max_batch_tokens=self.max_batch_tokens, loader_threads=self.loader_threads,
                               prefetch=False, timeout=min(10.0, self.media_deadline),
                               media_policy=self.policy(local_files=False), **overrides)
+
+
+def _default_name(source: str | Path) -> str:
+    """A local bundle's directory name, or a Hub bundle's repo id (without its revision)."""
+    where = parse_source(source)
+    return where.repo_id if isinstance(where, RepoRef) else Path(where).resolve().name
 
 
 ServeOptions = ServeConfig  # the options' name; `ServeConfig` is what the server has always called them

@@ -219,6 +219,9 @@ def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str | None
             plan = calibrate(calibrate_on, manifest.task, plan or Int8Plan())
             steps.update()
         _write_quantized(src, tmp, manifest, weights, block_size, steps, method, plan if method == "smooth" else None)
+        from q3vl.hub.card import write_card
+
+        write_card(tmp, str(out))  # the model card, with the parity against the fp32 bundle
     if not manifest.parity["passed"]:
         raise ParityError(f"{weights} bundle is outside tolerance: {manifest.parity['summary']}", manifest.parity)
     return out
