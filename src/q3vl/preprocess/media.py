@@ -124,14 +124,44 @@ class MediaPolicy:
         return any(host == h or (h.startswith(".") and host.endswith(h)) for h in self.allowed_hosts)
 
     def address_allowed(self, ip: str) -> bool:
-        """Whether a resolved address may be connected to: public, or explicitly allowed."""
+        """Whether a resolved address may be connected to: public, or explicitly allowed. An IPv6
+        address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by both; IPv6 ranges
+        that never name a public host (`NEVER_PUBLIC_V6`) are refused whatever they embed.
+        """
         addr = ipaddress.ip_address(ip)
-        embedded = [a for a in (getattr(addr, "ipv4_mapped", None), getattr(addr, "sixtofour", None)) if a]
         if self.allow_private_networks:
             return True
-        if any(a in net for a in (addr, *embedded) for net in self._networks if a.version == net.version):
+        both = (addr, *embedded_ipv4(addr))
+        if any(a in net for a in both for net in self._networks if a.version == net.version):
             return True
-        return all(a.is_global and not a.is_multicast for a in (addr, *embedded))
+        if isinstance(addr, ipaddress.IPv6Address) and any(addr in net for net in NEVER_PUBLIC_V6):
+            return False
+        return all(a.is_global and not a.is_multicast for a in both)
+
+
+# IPv6 ranges refused even where Python's `is_global` says otherwise (it varies by Python version)
+NEVER_PUBLIC_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    "::/96",  # IPv4-compatible (deprecated, RFC 4291): ::127.0.0.1 is no public host
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765)
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+    "fec0::/10",  # site-local (deprecated, RFC 3879)
+))
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the IPv4 is the last 32 bits
+
+
+def embedded_ipv4(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for: mapped (::ffff:a.b.c.d), 6to4, Teredo (server
+    and client), NAT64 (64:ff9b::a.b.c.d), and the low 32 bits of the IPv4-compatible and
+    IPv4-translated forms (::a.b.c.d, ::ffff:0:a.b.c.d).
+    """
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return []
+    out = [a for a in (addr.ipv4_mapped, addr.sixtofour) if a is not None]
+    if addr.teredo is not None:
+        out.extend(addr.teredo)
+    if addr in NAT64 or addr in NEVER_PUBLIC_V6[0] or addr in NEVER_PUBLIC_V6[1]:
+        out.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    return out
 
 
 def normalize_host(host: str) -> str:
