@@ -17,7 +17,7 @@ from q3vl.serve.metrics import MetricsMiddleware
 from q3vl.serve.routes import build_router
 from q3vl.serve.service import Service
 
-PROBES = {"/health", "/metrics"}
+PROBES = {"/health", "/ready", "/metrics"}  # open without the API key unless --auth-probes
 
 
 def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None = None) -> FastAPI:

@@ -37,7 +37,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("Q3VL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $Q3VL_API_KEY; none: no auth)")
-    g.add_argument("--auth-probes", action="store_true", help="require the key on /health and /metrics too")
+    g.add_argument("--auth-probes", action="store_true", help="require the key on /health, /ready and /metrics too")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--batch-size", type=int, default=32, help="items per micro-batch")
     g.add_argument("--max-batch-tokens", type=int, default=16384, help="text + vision tokens per micro-batch")
