@@ -45,6 +45,7 @@ STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (OverloadedError, 429, "rate_limit_error", "queue_full"),
     (UnavailableError, 503, "service_unavailable_error", "unavailable"),
 ]
+MAX_REPORTED_ERRORS = 64  # validation errors examined for the answer (the schemas keep them few: schemas.py)
 MAX_JSON_VALUES = 1 << 20  # commas in one body: bounds the objects a JSON parse can allocate
 
 
@@ -100,7 +101,7 @@ def install_handlers(app: FastAPI) -> None:
 def validation_response(exc: RequestValidationError) -> JSONResponse:
     """A 400 naming the deepest field pydantic complained about, as a path into the client's body."""
     best: tuple[int, str, str] | None = None
-    for err in exc.errors():
+    for err in exc.errors()[:MAX_REPORTED_ERRORS]:
         if err.get("type") == "json_invalid":
             return error_response(400, f"invalid JSON: {err.get('msg')}", "invalid_request_error", None,
                                   "invalid_json")
