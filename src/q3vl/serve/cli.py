@@ -59,6 +59,33 @@ def _args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-media-request-bytes", type=int, default=256 * 1024**2, help="media bytes per request")
     g.add_argument("--media-deadline", type=float, default=30.0, help="seconds to fetch and decode one item")
     g.add_argument("--max-redirects", type=int, default=3, help="redirects an http(s) media URL may take")
+    _connection_args(p)
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP layer's limits (`HttpLimits`; defaults are its defaults)."""
+    g = p.add_argument_group("connections (HTTP limits; see HttpLimits)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds to send a request head, from the connect or the previous response (408, close)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle kept-alive connection stays")
+    g.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a whole request body (408, close)")
+    g.add_argument("--body-min-rate", type=int, default=1024,
+                   help="bytes/s a request body must keep up over every 5 s (408, close; 0: off)")
+    g.add_argument("--send-timeout", type=float, default=30.0,
+                   help="seconds a client may leave a response unread before its connection is dropped")
+    g.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections (lowered to fit the open-file limit); at the cap the oldest idle one "
+                        "is closed, or a 503 when none is idle")
+    g.add_argument("--max-pending-body-bytes", type=int, default=256 * 1024**2,
+                   help="bytes of request bodies being received, all connections together (429 beyond)")
+
+
+def _http_limits(a: argparse.Namespace) -> Any:
+    from q3vl.serve.config import HttpLimits
+
+    return HttpLimits(header_timeout=a.header_timeout, keep_alive_timeout=a.keep_alive_timeout,
+                      body_timeout=a.body_timeout, body_min_rate=a.body_min_rate, send_timeout=a.send_timeout,
+                      max_connections=a.max_connections, max_pending_body_bytes=a.max_pending_body_bytes)
 
 
 def config_from(a: argparse.Namespace) -> Any:
@@ -81,7 +108,7 @@ def config_from(a: argparse.Namespace) -> Any:
         media_root=a.media_root, allow_private_urls=a.allow_private_urls, allowed_hosts=hosts,
         media_item_bytes=a.max_media_bytes, media_request_bytes=a.max_media_request_bytes,
         media_deadline=a.media_deadline, max_redirects=a.max_redirects, drain_timeout=a.drain_timeout,
-        loader_threads=a.loader_threads, input_type_instructions=instructions)
+        loader_threads=a.loader_threads, input_type_instructions=instructions, http=_http_limits(a))
 
 
 @command("serve", _args)
@@ -93,6 +120,7 @@ def _serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from q3vl.serve.app import create_app
+    from q3vl.serve.connection import protocol_class
     from q3vl.serve.service import Service
 
     config = config_from(a)
@@ -104,7 +132,8 @@ def _serve(a: argparse.Namespace) -> int:
 
     server = _draining_server(uvicorn)(uvicorn.Config(
         create_app(svc, stop), host=config.host, port=config.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on"), svc)
+        timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on",
+        http=protocol_class(config.http)), svc)
     log.info("serving %s on http://%s:%d", ", ".join(f"{t} {n!r}" for t, n in svc.names.items()),
              config.host, config.port)
     server.run()

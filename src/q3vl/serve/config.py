@@ -12,6 +12,41 @@ MIB = 1024**2
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """The HTTP layer's limits: how long and how much a connection may hold the server (the "connections"
+    flags of `q3vl serve`; enforced by `serve/connection.py` and `serve/body.py`).
+
+    `header_timeout`: seconds to send a request head, counted from the connect or from the previous
+    response (408, or a silent close when nothing arrived). `keep_alive_timeout`: seconds an idle
+    kept-alive connection stays open (uvicorn's own). `body_timeout`: seconds to send a whole body;
+    `body_min_rate`: bytes per second a body must keep up over every 5 s window (0: off); either
+    miss is a 408 and the connection is closed. `send_timeout`: seconds a client may leave a response
+    unread before its connection is dropped. `max_connections`: open connections (lowered to fit the
+    process's open-file limit); a new connection at the cap closes the oldest one that is between
+    requests, or is refused with a 503 when every one is busy. `max_pending_body_bytes`: bytes of
+    request bodies still being received, all connections together (429 beyond; a body that is
+    complete no longer counts).
+    """
+
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    body_timeout: float = 30.0
+    body_min_rate: int = 1024
+    send_timeout: float = 30.0
+    max_connections: int = 1024
+    max_pending_body_bytes: int = 256 * MIB
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "keep_alive_timeout", "body_timeout", "send_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a finite number of seconds > 0, not {value!r}")
+        _at_least("body_min_rate", self.body_min_rate, 0)
+        _at_least("max_connections", self.max_connections, 1)
+        _at_least("max_pending_body_bytes", self.max_pending_body_bytes, 1)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything `q3vl serve` can be told; defaults are the safe server defaults.
 
@@ -23,6 +58,7 @@ class ServeConfig:
     Media: local paths and `file://` only under `media_root`; http(s) URLs to public addresses
     (`allowed_hosts` narrows them; `allow_private_urls` admits loopback/private/link-local ones),
     `media_item_bytes` / `media_request_bytes` caps, a `media_deadline` per item, `max_redirects`.
+    Connections: `http` (`HttpLimits`).
     """
 
     embedding: Path | None = None
@@ -52,6 +88,7 @@ class ServeConfig:
     drain_timeout: float = 30.0
     loader_threads: int | None = None
     input_type_instructions: dict[str, str] = field(default_factory=dict)
+    http: HttpLimits = field(default_factory=HttpLimits)
 
     def __post_init__(self) -> None:
         if self.embedding is None and self.reranker is None:
@@ -69,6 +106,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ConfigError(f"{name} must be a finite number >= 0, not {value!r}")
+        if self.http.max_pending_body_bytes < self.max_request_bytes:
+            raise ConfigError(f"max_pending_body_bytes ({self.http.max_pending_body_bytes}) must be at least "
+                              f"max_request_bytes ({self.max_request_bytes}): a full-size body must fit")
         if self.media_deadline <= 0:
             raise ConfigError("media_deadline must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
