@@ -24,7 +24,7 @@ from tests.serve_server import Server, metric, request
 KEY = "limits-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 HEAD_TIMEOUT, KEEP_ALIVE, BODY_TIMEOUT, MIN_RATE, SEND_TIMEOUT = 1.5, 1.0, 7.0, 2000, 2.0
-RATE_WINDOW = 5.0  # serve/body.py
+RATE_WINDOW = 5.0  # serve/config.py
 MAX_CONNECTIONS, MAX_BODY, PENDING = 12, 1 << 20, 2 << 20
 SLACK = 1.5  # seconds a shared 2-core machine may add to a timer
 
@@ -140,11 +140,16 @@ def test_bodies_never_sent_trickled_or_too_slow_get_408_and_close(server):
     trickle.sendall(head(chunked=True) + b'b\r\n{"input": "\r\n')
     steady = connect(server)  # above the minimum rate, but a 1 MB body would take 330 s: the deadline ends it
     steady.sendall(head(length=MAX_BODY) + b'{"input": "')
-    with ThreadPoolExecutor(3) as pool:
+    refused = connect(server)  # answered 413 at once (too long), its body keeps trickling: drained, then closed
+    refused.sendall(head(length=MAX_BODY + 1) + b'{"input": "')
+    with ThreadPoolExecutor(4) as pool:
         n = pool.submit(until_closed, never, 15)
         t = pool.submit(until_closed, trickle, 15, b"8\r\naaaaaaaa\r\n", 0.5)
         s = pool.submit(until_closed, steady, 15, b"a" * 1500, 0.5)
+        r = pool.submit(until_closed, refused, 15, b"a" * 8, 0.5)
         results = {"never": n.result(), "trickle": t.result(), "steady": s.result()}
+        took, answer = r.result()
+    assert RATE_WINDOW - 0.3 <= took <= RATE_WINDOW + SLACK and status_of(answer) == 413, (took, answer)
     for name, (took, answer) in results.items():
         expected = BODY_TIMEOUT if name == "steady" else RATE_WINDOW
         assert expected - 0.3 <= took <= expected + SLACK and status_of(answer) == 408, (name, took, answer)

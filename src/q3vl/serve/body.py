@@ -26,12 +26,11 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from q3vl.errors import RequestTooLargeError
-from q3vl.serve.config import HttpLimits
+from q3vl.serve.config import RATE_WINDOW, HttpLimits
 from q3vl.serve.http import error_response, from_error
 
 MAX_JSON_VALUES = 1 << 20  # commas in one body: bounds the list elements a JSON parse can allocate
 STRUCTURE_PER_ITEM = 1024  # object keys, and objects + arrays, per admitted item (131,072 at 128 items)
-RATE_WINDOW = 5.0  # seconds over which body_min_rate is measured
 CLOSE = {"connection": "close"}
 
 

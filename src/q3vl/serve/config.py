@@ -9,6 +9,7 @@ from pathlib import Path
 from q3vl.errors import ConfigError
 
 MIB = 1024**2
+RATE_WINDOW = 5.0  # seconds over which HttpLimits.body_min_rate is measured
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ enough *connections* are open, so idle sockets lock everyone out. `LimitedH11Pro
 - a head deadline (`header_timeout`): from the connect, or from the end of the previous response,
   the client has that long to send a whole request head (a 408 when part of one arrived, a silent
   close when nothing did); a client still sending the body of a request that was answered early
-  (a 413, say) may finish it, as long as it keeps `body_min_rate` and ends within `body_timeout`
-  (nginx's lingering close), so it can read the answer;
+  (a 413, say) may finish it, as long as it keeps `body_min_rate` over each `RATE_WINDOW` and ends
+  within `body_timeout` (nginx's lingering close), so it can read the answer;
 - a connection cap (`max_connections`, lowered to fit the open-file limit): a connection beyond it
   closes the oldest connection that is between requests, or, when every one is busy with a request,
   is answered 503 and closed itself, so the server never runs out of file descriptors;
@@ -32,7 +32,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from q3vl.serve.config import HttpLimits
+from q3vl.serve.config import RATE_WINDOW, HttpLimits
 
 log = logging.getLogger(__name__)
 RESERVED_FILES = 64  # descriptors kept for everything but client connections (models, logs, media fetches)
@@ -94,16 +94,21 @@ class LimitedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
+        draining = self.conn.their_state is h11.SEND_BODY and self.between_requests()
         super().data_received(data)
         if self._head_timer is not None and not self.between_requests():
             self._head_timer.cancel()  # a request head arrived: the body and the app take it from here
             self._head_timer = None
+        elif draining and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm_head_timer()  # a refused body was drained: a fresh wait for the next head
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.between_requests():
             self._linger_until = time.monotonic() + self.limits.body_timeout
             self._arm_head_timer()
+            if self.conn.their_state is h11.SEND_BODY:  # answered before its body ended: check its rate
+                self._arm_head_timer(RATE_WINDOW)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._head_timer, self._send_timer):
@@ -146,15 +151,20 @@ class LimitedH11Protocol(H11Protocol):
             self._unsent_at_arm = unsent
             self._arm_head_timer(self.limits.header_timeout)
             return
-        left = self._linger_until - time.monotonic()
-        if self.conn.their_state is h11.SEND_BODY and left > 0 and \
-                self._received - self._received_at_arm >= self.limits.body_min_rate * self.limits.header_timeout:
-            self._arm_head_timer(min(left, self.limits.header_timeout))  # draining a refused body, fast enough
+        if self.conn.their_state is h11.SEND_BODY and self._lingering():
             return
         if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0] and not self.transport.is_closing():
             # part of a head arrived (a body still being drained has had its answer)
             self.transport.write(TIMED_OUT)
         self.drop()
+
+    def _lingering(self) -> bool:
+        """Whether a refused body still arriving may go on being drained (checked each `RATE_WINDOW`)."""
+        left = self._linger_until - time.monotonic()
+        if left <= 0 or self._received - self._received_at_arm < self.limits.body_min_rate * RATE_WINDOW:
+            return False
+        self._arm_head_timer(min(left, RATE_WINDOW))
+        return True
 
     def _check_send(self) -> None:
         """The client read nothing of the buffered response for `send_timeout` seconds: drop it."""
