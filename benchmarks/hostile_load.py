@@ -563,7 +563,10 @@ def main() -> int:
         fn, bar = SCENARIOS[name]
         print(f"== {name}: {fn.__doc__.split(chr(10))[0]}\n   bar: {bar}", flush=True)
         t0 = time.monotonic()
-        res = fn(ctx)
+        try:
+            res = fn(ctx)
+        except Exception as e:  # one broken scenario must not cost the others (the run holds a shared lock)
+            res = {"figures": {"error": f"{type(e).__name__}: {e}"[:300]}, "met": False}
         res["seconds"] = round(time.monotonic() - t0, 1)
         run["scenarios"][name] = res
         print(f"   {json.dumps(res['figures'])}\n   -> {verdict(res).strip('*')} ({res['seconds']} s)", flush=True)
