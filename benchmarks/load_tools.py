@@ -188,7 +188,7 @@ class Looper:
             if status in (0, 408, 413, 429, 503) and conn is not None:  # the server may have closed it
                 conn.close()
                 conn = None
-            self._stop.wait(self.pause)
+            self._stop.wait(self.pause if status else max(self.pause, 0.1))  # no busy loop on a dead server
         if conn is not None:
             conn.close()
 
