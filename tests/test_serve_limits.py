@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from pydantic import ValidationError
 
-from q3vl.errors import ConfigError
+from q3vl.errors import ConfigError, RequestTooLargeError
 from tests.serve_server import Server, metric, request
 
 KEY = "limits-key"
@@ -271,13 +271,46 @@ def test_numeric_fields_are_strict(server):
 def test_rejected_bodies_are_refused_whole(server):
     invalid = b'{"query": "q", "documents": [' + b",".join([b"1"] * 100_000) + b"]}"  # 200 KB
     status, _, body = request(server.base, "POST", "/v1/rerank", raw=invalid, headers=AUTH)
-    assert status == 413 and body["error"]["param"] == "documents" and "100000" in body["error"]["message"]
+    assert status == 413 and body["error"]["param"] == "documents" and "more than 32" in body["error"]["message"]
     keys = ('{"input": "x", ' + ",".join(f'"k{i}": 0' for i in range(20_000)) + "}").encode()  # over 1024 x 8 keys
     status, _, body = request(server.base, "POST", "/v1/embeddings", raw=keys, headers=AUTH)
     assert status == 413 and "JSON values" in body["error"]["message"], body
     few = {"input": "x", **{f"k{i}": 0 for i in range(40)}}
     status, _, body = request(server.base, "POST", "/v1/embeddings", few, headers=AUTH)
     assert status == 400 and "41 fields" in body["error"]["message"] and "k0" in body["error"]["message"], body
+
+
+PARSE_CASES = [b'{"input": ["a", "b"], "dimensions": 4}', b' {\n "input" : [ ] ,"x":{"y":[1,2,{"z":null}]}}\t',
+               b'{"input": ["\\u00e9\\ud83d\\ude00", "\\"q\\"", 1.5e3, true, null, NaN, -Infinity]}',
+               b'{"input": "x", "input": ["dup"]}', b'{}', b'[1, 2]', b'"text"',
+               b'{"documents": [[1, [2]], {"a": []}]}',
+               '{"input": ["caf\u00e9"]}'.encode("utf-16"), b'\xef\xbb\xbf{"input": ["bom"]}']
+BAD_JSON = [b'{"input": ["a",]}', b'{"input": ["a" "b"]}', b'{"input": [1, 2', b'{"input" ["a"]}', b'{input: 1}',
+            b'{"input": ["a"]} x', b'{"input": ["a"],}', b'{"a": 1 "b": 2}', b'{"input": [01]}', b'']
+
+
+def test_bounded_parse_equals_json_loads():
+    """Oracle: `json.loads` gives the same value for every body it accepts and fails on the same ones."""
+    from q3vl.serve.parse import parse_body
+
+    for raw in PARSE_CASES:
+        want = json.loads(raw)
+        got = parse_body(raw, ("input", "documents"), 32)
+        assert json.dumps(got) == json.dumps(want) and type(got) is type(want), raw
+    for raw in BAD_JSON:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(raw)
+        with pytest.raises(json.JSONDecodeError):
+            parse_body(raw, ("input",), 32)
+    many = b",".join([b"1"] * 100_000)
+    for raw, param in [(b'{"model": "m", "documents": [' + many + b"]}", "documents"),
+                       (b'{"documents": [{"content": [' + many + b"]}]}", "documents[0].content"),
+                       (b'{"top_n": [' + many + b"]}", "top_n"), (b"[" * 40 + b"]" * 40, "[0]" * 32),
+                       (b'{"input": "x", ' + b", ".join(b'"k%d": 0' % i for i in range(70)) + b"}", "body")]:
+        with pytest.raises(RequestTooLargeError) as e:  # refused where the bound is passed, never parsed whole
+            parse_body(raw, ("documents",), 32)
+        assert e.value.param.startswith(param), (param, e.value.param)
+    assert parse_body(b'{"other": [' + b",".join([b"1"] * 100) + b"]}", ("input",), 32)["other"] == [1] * 100
 
 
 def test_schema_errors_stay_few_whatever_the_body():

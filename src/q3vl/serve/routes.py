@@ -1,7 +1,7 @@
 """The endpoints: OpenAI/vLLM embeddings, Cohere v2 embed, rerank (three paths), models, probes, metrics.
 
-Each handler validates (item-list lengths on the parsed JSON, then pydantic, then the server's
-limits), converts the body to runtime items
+Each handler validates (item-list lengths while the body is parsed: `parse.py`; then pydantic,
+then the server's limits), converts the body to runtime items
 (`convert.py`), hands them to `Service.submit` (plan -> queue -> run) and shapes the outputs with the
 runtime's own `Embedder.vectors` (Matryoshka, normalisation) / `Reranker.scores`. Responses are built
 as plain JSON; the response models document them in the OpenAPI schema.
@@ -9,18 +9,18 @@ as plain JSON; the response models document them in the OpenAPI schema.
 
 from __future__ import annotations
 
-import email.message
 import time
 import uuid
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from q3vl.errors import RequestError, UnavailableError
 from q3vl.runtime import Plan
 from q3vl.serve import convert, outputs
+from q3vl.serve.parse import bounded_route
 from q3vl.serve.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -150,49 +150,16 @@ async def metrics(request: Request) -> Response:
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 
 
-def items_within_limit(*fields: str) -> Any:
-    """A dependency refusing (413) an item list longer than --max-client-batch-size, looked up in the
-    JSON FastAPI already parsed: dependencies run before the body model, so a 100,000-element list
-    costs a `len()`, not 100,000 element validations.
-    """
-    async def check(request: Request) -> None:
-        if not _json_body(request):
-            return  # FastAPI did not parse it as JSON: the body model refuses it
-        try:
-            data = await request.json()  # FastAPI's parse, kept on the request
-        except ValueError:
-            return
-        if isinstance(data, dict):
-            svc = _svc(request)
-            for name in fields:
-                value = data.get(name)
-                if isinstance(value, list) and len(value) > svc.config.max_client_batch_size:
-                    svc.check_count(len(value), name)
-
-    return Depends(check)
-
-
-def _json_body(request: Request) -> bool:
-    """FastAPI's own rule for parsing a body as JSON: an application/json or application/*+json type."""
-    kind = request.headers.get("content-type")
-    if not kind:
-        return False
-    message = email.message.Message()
-    message["content-type"] = kind
-    sub = message.get_content_subtype()
-    return message.get_content_maintype() == "application" and (sub == "json" or sub.endswith("+json"))
-
-
 def build_router() -> APIRouter:
     """Every route (the handlers find the `Service` in `app.state.svc`)."""
     router = APIRouter()
     router.add_api_route("/v1/embeddings", embeddings, methods=["POST"], response_model=EmbeddingResponse,
-                         responses=ERRORS, tags=["embeddings"], dependencies=[items_within_limit("input")])
+                         responses=ERRORS, tags=["embeddings"], route_class_override=bounded_route("input"))
     router.add_api_route("/v2/embed", embed_v2, methods=["POST"], response_model=EmbedV2Response, responses=ERRORS,
-                         tags=["embeddings"], dependencies=[items_within_limit("texts", "images", "inputs")])
+                         tags=["embeddings"], route_class_override=bounded_route("texts", "images", "inputs"))
     for path in RERANK_PATHS:
         router.add_api_route(path, rerank, methods=["POST"], response_model=RerankResponse, responses=ERRORS,
-                             tags=["rerank"], dependencies=[items_within_limit("documents")])
+                             tags=["rerank"], route_class_override=bounded_route("documents"))
     router.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList, responses=ERRORS,
                          tags=["service"])
     router.add_api_route("/health", health, methods=["GET"], response_model=Status, tags=["service"])
