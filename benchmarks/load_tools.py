@@ -428,3 +428,38 @@ class StalledBodies:
                 "closed_by_server": len(times), "held_to_window_end": len(self.closed_at) - len(times),
                 "window_s": self.window, "closed_after_s_max": round(max(times), 2) if times else None,
                 "answers": codes}
+
+
+def _attack(port: int, method: str, path: str, body: bytes | None, n: int, seconds: float, out: Any) -> None:
+    """Child process: `n` looping clients for `seconds`, then their status counts on `out`."""
+    loopers = [Looper(port, method, path, body, timeout=60).start() for _ in range(n)]
+    out.put("started")
+    time.sleep(seconds)
+    for lp in loopers:
+        lp.stop()
+    statuses: dict[str, int] = {}
+    for lp in loopers:
+        for k, v in lp.statuses().items():
+            statuses[k] = statuses.get(k, 0) + v
+    out.put(statuses)
+
+
+class AttackProcess:
+    """Looping attackers in a process of their own, so their client-side work shares no interpreter
+    (no GIL) with the probe clients measuring the server.
+    """
+
+    def __init__(self, port: int, method: str, path: str, body: bytes | None, n: int, seconds: float) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.seconds = seconds
+        self.out = ctx.Queue()
+        self.proc = ctx.Process(target=_attack, args=(port, method, path, body, n, seconds, self.out), daemon=True)
+        self.proc.start()
+        assert self.out.get(timeout=120) == "started"
+
+    def join(self) -> dict[str, int]:
+        statuses: dict[str, int] = self.out.get(timeout=self.seconds + 180)
+        self.proc.join(30)
+        return statuses

@@ -32,14 +32,15 @@ _WS = re.compile(r"[ \t\n\r]*")
 _DECODE = json.JSONDecoder().raw_decode  # json.loads' own decoder (same strings, numbers, NaN/Infinity)
 
 
-def parse_body(body: bytes, item_lists: tuple[str, ...], item_cap: int) -> Any:
-    """`json.loads(body)`, except that a list longer than its bound (`item_cap` for the top-level keys
-    `item_lists`, `MAX_PARTS` for any other), an object with over `MAX_KEYS` members or nesting over
-    `MAX_DEPTH` raises `RequestTooLargeError` (param: where) as soon as it is seen. Raises
-    `json.JSONDecodeError` (or `UnicodeDecodeError`) wherever `json.loads` would fail.
+def parse_body(body: bytes, item_lists: tuple[str, ...], item_limit: int) -> Any:
+    """`json.loads(body)`, except that a list longer than its bound (`item_limit` + 1 for the top-level
+    keys `item_lists`, so the caller can name an exact count one over the limit; `MAX_PARTS` for any
+    other list), an object with over `MAX_KEYS` members or nesting over `MAX_DEPTH` raises
+    `RequestTooLargeError` (param: where) as soon as it is seen. Raises `json.JSONDecodeError` (or
+    `UnicodeDecodeError`) wherever `json.loads` would fail.
     """
     s = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads decodes bytes
-    parser = _Parser(s, item_lists, item_cap)
+    parser = _Parser(s, item_lists, item_limit)
     value, i = parser.value(_ws(s, 0), (), 0)
     if _ws(s, i) != len(s):
         raise json.JSONDecodeError("Extra data", s, _ws(s, i))
@@ -61,8 +62,8 @@ def _where(path: tuple[str | int, ...]) -> str:
 
 
 class _Parser:
-    def __init__(self, s: str, item_lists: tuple[str, ...], item_cap: int) -> None:
-        self.s, self.item_lists, self.item_cap = s, item_lists, item_cap
+    def __init__(self, s: str, item_lists: tuple[str, ...], item_limit: int) -> None:
+        self.s, self.item_lists, self.item_limit = s, item_lists, item_limit
 
     def value(self, i: int, path: tuple[str | int, ...], depth: int) -> tuple[Any, int]:
         if depth > MAX_DEPTH:
@@ -70,8 +71,8 @@ class _Parser:
         if self.s.startswith("{", i):
             return self.object(i, path, depth)
         if self.s.startswith("[", i):
-            top_item_list = depth == 1 and len(path) == 1 and path[0] in self.item_lists
-            return self.array(i, path, depth, self.item_cap if top_item_list else MAX_PARTS)
+            items = depth == 1 and len(path) == 1 and path[0] in self.item_lists
+            return self.array(i, path, depth, self.item_limit + 1 if items else MAX_PARTS, items)
         return _DECODE(self.s, i)
 
     def object(self, i: int, path: tuple[str | int, ...], depth: int) -> tuple[dict[str, Any], int]:
@@ -97,7 +98,8 @@ class _Parser:
             else:
                 raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
 
-    def array(self, i: int, path: tuple[str | int, ...], depth: int, cap: int) -> tuple[list[Any], int]:
+    def array(self, i: int, path: tuple[str | int, ...], depth: int, cap: int,
+              items_of_request: bool) -> tuple[list[Any], int]:
         s, items = self.s, list[Any]()
         i = _ws(s, i + 1)
         if s.startswith("]", i):
@@ -106,8 +108,10 @@ class _Parser:
             value, i = self.value(i, (*path, len(items)), depth + 1)
             items.append(value)
             if len(items) > cap:
-                raise RequestTooLargeError(f"more than {cap} elements in `{_where(path)}`, over what this server "
-                                           "takes: split the request", _where(path))
+                raise RequestTooLargeError(
+                    f"{len(items)}+ items in one request; this server takes at most {self.item_limit} "
+                    "(--max-client-batch-size): split the request" if items_of_request else
+                    f"more than {cap} elements in `{_where(path)}`; no field takes that many", _where(path))
             i = _ws(s, i)
             if s.startswith(",", i):
                 i = _ws(s, i + 1)
@@ -133,12 +137,10 @@ class ParsedRequest(Request):
 
 class BoundedRoute(APIRoute):
     """An API route whose JSON body is parsed by `parse_body`, its `item_lists` bounded by
-    --max-client-batch-size: more items in one is a 413 naming it (the exact count up to
-    `SCAN_FACTOR` times the limit, "more than" beyond), before FastAPI validates anything.
+    --max-client-batch-size: more items in one is a 413 naming it, before FastAPI validates anything.
     """
 
     item_lists: tuple[str, ...] = ()
-    SCAN_FACTOR = 2  # elements parsed past the limit, for an exact count in the error
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -151,7 +153,7 @@ class BoundedRoute(APIRoute):
             limit = svc.config.max_client_batch_size
             body = await request.body()
             try:
-                data = parse_body(body, lists, self.SCAN_FACTOR * limit + 16)
+                data = parse_body(body, lists, limit)
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # FastAPI parses again, says why
                 return await handler(request)
             if isinstance(data, dict):
