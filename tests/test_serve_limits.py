@@ -328,7 +328,7 @@ def test_schema_errors_stay_few_whatever_the_body():
 
 def test_http_limits_are_checked():
     from q3vl.serve.config import HttpLimits, ServeConfig
-    from q3vl.serve.connection import connection_cap
+    from q3vl.serve.connection import connection_limits
 
     for bad in ({"header_timeout": 0}, {"body_timeout": float("inf")}, {"body_min_rate": -1},
                 {"max_connections": 0}, {"send_timeout": True}, {"max_pending_body_bytes": 0}):
@@ -341,7 +341,9 @@ def test_http_limits_are_checked():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-        assert connection_cap(1024) == 192 and connection_cap(100) == 100
+        assert connection_limits(1024) == (144, 16) and connection_limits(100) == (100, 16)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(20000, hard), hard))
+        assert connection_limits(1024) == (1024, 1250) or hard < 20000
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 

@@ -130,10 +130,11 @@ def _serve(a: argparse.Namespace) -> int:
     def stop(error: BaseException) -> None:  # a bundle that cannot load: exit with its error
         server.should_exit = True
 
+    protocol, backlog = protocol_class(config.http)
     server = _draining_server(uvicorn)(uvicorn.Config(
         create_app(svc, stop), host=config.host, port=config.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on",
-        http=protocol_class(config.http)), svc)
+        timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on", http=protocol,
+        backlog=backlog), svc)
     log.info("serving %s on http://%s:%d", ", ".join(f"{t} {n!r}" for t, n in svc.names.items()),
              config.host, config.port)
     server.run()

@@ -12,7 +12,10 @@ enough *connections* are open, so idle sockets lock everyone out. `LimitedH11Pro
   within `body_timeout` (nginx's lingering close), so it can read the answer;
 - a connection cap (`max_connections`, lowered to fit the open-file limit): a connection beyond it
   closes the oldest connection that is between requests, or, when every one is busy with a request,
-  is answered 503 and closed itself, so the server never runs out of file descriptors;
+  is answered 503 and closed itself, so the server never runs out of file descriptors. asyncio
+  accepts up to `backlog` sockets per loop tick and a connection is counted two ticks later, so the
+  cap leaves room for three accept batches (`connection_limits`); running out matters, since
+  Python 3.11's accept loop retries EMFILE `backlog` times per tick and floods its log;
 - a send watchdog (`send_timeout`): a response the client stops reading (the transport's buffer
   does not shrink for that long) has its connection dropped, freeing the buffered bytes.
 
@@ -36,14 +39,19 @@ from q3vl.serve.config import RATE_WINDOW, HttpLimits
 
 log = logging.getLogger(__name__)
 RESERVED_FILES = 64  # descriptors kept for everything but client connections (models, logs, media fetches)
+MAX_BACKLOG = 2048  # uvicorn's default listen backlog
 
 
-def connection_cap(limit: int) -> int:
-    """`limit`, lowered so that connections leave a quarter (at least 64) of the open-file limit free."""
+def connection_limits(limit: int) -> tuple[int, int]:
+    """(connection cap, listen backlog) for the open-file limit: the backlog is a sixteenth of it (16 to
+    2048; asyncio accepts that many sockets per tick), and the cap leaves a quarter of the limit (at
+    least 64) for everything else plus three accept batches in flight.
+    """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return limit
-    return max(1, min(limit, soft - max(RESERVED_FILES, soft // 4)))
+        return limit, MAX_BACKLOG
+    backlog = min(MAX_BACKLOG, max(16, soft // 16))
+    return max(1, min(limit, soft - max(RESERVED_FILES, soft // 4) - 3 * backlog)), backlog
 
 
 def raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -195,9 +203,11 @@ class LimitedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def protocol_class(limits: HttpLimits) -> type[LimitedH11Protocol]:
-    """The protocol class for `uvicorn.Config(http=...)`, with `limits` and the connection cap set."""
-    cap = connection_cap(limits.max_connections)
+def protocol_class(limits: HttpLimits) -> tuple[type[LimitedH11Protocol], int]:
+    """The protocol class for `uvicorn.Config(http=...)`, with `limits` and the connection cap set, and
+    the listen backlog for `uvicorn.Config(backlog=...)`.
+    """
+    cap, backlog = connection_limits(limits.max_connections)
     if cap < limits.max_connections:
         log.info("--max-connections %d lowered to %d to fit the open-file limit", limits.max_connections, cap)
-    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits, "cap": cap})
+    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits, "cap": cap}), backlog
