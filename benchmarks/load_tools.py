@@ -295,20 +295,24 @@ class MediaServer:
 # ---------------------------------------------------------------- raw-socket attackers
 class RawConnections:
     """Raw connections driven by one selector thread: each gets `first` bytes at once, then `drip()`
-    bytes every `every` seconds; the time the server closes each (EOF or reset) is recorded, and the
-    first bytes it answered (a 408 line, say). Stops at `window` seconds; then closes what is left.
+    bytes every `every` seconds; the time the server closes each (EOF or reset, counted from that
+    connection's own connect) is recorded, and the first bytes it answered (a 408 line, say). Stops
+    `window` seconds after the last connect; then closes what is left.
     """
 
     def __init__(self, port: int, n: int, first: bytes = b"", drip: Callable[[int], bytes] | None = None,
                  every: float = 1.0, window: float = 30.0) -> None:
-        self.start = time.monotonic()
         self.socks: list[socket.socket] = []
+        self.opened: list[float] = []
         for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            self.opened.append(time.monotonic())
             if first:
                 s.sendall(first)
             s.setblocking(False)
             self.socks.append(s)
+        self.start = time.monotonic()
+        self.connect_s = self.start - self.opened[0] if self.opened else 0.0
         self.closed_at: list[float | None] = [None] * n
         self.answer: list[bytes] = [b""] * n
         self.drip, self.every, self.window = drip, every, window
@@ -349,7 +353,7 @@ class RawConnections:
 
     def _closed(self, sel: selectors.BaseSelector, i: int) -> None:
         if self.closed_at[i] is None:
-            self.closed_at[i] = time.monotonic() - self.start
+            self.closed_at[i] = time.monotonic() - self.opened[i]
             sel.unregister(self.socks[i])
 
     def join(self) -> None:
@@ -362,7 +366,7 @@ class RawConnections:
         for a in self.answer:
             code = a.split(b" ", 2)[1].decode(errors="replace") if a.startswith(b"HTTP/") else "none"
             codes[code] = codes.get(code, 0) + 1
-        return {"connections": len(self.socks), "closed_by_server": len(times),
+        return {"connections": len(self.socks), "connect_s": round(self.connect_s, 2), "closed_by_server": len(times),
                 "held_to_window_end": len(self.socks) - len(times), "window_s": self.window,
                 "closed_after_s_min": round(min(times), 2) if times else None,
                 "closed_after_s_max": round(max(times), 2) if times else None, "answers": codes}

@@ -22,11 +22,11 @@ class HttpLimits:
     kept-alive connection stays open (uvicorn's own). `body_timeout`: seconds to send a whole body;
     `body_min_rate`: bytes per second a body must keep up over every 5 s window (0: off); either
     miss is a 408 and the connection is closed. `send_timeout`: seconds a client may leave a response
-    unread before its connection is dropped. `max_connections`: open connections (lowered to fit the
-    process's open-file limit); a new connection at the cap closes the oldest one that is between
-    requests, or is refused with a 503 when every one is busy. `max_pending_body_bytes`: bytes of
-    request bodies still being received, all connections together (429 beyond; a body that is
-    complete no longer counts).
+    unread before its connection is dropped. `max_connections`: open connections (lowered, with the
+    listen backlog, to fit the process's open-file limit); a new connection at the cap closes the
+    oldest one that is between requests, or is refused with a 503 when every one is busy.
+    `max_pending_body_bytes`: bytes of request bodies still being received, all connections together
+    (429 beyond; a body that is complete no longer counts).
     """
 
     header_timeout: float = 10.0
