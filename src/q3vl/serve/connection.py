@@ -188,8 +188,8 @@ class LimitedH11Protocol(H11Protocol):
 
     def _evict_idle(self) -> bool:
         """Close the connection that has waited longest between requests; False when none is."""
-        idle = [c for c in self.connections
-                if c is not self and isinstance(c, LimitedH11Protocol) and c.between_requests()]
+        idle = [c for c in self.connections if c is not self and isinstance(c, LimitedH11Protocol)
+                and c.between_requests() and not c.transport.is_closing()]
         if not idle:
             return False
         min(idle, key=lambda c: c.idle_since).drop()
