@@ -84,17 +84,19 @@ def make_corpus(d: Path, texts: int, images: int, size: tuple[int, int]) -> Path
     return d / "items.jsonl"
 
 
-def run_embed(bundle: Path, corpus: Path, out: Path) -> dict:
+def run_embed(bundle: Path, corpus: Path, out: Path, backend: str = "cpu") -> dict:
     wall = q3vl("embed", str(bundle), str(corpus.with_name("plain.jsonl")), "-o", str(out), "--batch-size", "8",
-                "--overwrite", "--no-progress")
+                "--overwrite", "--no-progress", "--backend", backend)
     return {"system": "q3vl embed", "wall_s": round(wall, 2)}
 
 
-def run_ray(bundle: Path, corpus: Path, out: Path, workers: int) -> dict:
+def run_ray(bundle: Path, corpus: Path, out: Path, workers: int, gpus_per_worker: float = 0.0) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--cpus-per-worker", str(max(1, os.cpu_count() or 1) // workers)] if workers > 1 else []
+    if gpus_per_worker:  # backend cuda on each actor's GPU
+        extra += ["--gpus-per-worker", str(gpus_per_worker)]
     wall = q3vl("embed-dataset", str(corpus), "-o", str(out), "--bundle", str(bundle), "--workers", str(workers),
                 "--batch-size", "8", "--num-cpus", str(os.cpu_count()), "--no-progress", *extra)
     run = json.loads((out / "q3vl-dataset.json").read_text())["runs"][-1]

@@ -3,6 +3,7 @@ clients, single-text and mixed-item requests, cross-request batching on vs off, 
 `Embedder.process()` of the same requests.
 
     python benchmarks/serve_load.py --shape small --variants fp32,int8      # makes bundles under --workdir
+    python benchmarks/serve_load.py --bundle B --backend cuda --out R      # an existing bundle, on a GPU
 
 "off" is the same server with `--max-batch-requests 1`: every request's items run as their own
 micro-batches, so nothing of two requests shares a graph call. Each client is a thread with one
@@ -86,13 +87,14 @@ def bundles(workdir: Path, shape: str, variants: list[str]) -> dict[str, Path]:
 class Server:
     """`q3vl serve` for one bundle on a free loopback port, ready when constructed."""
 
-    def __init__(self, bundle: Path, extra: list[str], log: Path) -> None:
+    def __init__(self, bundle: Path, extra: list[str], log: Path, backend: str = "cpu") -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.log = open(log, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "q3vl", "serve", "--embedding", str(bundle),
-                                      "--embedding-name", "bench", "--port", str(self.port), *extra],
+                                      "--embedding-name", "bench", "--port", str(self.port),
+                                      "--backend", backend, *extra],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         end = time.monotonic() + 600
         while time.monotonic() < end:
@@ -184,11 +186,11 @@ def stats(lat: list[float]) -> dict[str, float]:
             "mean_ms": round(float(ms.mean()), 2)}
 
 
-def in_process(bundle: Path, name: str, n: int) -> list[float]:
+def in_process(bundle: Path, name: str, n: int, backend: str = "cpu") -> list[float]:
     """`process()` of the same requests, one after another in this process: the latency baseline."""
     from q3vl.runtime import Embedder
 
-    with Embedder(bundle, batch_size=32, max_batch_tokens=16384) as emb:
+    with Embedder(bundle, batch_size=32, max_batch_tokens=16384, backend=backend) as emb:
         reqs = [workload(name, k)[2] for k in range(n + 3)]
         for items in reqs[:3]:
             emb.process(items)
@@ -218,8 +220,15 @@ MODES = {"on": [], "off": ["--max-batch-requests", "1"]}
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "onnxruntime": __import__("onnxruntime").__version__}
+    out = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+           "onnxruntime": __import__("onnxruntime").__version__}
+    try:  # the GPU, where there is one (nvidia-smi); the report names it
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().splitlines()
+        out["gpu"] = f", {gpu[0]}" if gpu else ""
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return out
 
 
 def measure(args: argparse.Namespace, variant: str, bundle: Path, log: Path) -> tuple[list[dict], list[dict]]:
@@ -228,9 +237,9 @@ def measure(args: argparse.Namespace, variant: str, bundle: Path, log: Path) -> 
     raw: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for rnd in range(args.rounds):
         for name in args.workloads:
-            base[name] += in_process(bundle, name, PLAN[name][1])
+            base[name] += in_process(bundle, name, PLAN[name][1], args.backend)
         for mode in (list(MODES) if rnd % 2 == 0 else list(reversed(MODES))):
-            server = Server(bundle, MODES[mode], log)
+            server = Server(bundle, MODES[mode], log, args.backend)
             try:
                 for name in args.workloads:
                     for clients, r in levels(args, server, name):
@@ -263,8 +272,9 @@ def levels(args: argparse.Namespace, server: Server, name: str) -> list[tuple[in
 
 def report(result: dict[str, Any]) -> str:
     """The Markdown table: per variant and workload, on vs off at each level, and the baseline."""
-    lines = [f"# q3vl serve load test ({result['shape']} shape, CPU)", "",
-             f"{result['machine']['cpu']}, {result['machine']['cores']} cores; load average before "
+    lines = [f"# q3vl serve load test ({result['shape']} shape, backend {result.get('backend', 'cpu')})", "",
+             f"{result['machine']['cpu']}, {result['machine']['cores']} cores{result['machine'].get('gpu', '')}; "
+             f"load average before "
              f"{result['load_before']}, after {result['load_after']} (shared machine); "
              f"onnxruntime {result['machine']['onnxruntime']}. Loopback HTTP, one keep-alive connection per "
              "client, requests back to back. `off` = `--max-batch-requests 1` (no cross-request batching). "
@@ -293,6 +303,9 @@ def report(result: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=["tiny", "small"], default="small")
+    p.add_argument("--bundle", type=Path, help="load-test this embedding bundle (its directory name is the variant) "
+                                               "instead of making --shape bundles")
+    p.add_argument("--backend", default="cpu", help="the server's and the in-process baseline's backend (cuda ...)")
     p.add_argument("--workdir", type=Path, default=ROOT / "work" / "serve-bench")
     p.add_argument("--variants", default="fp32,int8", help="fp32 and/or int8 (weight-quantized) bundles")
     p.add_argument("--workloads", default="single-text,mixed")
@@ -303,10 +316,13 @@ def main() -> int:
     args = p.parse_args()
     args.workloads = args.workloads.split(",")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    out = args.out or ROOT / "benchmarks" / "results" / f"serve-{args.shape}"
-    result: dict[str, Any] = {"shape": args.shape, "machine": machine(), "load_before": os.getloadavg(),
-                              "rounds": args.rounds, "baseline": [], "runs": []}
-    for variant, bundle in bundles(args.workdir, args.shape, args.variants.split(",")).items():
+    shape = args.bundle.name if args.bundle else args.shape
+    out = args.out or ROOT / "benchmarks" / "results" / f"serve-{shape}"
+    result: dict[str, Any] = {"shape": shape, "backend": args.backend, "machine": machine(),
+                              "load_before": os.getloadavg(), "rounds": args.rounds, "baseline": [], "runs": []}
+    chosen = {args.bundle.name: args.bundle} if args.bundle else bundles(args.workdir, args.shape,
+                                                                          args.variants.split(","))
+    for variant, bundle in chosen.items():
         base, runs = measure(args, variant, bundle, args.workdir / "serve.log")
         result["baseline"] += base
         result["runs"] += runs

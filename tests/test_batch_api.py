@@ -190,6 +190,12 @@ def test_skip_mode_keeps_the_rest_whatever_raises(embedder, media, tmp_path, mon
         def decode(self, *a, **kw):
             raise ZeroDivisionError("the decoder divided by zero")
 
+        def demux(self, *a, **kw):  # seek-based sampling reads packets itself: the fault comes mid-stream there too
+            for k, packet in enumerate(self.inner.demux(*a, **kw)):
+                if k == 5:
+                    raise ZeroDivisionError("the demuxer divided by zero")
+                yield packet
+
     def odd_open(source, *a, **kw):  # the good items hold no video: every container opened is the odd one
         return OddContainer(real_open(source, *a, **kw))
 

@@ -22,7 +22,7 @@ def test_fused_text_graph_ops(tiny_embedding_bundle):
     ops = op_counts(tiny_embedding_bundle / "text.onnx")
     layers = 2
     assert ops[("com.microsoft", "GroupQueryAttention")] == layers
-    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * layers  # q and k
+    assert ops[("ai.onnx", "RotaryEmbedding")] == 2 * layers  # q and k (ONNX 23, per-token cos/sin)
     assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * layers  # post-attn, next/final norm
     assert ops[("ai.onnx", "RMSNormalization")] == 1 + 2 * layers  # first input norm, q_norm, k_norm
     assert ops[("ai.onnx", "MatMul")] == 4 * layers  # q|k|v, o, gate|up, down: one GEMM each
@@ -33,7 +33,7 @@ def test_fused_vision_graph_ops(tiny_embedding_bundle):
     ops = op_counts(tiny_embedding_bundle / "vision.onnx")
     depth = 3
     assert ops[("com.microsoft", "MultiHeadAttention")] == depth
-    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * depth
+    assert ops[("ai.onnx", "RotaryEmbedding")] == 2 * depth
     assert ops[("com.microsoft", "SkipLayerNormalization")] == depth
     assert ops[("com.microsoft", "FastGelu")] == depth
 

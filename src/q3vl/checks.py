@@ -26,6 +26,10 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "index": ("usearch",),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "ray": ("ray", "pyarrow"),
+    "langchain": ("langchain_core",),
+    "llamaindex": ("llama_index.core",),
+    "lancedb": ("lancedb", "pyarrow"),
+    "chroma": ("chromadb",),
 }
 
 

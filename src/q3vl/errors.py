@@ -158,7 +158,7 @@ class UnavailableError(Q3VLError, RuntimeError):
 
 
 # The optional-dependency groups of pyproject.toml; `missing_extra` only names these (tested).
-EXTRAS = ("export", "index", "serve", "ray", "bench", "dev")
+EXTRAS = ("export", "index", "serve", "ray", "bench", "langchain", "llamaindex", "lancedb", "chroma", "dev")
 
 
 def missing_extra(package: str, extra: str | None) -> BackendUnavailableError:

@@ -77,9 +77,12 @@ def load_system(spec: dict[str, Any], timer: Timer) -> tuple[Any, Callable[[Any]
         ref = task.reference(spec["checkpoint"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
         ref.model.forward = timer.wrap(ref.model.forward)
         return ref, lambda items: _reference_tokens(ref, items)
+    options = {"threads": threads, **spec.get("backend_options", {})}  # e.g. io_binding, cuda_graph
     model = task.runtime(spec["bundle"], backend=spec.get("backend", "cpu"), batch_size=int(spec.get("batch_size", 8)),
-                         backend_options={"threads": threads}, allow_unverified=bool(spec.get("allow_unverified")))
+                         backend_options=options, allow_unverified=bool(spec.get("allow_unverified")),
+                         **({"max_batch_tokens": int(spec["max_batch_tokens"])} if "max_batch_tokens" in spec else {}))
     model.backend.run = timer.wrap(model.backend.run)
+    model.backend.run_bound = timer.wrap(model.backend.run_bound)  # the IO-binding path (default on GPUs)
     return model, lambda items: _runtime_tokens(model, items)
 
 

@@ -1,6 +1,7 @@
 """The benchmark workloads: identical, generated inputs for every system.
 
-Text short (~32 tokens) and long (~512), images 448x448, 1280x720 and a 1920x1080 screenshot
+Text short (~32 tokens), medium (~128, not in the standard matrix: the GPU run's 32 x 128) and long
+(~512), images 448x448, 1280x720 and a 1920x1080 screenshot
 (max_pixels shrinks it), a 16-frame video (frame list), a mixed batch, each at batch sizes 1, 8
 and 32 where the machine allows (`heavy` workloads run at batch 1 only on CPU), and reranking one
 query against 32 documents.
@@ -45,6 +46,7 @@ def make_items(name: str, batch: int, media: Path) -> Any:
         return {"query": {"text": words(20)}, "documents": docs}
     make = {
         "text-32": lambda i: {"text": words(24, i)},
+        "text-128": lambda i: {"text": words(116, i)},
         "text-512": lambda i: {"text": words(500, i)},
         "image-448": lambda i: {"image": gradient_image(448, 448, i)},
         "image-1280x720": lambda i: {"image": gradient_image(720, 1280, i)},

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from q3vl.errors import InputError
-from q3vl.runtime.batch import Loaded
+from q3vl.errors import BackendError, InputError
+from q3vl.runtime import BatchModel, BatchResult, Loaded, Plan, run_batches
 from q3vl.tasks import row_cosine
 from q3vl.tolerances import Tolerance
 
@@ -50,14 +50,33 @@ def cases() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def load_case(model: Any, items: list[dict[str, Any]]) -> list[Loaded]:
-    """A case's items planned and loaded by the model's batch API (any failure is a bug: raise it)."""
+class _Whole:
+    """The sink of a case: its one micro-batch's result; any item error is a bug, raised."""
+
+    result: BatchResult | None = None
+
+    def wanted(self, plan: Plan) -> bool:
+        return True
+
+    def failed(self, plan: Plan, error: InputError | BackendError) -> None:
+        raise error
+
+    def ran(self, result: BatchResult) -> None:
+        self.result = result
+
+
+def run_case(model: BatchModel[Any], items: list[dict[str, Any]]) -> BatchResult:
+    """A case's items planned by the model and run through the batch seam as one micro-batch (any
+    failure is a bug: raise it).
+    """
     plans = model.plan(model.task.request(items))
-    loaded = model.load([p for p in plans if not isinstance(p, InputError)])
-    for x in [*plans, *loaded]:
-        if isinstance(x, InputError):
-            raise x
-    return loaded
+    for p in plans:
+        if isinstance(p, InputError):
+            raise p
+    sink = _Whole()
+    run_batches(model, [[p for p in plans if isinstance(p, Plan)]], sink, prefetch=False, one_by_one=False)
+    assert sink.result is not None
+    return sink.result
 
 
 def run_cases(model: Any, reference: Reference, tol: Tolerance, precision: str,
@@ -71,7 +90,8 @@ def run_cases(model: Any, reference: Reference, tol: Tolerance, precision: str,
     report: dict[str, Any] = {"precision": precision, "tolerance": asdict(tol), "cases": {}}
     worst_vision = 1.0
     for name, items in cases().items():
-        loaded = load_case(model, items)
+        ran = run_case(model, items)
+        loaded, out = ran.items, ran.outputs
         row: dict[str, Any] = {"shapes": [x.plan.tokens for x in loaded]}
         flat = [b for x in loaded for b in x.blocks]
         if flat and vision_reference is not None:
@@ -80,7 +100,6 @@ def run_cases(model: Any, reference: Reference, tol: Tolerance, precision: str,
             emb, ds = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
             row["vision_min_cos"] = float(min(row_cosine(emb, ref_emb).min(), row_cosine(ds, ref_ds).min()))
             worst_vision = min(worst_vision, row["vision_min_cos"])
-        out = model.run_batch(loaded)
         row[task.metric] = task.worst(task.compare(out, reference(loaded)))
         if len(task.outputs) == 1:  # a scalar head (the reranker): keep the values for the record
             row["values"] = [round(float(v), 6) for v in out[task.outputs[0]]]

@@ -5,13 +5,19 @@ ORT's fused kernels, as onnxruntime-genai's model builder emits them:
 
     RMSNormalization (ONNX 23) / SkipSimplifiedLayerNormalization   (RMSNorm, residual add fused)
     one MatMul for q|k|v, one for gate|up                              (fewer, larger GEMMs)
-    RotaryEmbedding                                                    (M-RoPE, see below)
+    RotaryEmbedding (ONNX 23)                                          (M-RoPE, see below)
     GroupQueryAttention                                                (GQA, causal, right padding)
 
-M-RoPE through a 1-D rotary op: the cos/sin "cache" is built per token from the 3-D position ids
-([B*L, d/2], each frequency taking its t/h/w axis), and each token's rotary position id is its own
-row index, so the fused kernel applies exactly the interleaved multimodal rotation. GroupQueryAttention
-needs right padding (its `seqlens_k` are per-row lengths), which is what the runtime sends.
+M-RoPE through a 1-D rotary op: the cos/sin "caches" are built per token from the 3-D position ids
+([B, L, d/2], each frequency taking its t/h/w axis) and handed to ONNX's RotaryEmbedding without
+position ids, which then rotates each token by its own row: exactly the interleaved multimodal
+rotation. GroupQueryAttention needs right padding (its `seqlens_k` are per-row lengths), which is
+what the runtime sends; the pooled token of each row is then at `length - 1` (a batched GatherND).
+
+Every node has a CUDA kernel in the pinned onnxruntime-gpu and no tensor crosses between host and
+device inside the graph (`q3vl.export.cuda_support`, tests/test_cuda_support.py), so CUDA graphs
+can be captured; the one exception is fp32 GroupQueryAttention, whose CUDA kernel is fp16/bf16 only
+(fp32 bundles are the CPU product; export fp16 for the GPU).
 """
 
 from __future__ import annotations
@@ -43,14 +49,15 @@ def mrope_axis(section: tuple[int, int, int], half: int) -> np.ndarray:
 class TextGraph:
     """Builds text.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms and residual).
 
-    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format.
+    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format; `data=False`
+    writes a skeleton without weights (`GraphWriter`).
     """
 
     def __init__(self, spec: ModelSpec, weights: Weights, path: Path, task: Task, token_ids: dict[str, int],
-                 precision: str = "fp32", quant: QuantHook | None = None) -> None:
+                 precision: str = "fp32", quant: QuantHook | None = None, data: bool = True) -> None:
         self.spec, self.wts, self.task, self.token_ids = spec, weights, task, token_ids
         self.quant = quant
-        self.g = GraphWriter(path, quant.transform if quant is not None else None)
+        self.g = GraphWriter(path, quant.transform if quant is not None else None, data=data)
         self.half = precision == "fp16"
         self.wdt = np.float16 if self.half else np.float32
 
@@ -84,12 +91,13 @@ class TextGraph:
         ds = g.add_input("deepstack_embeds", T.FLOAT, ["visual_rows", sp.num_deepstack, t.hidden_size])
         shape = g.op("Shape", [ids])
         x, is_vis, row = self.embed(ids, shape, vis)
-        cos, sin, rot_ids = self.rotary(pos, shape)
+        cos, sin = self.rotary(pos)
         lengths = g.op("ReduceSum", [mask, g.const([1], dtype=np.int64)], keepdims=0)
         seqlens_k = g.op("Cast", [g.op("Sub", [lengths, g.const(1, dtype=np.int64)])], to=T.INT32)
         total = g.op("Cast", [g.op("Squeeze", [g.op("Slice", [shape, g.const([1], dtype=np.int64),
                                                               g.const([2], dtype=np.int64)])])], to=T.INT32)
-        last_rows = self.last_rows(lengths, shape)
+        last = g.op("Unsqueeze", [g.op("Sub", [lengths, g.const(1, dtype=np.int64)]),
+                                  g.const([-1], dtype=np.int64)])  # [B, 1]: each row's last valid token
         resid, pending = x, ""
         for i in range(t.num_layers):
             p = f"model.language_model.layers.{i}."
@@ -98,11 +106,11 @@ class TextGraph:
                 h = self.rms(resid, lw["input_layernorm.weight"], p + "input_layernorm")
             else:
                 h, resid = self.skip_rms(pending, resid, lw["input_layernorm.weight"], p + "input_layernorm")
-            attn = self.attention(h, lw, p, cos, sin, rot_ids, seqlens_k, total)
+            attn = self.attention(h, lw, p, cos, sin, seqlens_k, total)
             if i == t.num_layers - 1 and i >= sp.num_deepstack:
                 # Only the pooled token's state is read: the last layer's o_proj, MLP and final norm
                 # run on one row per sequence ([B, D]) instead of [B, L, D].
-                attn, resid = self.take(attn, last_rows), self.take(resid, last_rows)
+                attn, resid = self.take(attn, last), self.take(resid, last)
             attn = self.matmul(attn, lw["self_attn.o_proj.weight"].T, p + "o_proj")
             h, resid = self.skip_rms(attn, resid, lw["post_attention_layernorm.weight"], p + "post_attention_layernorm")
             pending = self.mlp(h, lw, p)
@@ -110,25 +118,16 @@ class TextGraph:
                 pending = g.op("Add", [pending, self.deepstack_rows(ds, i, is_vis, row)])
         final, _ = self.skip_rms(pending, resid, _np(self.wts.get("model.language_model.norm.weight")), "final_norm")
         if t.num_layers - 1 < sp.num_deepstack:
-            final = self.take(final, last_rows)
+            final = self.take(final, last)
         # with a quant hook, the head's constant-weight MatMul (the reranker's yes-minus-no row) goes through
         # it too, as `q3vl quantize` rewrites every constant-weight MatMul of the fp32 graph
         self.task.fused_head(g, final, t.hidden_size, self.wts, self.token_ids,
                              matmul=self.matmul if self.quant is not None else None)
         return g.save("q3vl_text", opset=23)
 
-    def last_rows(self, lengths: str, shape: str) -> str:
-        """Flat index of each row's last valid token in [B*L] (right padding: length - 1)."""
-        g = self.g
-        batch = g.op("Gather", [shape, g.const(0, dtype=np.int64)], axis=0)
-        seq = g.op("Gather", [shape, g.const(1, dtype=np.int64)], axis=0)
-        starts = g.op("Mul", [g.op("Range", [g.const(0, dtype=np.int64), batch, g.const(1, dtype=np.int64)]), seq])
-        return g.op("Add", [starts, g.op("Sub", [lengths, g.const(1, dtype=np.int64)])])
-
-    def take(self, x: str, rows: str) -> str:
-        """[B, L, C] -> [B, C] at the given flat rows."""
-        g = self.g
-        return g.op("Gather", [g.op("Flatten", [x], axis=2), rows])
+    def take(self, x: str, last: str) -> str:
+        """[B, L, C] -> [B, C]: each row's token at `last` [B, 1] (on the device, no host-side index math)."""
+        return self.g.op("GatherND", [x, last], batch_dims=1)
 
     def embed(self, ids: str, shape: str, vis: str) -> tuple[str, str, str]:
         """Token embeddings with visual rows placed by a cumsum over the vision-token mask."""
@@ -151,22 +150,17 @@ class TextGraph:
         feat = g.op("Gather", [ds, g.const(k, dtype=np.int64)], axis=1)
         return g.op("Where", [is_vis3, g.op("Gather", [feat, row]), g.const(0.0, dtype=np.float32)])
 
-    def rotary(self, pos: str, shape: str) -> tuple[str, str, str]:
-        """Per-token cos/sin rows [B*L, d/2] from 3-D positions, and each token's row index [B, L]."""
+    def rotary(self, pos: str) -> tuple[str, str]:
+        """Per-token cos/sin [B, L, d/2] from 3-D positions (each frequency on its t/h/w axis)."""
         g, t = self.g, self.spec.text
         half = t.head_dim // 2
         inv_freq = 1.0 / (t.rope_theta ** (np.arange(0, t.head_dim, 2, dtype=np.float32) / t.head_dim))
         per_token = g.op("Transpose", [pos], perm=[1, 2, 0])  # [B, L, 3]
         chosen = g.op("Gather", [per_token, g.const(mrope_axis(t.mrope_section, half))], axis=2)
         freqs = g.op("Mul", [g.op("Cast", [chosen], to=T.FLOAT), g.const(inv_freq.astype(np.float32))])
-        rows = g.const([-1, half], dtype=np.int64)
-        cos = g.op("Reshape", [g.op("Cos", [freqs]), rows])
-        sin = g.op("Reshape", [g.op("Sin", [freqs]), rows])
-        n = g.op("ReduceProd", [shape], keepdims=0)
-        rot_ids = g.op("Reshape", [g.op("Range", [g.const(0, dtype=np.int64), n, g.const(1, dtype=np.int64)]), shape])
-        return cos, sin, rot_ids
+        return g.op("Cos", [freqs]), g.op("Sin", [freqs])
 
-    def attention(self, h: str, lw: dict[str, np.ndarray], p: str, cos: str, sin: str, rot_ids: str,
+    def attention(self, h: str, lw: dict[str, np.ndarray], p: str, cos: str, sin: str,
                   seqlens_k: str, total: str) -> str:
         g, t = self.g, self.spec.text
         hd, nq, nkv = t.head_dim, t.num_heads, t.num_kv_heads
@@ -178,7 +172,7 @@ class TextGraph:
             x = g.op("Reshape", [x, g.const([0, 0, heads, hd], dtype=np.int64)])
             x = self.rms(x, lw[f"self_attn.{name}_norm.weight"], p + name + "_norm")
             x = g.op("Reshape", [x, g.const([0, 0, heads * hd], dtype=np.int64)])
-            return g.op("RotaryEmbedding", [x, rot_ids, cos, sin], domain=MS, num_heads=heads)
+            return g.op("RotaryEmbedding", [x, cos, sin], num_heads=heads)  # ONNX 23, no position ids
 
         q, k = norm_rotate(q, nq, "q"), norm_rotate(k, nkv, "k")
         if self.half:

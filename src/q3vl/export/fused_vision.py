@@ -1,9 +1,10 @@
 """The fused vision graph: ONNX Runtime contrib ops, built node by node from checkpoint tensors.
 
 Same inputs/outputs as the plain graph (S blocks of n patches), with LayerNormalization /
-SkipLayerNormalization, RotaryEmbedding for the 2-D rotary (per-token cos/sin rows, as in the text
-graph), MultiHeadAttention over `[S, n, D]` (each block attends to itself; no mask), FastGelu with
-the bias folded in, and the Conv3d patch embedding as one MatMul.
+SkipLayerNormalization, ONNX's RotaryEmbedding for the 2-D rotary (per-token cos/sin [S, n, hd/2]
+without position ids, as in the text graph), MultiHeadAttention over `[S, n, D]` (each block attends
+to itself; no mask), FastGelu with the bias folded in, and the Conv3d patch embedding as one MatMul.
+No shape math: every node runs on the CUDA provider (`q3vl.export.cuda_support`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from q3vl.spec import ModelSpec
 class VisionGraph:
     """Builds vision.onnx; `precision` "fp32" or "fp16" (fp16 matmuls/attention, fp32 norms/residual).
 
-    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format.
+    `quant` (fp32 only) writes every constant-weight MatMul in a quantized weight format; `data=False`
+    writes a skeleton without weights (`GraphWriter`).
     """
 
     def __init__(self, spec: ModelSpec, weights: Weights, path: Path, precision: str = "fp32",
-                 quant: QuantHook | None = None) -> None:
+                 quant: QuantHook | None = None, data: bool = True) -> None:
         self.spec, self.wts, self.quant = spec, weights, quant
-        self.g = GraphWriter(path, quant.transform if quant is not None else None)
+        self.g = GraphWriter(path, quant.transform if quant is not None else None, data=data)
         self.half = precision == "fp16"
         self.wdt = np.float16 if self.half else np.float32
 
@@ -64,10 +66,10 @@ class VisionGraph:
         weights_4 = g.op("Unsqueeze", [tap_w, g.const([-1], dtype=np.int64)])
         weighted = g.op("Mul", [g.op("Gather", [table, taps]), weights_4])
         x = g.op("Add", [x, g.op("ReduceSum", [weighted, g.const([-2], dtype=np.int64)], keepdims=0)])
-        cos, sin, rot_ids = self.rotary(pos)
+        cos, sin = self.rotary(pos)
         deepstack = []
         for i in range(v.depth):
-            x = self.block(x, i, cos, sin, rot_ids)
+            x = self.block(x, i, cos, sin)
             if i in v.deepstack_visual_indexes:
                 k = v.deepstack_visual_indexes.index(i)
                 deepstack.append(self.merger(x, f"model.visual.deepstack_merger_list.{k}", postshuffle=True))
@@ -78,22 +80,18 @@ class VisionGraph:
         g.add_output(stacked, "deepstack_embeds", T.FLOAT, ["blocks", "merged", len(deepstack), d])
         return g.save("q3vl_vision", opset=23)
 
-    def rotary(self, pos: str) -> tuple[str, str, str]:
-        """cos/sin rows [S*n, hd/2] (h frequencies then w frequencies) and per-token row ids [S, n]."""
+    def rotary(self, pos: str) -> tuple[str, str]:
+        """Per-token cos/sin [S, n, hd/2] (h frequencies then w frequencies)."""
         g, v = self.g, self.spec.vision
         half = (v.hidden_size // v.num_heads) // 2  # h frequencies then w frequencies, hd/4 each
         inv = (1.0 / (v.rope_theta ** (np.arange(0, half, 2, dtype=np.float32) / half))).astype(np.float32)
         freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos], to=T.FLOAT), g.const([-1], dtype=np.int64)]),
                              g.const(inv)])  # [S, n, 2, hd/4]
-        rows = g.const([-1, half], dtype=np.int64)
-        cos = g.op("Reshape", [g.op("Cos", [freqs]), rows])
-        sin = g.op("Reshape", [g.op("Sin", [freqs]), rows])
-        shape = g.op("Shape", [pos], end=2)
-        n = g.op("ReduceProd", [shape], keepdims=0)
-        rot_ids = g.op("Reshape", [g.op("Range", [g.const(0, dtype=np.int64), n, g.const(1, dtype=np.int64)]), shape])
-        return cos, sin, rot_ids
+        per_token = g.const([0, 0, half], dtype=np.int64)
+        return (g.op("Reshape", [g.op("Cos", [freqs]), per_token]),
+                g.op("Reshape", [g.op("Sin", [freqs]), per_token]))
 
-    def block(self, x: str, i: int, cos: str, sin: str, rot_ids: str) -> str:
+    def block(self, x: str, i: int, cos: str, sin: str) -> str:
         g, v = self.g, self.spec.vision
         p = f"model.visual.blocks.{i}."
         w = {k[len(p):]: _np(t) for k, t in self.wts.many(self.wts.names(p)).items()}
@@ -101,8 +99,8 @@ class VisionGraph:
         h = self.layer_norm(x, w["norm1.weight"], w["norm1.bias"], p + "norm1")
         q, k, val = g.op("Split", [self.linear(h, w["attn.qkv.weight"], w["attn.qkv.bias"], p + "qkv"),
                                    g.const([d, d, d], dtype=np.int64)], n_out=3, axis=-1)
-        q = g.op("RotaryEmbedding", [q, rot_ids, cos, sin], domain=MS, num_heads=heads)
-        k = g.op("RotaryEmbedding", [k, rot_ids, cos, sin], domain=MS, num_heads=heads)
+        q = g.op("RotaryEmbedding", [q, cos, sin], num_heads=heads)  # ONNX 23, no position ids
+        k = g.op("RotaryEmbedding", [k, cos, sin], num_heads=heads)
         if self.half:
             q, k, val = (g.op("Cast", [t], to=T.FLOAT16) for t in (q, k, val))
         attn = g.op("MultiHeadAttention", [q, k, val], domain=MS, num_heads=heads,

@@ -69,6 +69,7 @@ def export_graph(module: Any, example: tuple[Any, ...], path: Path, kind: str, o
         f.unlink(missing_ok=True)
     chatter = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+        # torch.onnx names dynamic axes itself and says so once per input: expected, not actionable
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         torch.onnx.export(module, example, str(path), dynamo=True, input_names=list(inputs),
                           output_names=list(outputs), dynamic_shapes=dynamic, opset_version=OPSET,

@@ -28,16 +28,19 @@ class GraphWriter:
     """Collects nodes, inputs and outputs; weights go straight to disk.
 
     `transform(name, array)`, when given, maps every weight before it is written (an int8 plan's
-    smoothing folds, `q3vl.export.quantize.quantized`).
+    smoothing folds, `q3vl.export.quantize.quantized`). With `data=False` no weight is written:
+    each initializer keeps only its name, shape and type (a graph skeleton, for static checks of
+    a shape whose weights are gigabytes, `q3vl.testing.skeleton`).
     """
 
-    def __init__(self, path: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
+    def __init__(self, path: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                 data: bool = True) -> None:
         self.path = Path(path)
         self.transform = transform
         self.data_name = self.path.name + ".data"
         for f in (self.path, self.path.with_name(self.data_name)):
             f.unlink(missing_ok=True)
-        self._data = open(self.path.with_name(self.data_name), "wb")  # noqa: SIM115 (closed in save)
+        self._data = open(self.path.with_name(self.data_name), "wb") if data else None  # noqa: SIM115 (closed in save)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -51,6 +54,12 @@ class GraphWriter:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A constant tensor stored in the external-data file."""
+        if self._data is None:  # a skeleton: name, shape and type only
+            t = onnx.TensorProto(name=name, dims=list(array.shape), data_type=DTYPES[np.dtype(array.dtype)])
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=self.data_name)
+            self.initializers.append(t)
+            return name
         arr = np.ascontiguousarray(array if self.transform is None else self.transform(name, array))
         pad = (-self._data.tell()) % ALIGN
         self._data.write(b"\0" * pad)
@@ -88,7 +97,8 @@ class GraphWriter:
 
     def save(self, graph_name: str, opset: int = 20) -> Path:
         """Write the graph proto next to its data file."""
-        self._data.close()
+        if self._data is not None:
+            self._data.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                                   producer_name="q3vl")

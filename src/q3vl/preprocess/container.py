@@ -6,7 +6,7 @@ own (seen: an HLS playlist made the decoder fetch from a second internal server)
 ever reads a Python file object that the media policy produced, every nested open goes through an
 `io_open` callback that refuses it, and only ordinary single-file video demuxers are allowed. The
 item's deadline bounds each blocking read (PyAV's interrupt callback) and the Python loops below.
-Frame counts come from the header or from counting packets, never from decoding a whole stream.
+Frame counts come from the header or from indexing packets (`seek.py`), never from decoding a whole stream.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from q3vl.preprocess.media import Deadline, MediaPolicy, Source
 VIDEO_DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf",
                   "ivf", "gif", "nut")
 DEMUX_OPTIONS = {"format_whitelist": ",".join(VIDEO_DEMUXERS), "protocol_whitelist": "", "enable_drefs": "0"}
-CHECK_EVERY = 64  # packets between deadline checks while counting
 
 
 def _refuse_nested(url: str, flags: int, options: dict[str, Any]) -> Any:
@@ -50,22 +49,6 @@ def open_video(src: Source, deadline: Deadline, timeout: float) -> Iterator[Any]
             yield container
         finally:
             container.close()
-
-
-def count_frames(container: Any, stream: Any, policy: MediaPolicy, deadline: Deadline, name: str) -> int:
-    """The stream's frame count from its header, else by counting its packets (demux only, no decoding)."""
-    if stream.frames > 0:
-        return int(stream.frames)
-    n = 0
-    for k, packet in enumerate(container.demux()):
-        if packet.stream.index == stream.index and packet.size:
-            n += 1
-            if n > policy.max_video_frames:
-                raise InputError(f"video {name} has more than {policy.max_video_frames} frames "
-                                 "(MediaPolicy.max_video_frames); cut it or raise the limit")
-        if k % CHECK_EVERY == 0:
-            deadline.check(f"counting the frames of video {name}")
-    return n
 
 
 def check_stream(total: int, rate: float, width: int, height: int, policy: MediaPolicy, name: str) -> None:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import threading
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError, LimitError, QueryError
-from q3vl.preprocess.image import DEFAULT_TIMEOUT, patch_rows, probe_image, smart_resize
-from q3vl.preprocess.items import Content, EmbedItem, Pixels
+from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, patch_rows, probe_image, smart_resize
+from q3vl.preprocess.items import VIDEO_BUDGETS, Content, EmbedItem, Pixels
 from q3vl.preprocess.media import MediaAccess, MediaPolicy, media_errors
 from q3vl.preprocess.prompt import (
     MARK,
@@ -31,7 +32,7 @@ from q3vl.preprocess.prompt import (
     video_slot,
 )
 from q3vl.preprocess.rope import rope_positions
-from q3vl.preprocess.video import FrameList, VideoFile
+from q3vl.preprocess.video import FrameList, VideoFile, fit_video_files
 from q3vl.preprocess.vision import Geometry, VisionBlock
 
 RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
@@ -46,10 +47,27 @@ DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16
 class ImagePlan:
     """An image whose target size is known; pixels are decoded at load time."""
 
-    image: Any  # an `ImageSource`: header read, no open file, no decoded pixels
+    image: ImageSource  # header read, no open file, no decoded pixels
     height: int
     width: int
     grid: tuple[int, int, int]  # (1, h, w) in patches
+
+    def pixels(self) -> np.ndarray:
+        """Decoded and resized to the planned size (PIL bicubic): uint8 `[height, width, 3]`."""
+        return self.image.resized(self.height, self.width)
+
+
+def plan_image(src: object, access: MediaAccess, geometry: Geometry, min_pixels: float,
+               max_pixels: float) -> ImagePlan:
+    """An image read (its header only, under `access`'s media policy) and sized as the model sizes it:
+    smart_resize to multiples of the patch factor, its area within [min_pixels, max_pixels].
+
+    With `ImagePlan.pixels` this is every step from an image reference to the pixels the vision
+    graph sees; the embedder's planning and loading, and the Ray decode stage, all run these two.
+    """
+    img = probe_image(src, access)
+    h, w = smart_resize(img.height, img.width, geometry.factor, min_pixels, max_pixels)
+    return ImagePlan(img, h, w, (1, h // geometry.patch, w // geometry.patch))
 
 
 Media = ImagePlan | VideoFile | FrameList
@@ -77,10 +95,13 @@ class PreprocessConfig:
     max_text_chars: int = 1 << 20  # raw characters of text (+ instruction) per item, checked before tokenizing
     max_parts: int = 16384  # text, image and video elements per item (or per rerank side)
     media_policy: MediaPolicy = field(default_factory=MediaPolicy)
+    video_budget: str = "off"  # "fit": video files shrink to fit max_length (docs/reference-behaviour.md#video-budget)
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION_MODES:
             raise ConfigError(f"truncation must be one of {TRUNCATION_MODES}, not {self.truncation!r}")
+        if self.video_budget not in VIDEO_BUDGETS:
+            raise ConfigError(f"video_budget must be one of {VIDEO_BUDGETS}, not {self.video_budget!r}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError("need 0 < min_pixels <= max_pixels")
         if not 0 < self.fps < float("inf") or not self.max_frames >= 2 or self.max_length < 1:
@@ -182,9 +203,7 @@ class Encoder:
                     media.append(FrameList.probe(list(v), cfg.max_frames, cfg.total_pixels, access=access, geometry=g))
         for src in c.images:
             with media_errors("image"):
-                img = probe_image(src, access)
-                h, w = smart_resize(img.height, img.width, g.factor, cfg.min_pixels, cfg.max_pixels)
-                media.append(ImagePlan(img, h, w, (1, h // g.patch, w // g.patch)))
+                media.append(plan_image(src, access, g, cfg.min_pixels, cfg.max_pixels))
         return media
 
     def load(self, media: list[Media]) -> list[VisionBlock]:
@@ -198,7 +217,7 @@ class Encoder:
         for m in media:
             with media_errors("image" if isinstance(m, ImagePlan) else "video"):
                 if isinstance(m, ImagePlan):
-                    rgb = m.image.resized(m.height, m.width)
+                    rgb = m.pixels()
                     rows = patch_rows(np.stack([rgb] * g.temporal), g.patch, g.temporal, g.merge)
                     blocks.append(VisionBlock(rows, m.grid[1:]))
                     continue
@@ -274,30 +293,65 @@ class Encoder:
                 instruction += "."
         c = item.content
         self._check_texts(c.texts, instruction, c)
-        media = self.plan_media(c, item.fps, item.max_frames)
-        slots, counts = self._slots(media)
 
-        def build(texts: list[str]) -> np.ndarray:
+        def prompt(texts: list[str], media: list[Media]) -> np.ndarray:
+            slots, counts = self._slots(media)
             user = [{"type": "text", "text": "NULL"}] if c.empty else [*slots, *({"type": "text", "text": t}
                                                                                  for t in texts)]
             system = [{"type": "text", "text": instruction or default_instruction}]
             return self._render([{"role": "system", "content": system}, {"role": "user", "content": user}], counts)
 
         texts = list(c.texts)
+        media = self.fit_videos(self.plan_media(c, item.fps, item.max_frames), lambda m: prompt(texts, m))
+        vision = sum(self._slots(media)[1])
         if self.config.truncation == "reference":
-            ids = _truncate_right(build(texts), self.config.max_length, sum(counts), self.pad_ids)
+            ids = _truncate_right(prompt(texts, media), self.config.max_length, vision, self.pad_ids)
         else:
-            ids = fit_texts(build, texts, [range(len(texts))], self.config.max_length, self.tokenizer)
+            ids = fit_texts(lambda t: prompt(t, media), texts, [range(len(texts))], self.config.max_length,
+                            self.tokenizer, advice(media, self.config.video_budget))
         return self._finish(ids, media)
+
+    def fit_videos(self, media: list[Media], measure: Callable[[list[Media]], np.ndarray],
+                   limit: int | None = None) -> list[Media]:
+        """With `video_budget="fit"`, `media` whose video files fit `measure(media)` (the prompt's ids) into
+        `limit` (default max_length) (`video.fit_video_files`); otherwise `media` unchanged.
+        """
+        if self.config.video_budget != "fit":
+            return media
+        return fit_video_files(media, measure, limit or self.config.max_length)
 
     def plan_query(self, query: Content, instruction: str, fps: float | None, max_frames: int | None
                    ) -> SharedMedia:
-        """A rerank query's media, planned once for all of a call's documents (errors are the query's)."""
+        """A rerank query's media, planned once for all of a call's documents (errors are the query's).
+
+        With `video_budget="fit"` the query's video files fit in half of max_length (the documents,
+        not known yet, get the rest).
+        """
         try:
             self._check_texts(query.texts, instruction, query)
-            return SharedMedia(self.plan_media(query, fps, max_frames), self.load)
+            nothing = Content((), (), ())
+            media = self.fit_videos(self.plan_media(query, fps, max_frames), lambda m: self._pair_ids(
+                query, nothing, instruction, list(query.texts), m, []), self.config.max_length // 2)
+            return SharedMedia(media, self.load)
         except InputError as e:
             raise QueryError(f"query: {e.reason}") from e
+
+    def _pair_ids(self, query: Content, doc: Content, instruction: str, texts: list[str], q_media: list[Media],
+                  d_media: list[Media]) -> np.ndarray:
+        """The rendered and tokenized rerank prompt; `texts` are the query's texts, then the document's."""
+        nq = len(query.texts)
+        q_slots, q_counts = self._slots(q_media)
+        d_slots, d_counts = self._slots(d_media)
+
+        def side(prefix: str, c: Content, slots: list[dict[str, Any]], texts: list[str]) -> list[dict[str, Any]]:
+            body = [{"type": "text", "text": "NULL"}] if c.empty else [*slots, *({"type": "text", "text": t}
+                                                                                 for t in texts)]
+            return [{"type": "text", "text": prefix}, *body]
+
+        user = [{"type": "text", "text": "<Instruct>: " + instruction},
+                *side("<Query>:", query, q_slots, texts[:nq]), *side("\n<Document>:", doc, d_slots, texts[nq:])]
+        return self._render([{"role": "system", "content": [{"type": "text", "text": RERANK_SYSTEM}]},
+                             {"role": "user", "content": user}], q_counts + d_counts)
 
     def rerank_pair(self, query: Content, doc: Content, instruction: str, fps: float | None, max_frames: int | None,
                     shared: SharedMedia | None = None) -> Encoded:
@@ -307,29 +361,37 @@ class Encoder:
         """
         shared = shared or self.plan_query(query, instruction, fps, max_frames)
         self._check_texts([*query.texts, *doc.texts], instruction, query, doc)
-        q_media, d_media = shared.media, self.plan_media(doc, fps, max_frames)
-        q_slots, q_counts = self._slots(q_media)
-        d_slots, d_counts = self._slots(d_media)
-        nq = len(query.texts)
-
-        def side(prefix: str, c: Content, slots: list[dict[str, Any]], texts: list[str]) -> list[dict[str, Any]]:
-            body = [{"type": "text", "text": "NULL"}] if c.empty else [*slots, *({"type": "text", "text": t}
-                                                                                 for t in texts)]
-            return [{"type": "text", "text": prefix}, *body]
+        texts = [*query.texts, *doc.texts]
+        q_media = shared.media
+        d_media = self.fit_videos(self.plan_media(doc, fps, max_frames),
+                                  lambda m: self._pair_ids(query, doc, instruction, texts, q_media, m))
 
         def build(texts: list[str]) -> np.ndarray:
-            user = [{"type": "text", "text": "<Instruct>: " + instruction},
-                    *side("<Query>:", query, q_slots, texts[:nq]), *side("\n<Document>:", doc, d_slots, texts[nq:])]
-            return self._render([{"role": "system", "content": [{"type": "text", "text": RERANK_SYSTEM}]},
-                                 {"role": "user", "content": user}], q_counts + d_counts)
+            return self._pair_ids(query, doc, instruction, texts, q_media, d_media)
 
-        texts = [*query.texts, *doc.texts]
         if self.config.truncation == "reference":
             ids = _truncate_keep_special(build(texts), self.config.max_length, self.tokenizer.special.all_special)
         else:  # document text first, then query text
+            nq = len(query.texts)
             groups = [range(nq, len(texts)), range(nq)]
-            ids = fit_texts(build, texts, groups, self.config.max_length, self.tokenizer)
+            ids = fit_texts(build, texts, groups, self.config.max_length, self.tokenizer,
+                            advice([*q_media, *d_media], self.config.video_budget))
         return self._finish(ids, [*q_media, *d_media], shared if q_media else None)
+
+
+def advice(media: list[Media], budget: str = "off") -> str:
+    """What lowers this item's vision tokens, per kind of medium: only options that act on it (the
+    wrapper ignores max_pixels/total_pixels for video files, and per-item max_frames for frame lists).
+    """
+    tips = []
+    if any(isinstance(m, VideoFile) for m in media):
+        tips.append("video file: lower max_frames or fps, or set video_budget='fit' to fit it into max_length"
+                    if budget != "fit" else "video file: already at video_budget='fit''s smallest plan (4 frames)")
+    if any(isinstance(m, FrameList) for m in media):
+        tips.append("frame list: lower total_pixels or send fewer frames")
+    if any(isinstance(m, ImagePlan) for m in media):
+        tips.append("image: lower max_pixels")
+    return "; ".join([*tips, "or raise max_length"])
 
 
 def _truncate_right(ids: np.ndarray, max_length: int, vision_tokens: int, pad_ids: tuple[int, int]) -> np.ndarray:

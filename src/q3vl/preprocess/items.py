@@ -7,7 +7,8 @@ uint8 RGB array or encoded bytes. Unknown keys are rejected (a typo like "images
 embed the item as "NULL"); `fps` must be a finite positive number and `max_frames` an integer >= 2
 (JSON parsers accept NaN and Infinity, and a fractional count must not be silently rounded).
 `min_pixels` / `max_pixels` / `total_pixels` on an item (or a rerank request) override the
-constructor's values for that item only, so one server process can honour each request's own limits.
+constructor's values for that item only, so one server process can honour each request's own limits;
+so does `video_budget` ("off" or "fit": fit video files into max_length, docs/reference-behaviour.md#video-budget).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from q3vl.errors import InputError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".svg"}
 CONTENT_KEYS = ("text", "image", "video")
 PIXEL_KEYS = ("min_pixels", "max_pixels", "total_pixels")
-EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames", *PIXEL_KEYS)
-RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames", *PIXEL_KEYS)
-Pixels = tuple[tuple[str, int], ...]  # (name, value) of the pixel limits an item sets itself
+BUDGET_KEY = "video_budget"
+VIDEO_BUDGETS = ("off", "fit")
+EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames", *PIXEL_KEYS, BUDGET_KEY)
+RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames", *PIXEL_KEYS, BUDGET_KEY)
+Pixels = tuple[tuple[str, int | str], ...]  # (name, value) of the preprocessing limits an item sets itself
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,10 @@ def _max_frames(value: Any) -> int | None:
 
 
 def pixel_limits(obj: dict[str, Any]) -> Pixels:
-    """The pixel limits an item or request sets itself (integers >= 1), in `PIXEL_KEYS` order."""
-    out = []
+    """The preprocessing limits an item or request sets itself: pixel limits (integers >= 1), in
+    `PIXEL_KEYS` order, then its `video_budget`.
+    """
+    out: list[tuple[str, int | str]] = []
     for name in PIXEL_KEYS:
         value = obj.get(name)
         if value is None:
@@ -158,6 +163,11 @@ def pixel_limits(obj: dict[str, Any]) -> Pixels:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be an integer >= 1, not {_show(value)}")
         out.append((name, value))
+    budget = obj.get(BUDGET_KEY)
+    if budget is not None:
+        if budget not in VIDEO_BUDGETS:
+            raise InputError(f"{BUDGET_KEY} must be one of {list(VIDEO_BUDGETS)}, not {_show(budget)}")
+        out.append((BUDGET_KEY, budget))
     return tuple(out)
 
 

@@ -38,6 +38,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 # Left out on purpose: EPS/PS (Pillow runs Ghostscript on them), and the long tail of rare formats.
 SAFE_IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "TGA")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+VIDEO_URL_NOTE = ("; a video URL is downloaded whole before it is decoded (no range reads), so its whole file counts: "
+                  "send a shorter or smaller file, or a local path (for the server: under --media-root)")
 
 T = TypeVar("T")
 
@@ -76,7 +78,7 @@ class MediaPolicy:
     max_call_bytes: int = 512 * MIB
     deadline: float = 60.0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    max_video_frames: int = 36_000
+    max_video_frames: int = 216_000  # max_video_seconds at 60 fps: sampling cost follows the frames kept
     max_video_seconds: float = 3600.0
     image_formats: tuple[str, ...] | None = SAFE_IMAGE_FORMATS
     _networks: tuple[Any, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -314,7 +316,7 @@ class MediaAccess:
         if ref.startswith("data:"):
             return budget.cached((kind, ref), lambda: self._data(ref, kind, budget))
         if name in ("http", "https"):
-            return budget.cached(("url", ref), lambda: self._fetch(ref, deadline, budget))
+            return budget.cached(("url", ref), lambda: self._fetch(ref, deadline, budget, kind))
         if name == "file":
             if not self.policy.allow_file_uri:
                 raise InputError(f"file:// URIs are refused by the media policy ({ref}); send the {kind} as bytes "
@@ -362,13 +364,16 @@ class MediaAccess:
         budget.charge(len(data), f"{kind} data URI")
         return Source("data URI", data=data)
 
-    def _fetch(self, url: str, deadline: Deadline, budget: CallBudget) -> Source:
+    def _fetch(self, url: str, deadline: Deadline, budget: CallBudget, kind: str) -> Source:
         from q3vl.preprocess.fetch import display_url, fetch
 
         if not self.policy.allow_http:
             raise InputError(f"unreachable URL {display_url(url)}: http(s) URLs are refused by the media policy; "
                              "send the bytes instead, or allow them with MediaPolicy(allow_http=True)")
-        data = fetch(url, self.policy, deadline, self.timeout, *budget.room())
+        cap, limit = budget.room()
+        if kind == "video":
+            limit += VIDEO_URL_NOTE
+        data = fetch(url, self.policy, deadline, self.timeout, cap, limit)
         budget.charge(len(data), f"URL {display_url(url)}")
         return Source(display_url(url), data=data)
 

@@ -243,7 +243,8 @@ def expand_pads(ids: list[int], pad_ids: tuple[int, int], counts: Sequence[int])
 
 
 def fit_texts(build: Callable[[list[str]], np.ndarray], texts: list[str], groups: Sequence[Sequence[int]],
-              max_length: int, tokenizer: TextTokenizer) -> np.ndarray:
+              max_length: int, tokenizer: TextTokenizer, advice: str = "lower max_pixels or raise max_length"
+              ) -> np.ndarray:
     """q3vl's truncation: shorten user texts until `build(texts)` fits `max_length`.
 
     `groups` lists runs of texts that the template concatenates (an embedding's texts; a reranker's
@@ -253,7 +254,7 @@ def fit_texts(build: Callable[[list[str]], np.ndarray], texts: list[str], groups
     across the cut leave the prompt a little long, so 12,000 short texts cost a few renders, not
     12,000. The template, every vision block and the template tail always survive; the pooled token
     stays the final template token. Raises InputError when nothing but template and vision is left
-    and it still does not fit.
+    and it still does not fit, with `advice`: what would lower this item's vision tokens.
     """
     texts = list(texts)
     ids = build(texts)
@@ -270,5 +271,5 @@ def fit_texts(build: Callable[[list[str]], np.ndarray], texts: list[str], groups
             ids = build(texts)
     if len(ids) > max_length:
         raise InputError(f"prompt needs {len(ids)} tokens without any user text; max_length is {max_length} "
-                         "(too many vision tokens: lower max_pixels / max_frames or raise max_length)")
+                         f"(too many vision tokens; {advice})")
     return ids

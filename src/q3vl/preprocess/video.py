@@ -20,17 +20,20 @@ Sources are read under the item's `MediaPolicy` (see `media.py`, `container.py`)
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from q3vl.errors import InputError
-from q3vl.preprocess.container import check_stream, count_frames, open_video
+from q3vl.preprocess.container import check_stream, open_video
 from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, probe_image, release_free_memory, smart_resize
 from q3vl.preprocess.media import Deadline, MediaAccess, MediaPolicy, Source, media_errors
 from q3vl.preprocess.resample import resize_bicubic_aa
+from q3vl.preprocess.seek import FrameIndex, build_index, decode_frames
 from q3vl.preprocess.vision import Geometry
 
 FRAME_FACTOR = 2
@@ -39,6 +42,7 @@ MIN_FRAMES = 4
 # (patch x merge: 32), e.g. VIDEO_MIN_PIXELS = 128 * 32 * 32 for the published models.
 VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS, DEFAULT_TOTAL_TOKENS = 128, 768, 128000 * 0.9
 LIST_FPS = 2.0
+FIT_ROUNDS = 6  # prompt measurements video_budget="fit" may take to find the largest plan that fits
 DEFAULT_GEOMETRY = Geometry()
 
 
@@ -82,6 +86,29 @@ def sample_count(total: int, video_fps: float, fps: float, max_frames: int) -> i
     return n
 
 
+def fit_frames(height: int, width: int, frames: int, tokens: int, geometry: Geometry = DEFAULT_GEOMETRY
+               ) -> tuple[int, int, int]:
+    """`video_budget="fit"`: (frames, h, w) for a video file planned at `frames` frames of `height` x
+    `width` whose frame pairs must fit in `tokens` vision tokens (docs/reference-behaviour.md#video-budget).
+
+    The per-frame pixel cap comes down first, through the wrapper's own `smart_resize` and bounds
+    (never above its default cap, never below its 131,072-pixel floor); only when the smallest frames
+    still do not fit does the frame count come down (even, at least 4 or the video's own count).
+    """
+    g, n = geometry, frames
+    floor = min(MIN_FRAMES, frames)
+    while True:
+        lo, hi = frame_bounds(n, DEFAULT_TOTAL_TOKENS * g.factor**2, g.factor)
+        least = int(lo * 1.05)  # the wrapper's lowest per-frame cap (frame_bounds)
+        cap = max(least, min(hi, tokens // (n // g.temporal) * g.factor**2))
+        h, w = smart_resize(height, width, g.factor, lo, cap)
+        if n // g.temporal * (h * w // g.factor**2) <= tokens or n <= floor:
+            return n, h, w
+        sh, sw = smart_resize(height, width, g.factor, lo, least)
+        fewer = tokens // (sh * sw // g.factor**2) * g.temporal
+        n = max(floor, min(n - FRAME_FACTOR, fewer // FRAME_FACTOR * FRAME_FACTOR))
+
+
 # ---------------------------------------------------------------- video files
 @dataclass(frozen=True, eq=False)
 class VideoFile:
@@ -96,7 +123,8 @@ class VideoFile:
     plan: VideoPlan
     timeout: float = DEFAULT_TIMEOUT
     seconds: float = 60.0  # what planning left of the item's deadline
-    max_pixels: int = 178_956_970
+    policy: MediaPolicy = field(default_factory=MediaPolicy)
+    index: FrameIndex | None = None  # built at plan time only when the header has no frame count
 
     @classmethod
     def probe(cls, source: Any, fps: float, max_frames: int, timeout: float = DEFAULT_TIMEOUT, *,
@@ -111,7 +139,8 @@ class VideoFile:
             stream = container.streams.video[0]
             rate, height, width = stream.average_rate, stream.codec_context.height, stream.codec_context.width
             check_stream(max(stream.frames, 0), float(rate or 0), width, height, policy, src.name)
-            total = count_frames(container, stream, policy, deadline, src.name)
+            index = None if stream.frames > 0 else build_index(container, stream, policy, deadline, src.name)
+            total = int(stream.frames) if index is None else index.packets
         if not rate or not total or not height:
             raise InputError(f"unsupported or broken video {src.name}: no frame rate, frames or size")
         check_stream(total, float(rate), width, height, policy, src.name)
@@ -120,36 +149,79 @@ class VideoFile:
         factor = geometry.factor  # the wrapper passes no total_pixels for files: qwen-vl-utils' default applies
         h, w = smart_resize(height, width, factor, *frame_bounds(n, DEFAULT_TOTAL_TOKENS * factor**2, factor))
         plan = VideoPlan(n, h, w, pair_times(list(indices), float(rate)), geometry)
-        return cls(src, total, float(rate), height, width, indices, plan, access.timeout, deadline.left(),
-                   policy.max_image_pixels)
+        return cls(src, total, float(rate), height, width, indices, plan, access.timeout, deadline.left(), policy,
+                   index)
+
+    @property
+    def tokens(self) -> int:
+        """Vision tokens of this video as planned (all frame pairs)."""
+        t, h, w = self.plan.grid
+        return t * h * w // self.plan.geometry.merge**2
+
+    def fitted(self, tokens: int) -> VideoFile:
+        """The video re-planned to at most `tokens` vision tokens by `fit_frames` (itself if it fits)."""
+        if self.tokens <= tokens:
+            return self
+        g = self.plan.geometry
+        n, h, w = fit_frames(self.src_height, self.src_width, self.plan.num_frames, max(tokens, 0), g)
+        indices = tuple(int(i) for i in np.linspace(0, self.total - 1, n).round())
+        plan = VideoPlan(n, h, w, pair_times(list(indices), self.video_fps), g)
+        return dataclasses.replace(self, indices=indices, plan=plan)
 
     def load(self, timeout: float | None = None) -> np.ndarray:
-        """Decode up to the last sampled frame, resizing each sampled one at once: uint8 `[n, H, W, 3]`."""
+        """Decode the sampled frames (seeking, see `seek.py`), resizing each as soon as it is decoded:
+        uint8 `[n, H, W, 3]`.
+        """
         deadline = Deadline(self.seconds)
-        wanted: dict[int, list[int]] = {}
+        slots: dict[int, list[int]] = {}
         for k, i in enumerate(self.indices):
-            wanted.setdefault(i, []).append(k)
+            slots.setdefault(i, []).append(k)
         out = np.empty((len(self.indices), self.plan.height, self.plan.width, 3), np.uint8)
-        found = 0
         name = f"video {self.source.name}"
-        with media_errors(name), open_video(self.source, deadline, timeout or self.timeout) as container:
-            for pos, frame in enumerate(container.decode(video=0)):
-                deadline.check(f"decoding {name}")
-                if pos in wanted:
-                    if frame.width * frame.height > self.max_pixels:
-                        raise InputError(f"{name} has a {frame.width}x{frame.height} frame, over the "
-                                         f"{self.max_pixels}-pixel limit (MediaPolicy.max_image_pixels)")
-                    small = resize_bicubic_aa(frame.to_ndarray(format="rgb24")[None], self.plan.height,
-                                              self.plan.width)[0]
-                    for k in wanted[pos]:
-                        out[k] = small
-                    found += len(wanted[pos])
-                if pos >= self.indices[-1]:
-                    break
+        limit = self.policy.max_image_pixels
+
+        def take(i: int, frame: Any) -> None:
+            if frame.width * frame.height > limit:
+                raise InputError(f"{name} has a {frame.width}x{frame.height} frame, over the {limit}-pixel limit "
+                                 "(MediaPolicy.max_image_pixels)")
+            small = resize_bicubic_aa(frame.to_ndarray(format="rgb24")[None], self.plan.height, self.plan.width)[0]
+            out[slots[i]] = small
+
+        with media_errors(name):
+            found = decode_frames(lambda: open_video(self.source, deadline, timeout or self.timeout),
+                                  list(slots), self.total, take, self.policy, deadline, self.source.name, self.index)
         release_free_memory()  # decoded frames were freed one by one; hand the pages back now
-        if found < len(self.indices):
+        if found < len(slots):
             raise InputError(f"broken video {self.source.name}: fewer decodable frames than its header's {self.total}")
         return out
+
+
+def fit_video_files(media: list[Any], measure: Callable[[list[Any]], Any], limit: int) -> list[Any]:
+    """`video_budget="fit"`: `media` with its video files re-planned so that `len(measure(media))`, the
+    prompt's length, fits `limit`; unchanged if it already fits (docs/reference-behaviour.md#video-budget).
+
+    Each video file gets an equal share of the vision tokens the prompt can hold and is re-planned
+    from its wrapper plan (`VideoFile.fitted`: smaller frames first, then fewer). Fewer frames also
+    drop timestamps, so the prompt is measured again and the share moves up or down (a few rounds)
+    to the largest that fits; if none fits, the smallest tried is returned (the caller refuses it).
+    """
+    videos = {k: m for k, m in enumerate(media) if isinstance(m, VideoFile)}
+    over = len(measure(media)) - limit
+    if not videos or over <= 0:
+        return media
+    share = (sum(v.tokens for v in videos.values()) - over) // len(videos)
+    best, tried = None, set()
+    for _ in range(FIT_ROUNDS):
+        tried.add(share)
+        candidate = [videos[k].fitted(share) if k in videos else m for k, m in enumerate(media)]
+        length = len(measure(candidate))
+        if length <= limit:
+            best = candidate
+        step = (limit - length) // len(videos)
+        share = share + step if length <= limit else share + min(step, -1)
+        if share in tried or step == 0:
+            break
+    return best or candidate
 
 
 # ---------------------------------------------------------------- frame lists

@@ -33,11 +33,15 @@ def _args(p: argparse.ArgumentParser) -> None:
                                        "hash of the row's content; folders: the relative path)")
     p.add_argument("--input-format", default="auto", choices=["auto", "parquet", "jsonl", "csv", "folder"])
     p.add_argument("--column", action="append", default=[], metavar="KEY=COLUMN",
-                   help="map an item key (text, image, video, instruction, fps, max_frames) to a column; "
+                   help="map an item key (text, image, video, instruction, fps, max_frames, video_budget) to a "
+                        "column; "
                         "repeat a key to read several columns")
     p.add_argument("--max-pixels", type=int, help="per-image pixel budget (the wrapper's max_pixels)")
     p.add_argument("--max-frames", type=int, help="frames per video (the wrapper's max_frames)")
     p.add_argument("--fps", type=float, help="video sampling rate (the wrapper's fps)")
+    p.add_argument("--video-budget", choices=["off", "fit"],
+                   help="fit: shrink video files whose prompt exceeds max_length (default off; a row's "
+                        "video_budget column overrides it)")
     p.add_argument("--no-progress", action="store_true", help="no bar; a progress line every 10 s in the log")
 
 
@@ -51,8 +55,8 @@ def _embed_dataset(a: argparse.Namespace) -> int:
     from q3vl.ray.job import embed_corpus
     from q3vl.ray.rows import ColumnMap
 
-    model = {k: v for k, v in (("max_pixels", a.max_pixels), ("max_frames", a.max_frames), ("fps", a.fps))
-             if v is not None}
+    model = {k: v for k, v in (("max_pixels", a.max_pixels), ("max_frames", a.max_frames), ("fps", a.fps),
+                               ("video_budget", a.video_budget)) if v is not None}
     run = embed_corpus(a.input, a.output, a.bundle, input_format=a.input_format,
                        columns=ColumnMap.parse(a.column) if a.column else None, id_column=a.id_column, dim=a.dim,
                        codes=[c for c in a.codes.split(",") if c], calibration=a.calibration, workers=a.workers,

@@ -4,24 +4,29 @@ On a GPU node the embedding actor's own loader threads decode the next micro-bat
 one runs; when a node has too few cores for that (large photos, many GPUs), `DecodeImages` moves the
 decode and the resize to separate CPU actors, which Ray can place anywhere in the cluster.
 
-Each single image (a path, URL, data URI, encoded bytes or an array) is read under the media policy,
-resized exactly as the embedder would resize it (smart_resize with the bundle's patch factor and the
-same `min_pixels` / `max_pixels`, PIL bicubic) and passed on as raw RGB bytes at that final size. The
-embedder's own resize of an image already at its target size is the identity (smart_resize of a
-conforming size returns it; Pillow's resize to the same size is a copy), so the embedding is the one
-the file gives (tested). Image lists, frame lists and videos pass through and are decoded in the
-embedding stage.
+Each single image (a path, URL, data URI, encoded bytes or an array) is prepared by the runtime's
+`prepare_image`, the embedder's own steps (read under the media policy, smart_resize with the
+bundle's patch factor and the same `min_pixels` / `max_pixels`, PIL bicubic), and passed on as raw
+RGB bytes at that final size. The embedder's own resize of an image already at its target size is
+the identity (smart_resize of a conforming size returns it; Pillow's resize to the same size is a
+copy), so the embedding is the one the file gives (tested). Image lists, frame lists and videos pass
+through and are decoded in the embedding stage.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from q3vl.errors import ConfigError
 from q3vl.ray.rows import ColumnMap, resolve, table_rows
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from q3vl.preprocess import MediaPolicy
 
 PIXELS = "_q3vl_pixels_{}"
 SHAPE = "_q3vl_shape_{}"
@@ -37,26 +42,26 @@ class DecodeImages:
     """
 
     def __init__(self, bundle: str | Path, *, columns: ColumnMap | None = None, base_dir: str | None = None,
-                 min_pixels: int = 4096, max_pixels: int = 1_843_200, media_policy: Any = None,
+                 min_pixels: int = 4096, max_pixels: int = 1_843_200, media_policy: MediaPolicy | None = None,
                  timeout: float = 10.0) -> None:
-        from q3vl.bundle import Manifest
-        from q3vl.preprocess.media import MediaPolicy
-        from q3vl.preprocess.vision import Geometry
+        from q3vl.preprocess import MediaPolicy
+        from q3vl.runtime import bundle_geometry
 
         self.columns = columns or ColumnMap()
         if self.columns.json:
             raise ConfigError("the decode stage reads columns, not JSON lines")
-        self.factor = Geometry.from_spec(Manifest.read(Path(bundle)).spec.vision).factor
+        self.geometry = bundle_geometry(bundle)
         self.base_dir, self.min_pixels, self.max_pixels = base_dir, min_pixels, max_pixels
         self.policy = media_policy or MediaPolicy()
         self.timeout = timeout
 
-    def __call__(self, batch: Any) -> Any:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
-        from q3vl.ray.udf import ERROR, _RowStage
+        from q3vl.ray.udf import ERROR, prior_errors
+        from q3vl.runtime import as_input_error, prepare_image
 
-        errors = _RowStage._prior_errors(batch)
+        errors = prior_errors(batch)
         rows = table_rows(batch, self.columns.image)
         table = batch
         for column in self.columns.image:
@@ -69,10 +74,10 @@ class DecodeImages:
                 if errors[i] or not isinstance(value, (str, bytes, np.ndarray)):
                     continue  # nothing, a list of images or a bad value: left to the embedding stage
                 try:
-                    rgb = self._decode(resolve(value, self.base_dir) if isinstance(value, str) else value)
+                    rgb = prepare_image(resolve(value, self.base_dir) if isinstance(value, str) else value,
+                                        self.geometry, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                        media_policy=self.policy, timeout=self.timeout)
                 except Exception as e:
-                    from q3vl.runtime.base import as_input_error
-
                     errors[i] = as_input_error(e).reason
                     continue
                 pixels[i], shapes[i] = rgb.tobytes(), list(rgb.shape)
@@ -81,18 +86,8 @@ class DecodeImages:
         table = table.drop_columns([ERROR]) if ERROR in table.column_names else table
         return table.append_column(ERROR, pa.array(errors, pa.string()))
 
-    def _decode(self, ref: Any) -> np.ndarray:
-        """The image at its final size, uint8 `[h, w, 3]`: the embedder's own probe and resize."""
-        from q3vl.preprocess.image import probe_image, smart_resize
-        from q3vl.preprocess.media import MediaAccess, media_call
 
-        with media_call(self.policy):
-            image = probe_image(ref, MediaAccess.current(self.policy, self.timeout))
-            h, w = smart_resize(image.height, image.width, self.factor, self.min_pixels, self.max_pixels)
-            return image.resized(h, w)
-
-
-def apply_decoded(batch: Any, rows: list[dict[str, Any]], columns: ColumnMap) -> None:
+def apply_decoded(batch: pa.Table, rows: list[dict[str, object]], columns: ColumnMap) -> None:
     """Put the decode stage's pixels (arrays at their final size) in place of the image values they
     were decoded from, in `rows` (the embedding stage's view of `batch`).
     """

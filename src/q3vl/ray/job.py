@@ -184,7 +184,7 @@ def call_policy(rows_per_call: int, policy: Any = None) -> Any:
     cannot exhaust before each row hits its own per-item limit, so whether a row fails never depends
     on which rows Ray put in the same batch.
     """
-    from q3vl.preprocess.media import MediaPolicy
+    from q3vl.preprocess import MediaPolicy
 
     policy = policy or MediaPolicy()
     return dataclasses.replace(policy, max_call_bytes=max(policy.max_call_bytes, rows_per_call * policy.max_item_bytes))
@@ -204,6 +204,8 @@ def embed_stage(ds: Any, bundle: str | Path, *, workers: int = 1, gpus_per_worke
     if "media_policy" not in embed_kwargs:
         embed_kwargs = {**embed_kwargs, "media_policy": call_policy(rows_per_call)}
     with warnings.catch_warnings():
+        # Ray 2.60 takes actor restarts / task retries only through **ray_remote_args and marks that
+        # deprecated with no replacement named yet (retry_args): the notice would only confuse users
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(EmbedBatch, fn_constructor_args=(str(bundle),), fn_constructor_kwargs=embed_kwargs,
                               batch_size=rows_per_call, batch_format="pyarrow",

@@ -5,14 +5,15 @@ hands a callable), so the mapping is unit-testable without a cluster and keeps n
 from NaN (a bad value that must become that row's error, never a silent default).
 
 Column mapping (`ColumnMap`): `text`, `image` and `video` each read one or more columns (an item may
-carry several texts or images); `instruction`, `fps` and `max_frames` read one column each. A value
-can be:
+carry several texts or images); `instruction`, `fps`, `max_frames` and `video_budget` read one
+column each. A value can be:
 
 - text: a string (or a list of strings);
 - image: a path or URL string, encoded bytes, an H x W x 3 uint8 array (a Ray tensor column), or a
   list of those (several images);
 - video: a path or URL string, or a list of frames (paths, bytes or arrays) = one video;
-- fps / max_frames: a number, or a numeric string (CSV).
+- fps / max_frames: a number, or a numeric string (CSV);
+- video_budget: "off" or "fit" (docs/reference-behaviour.md#video-budget).
 
 A null is "not given". A relative path resolves against `base_dir` (the input file's directory), so a
 corpus can be moved as a whole; URLs (`scheme://`), `data:` URIs and absolute paths are left as they are.
@@ -33,7 +34,8 @@ import numpy as np
 from q3vl.errors import ConfigError, InputError
 
 MULTI = ("text", "image", "video")
-SINGLE = ("instruction", "fps", "max_frames")
+SINGLE = ("instruction", "fps", "max_frames", "video_budget")
+LATER = {"video_budget": "video_budget"}  # keys added after row ids and manifests existed, with their defaults
 MAX_ID_CHARS = 512
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -53,6 +55,7 @@ class ColumnMap:
     instruction: str | None = "instruction"
     fps: str | None = "fps"
     max_frames: str | None = "max_frames"
+    video_budget: str | None = "video_budget"
     json: str | None = None
 
     def __post_init__(self) -> None:
@@ -93,7 +96,7 @@ class ColumnMap:
         """Every column this mapping reads (the `json` column alone in JSON mode)."""
         if self.json:
             return [self.json]
-        return [*self.text, *self.image, *self.video, *[c for c in (self.instruction, self.fps, self.max_frames) if c]]
+        return [*self.text, *self.image, *self.video, *[c for c in (getattr(self, k) for k in SINGLE) if c]]
 
     def pairs(self) -> list[tuple[str, str]]:
         """(item key, column or JSON key) pairs in a fixed order (the order row ids hash them in)."""
@@ -101,7 +104,11 @@ class ColumnMap:
         return out + [(k, getattr(self, k)) for k in SINGLE if getattr(self, k)]
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The mapping as a dict; a later key at its default is left out, so the settings recorded in an
+        existing output directory's manifest still match (`ColumnMap(**d)` restores the default).
+        """
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if LATER.get(f.name, "") != getattr(self, f.name)}
 
 
 # ---------------------------------------------------------------- pyarrow columns -> Python values
@@ -189,6 +196,8 @@ def item_of(row: dict[str, Any], cmap: ColumnMap, base_dir: str | None = None) -
         column = getattr(cmap, key)
         if column and src.get(column) is not None:
             item[key] = _number(src[column], column)
+    if cmap.video_budget and src.get(cmap.video_budget) is not None:
+        item["video_budget"] = _text(src[cmap.video_budget], cmap.video_budget)
     return item
 
 
@@ -261,6 +270,8 @@ def content_id(row: dict[str, Any], cmap: ColumnMap, prior_error: str = "") -> s
         _feed(h, row.get(cmap.json or ""))
         return h.hexdigest()
     for key, column in cmap.pairs():
+        if key in LATER and src.get(column) is None:
+            continue  # rows without the later keys keep the ids they had before those keys existed
         h.update(key.encode() + b"\0" + column.encode("utf-8", "surrogatepass") + b"\0")
         _feed(h, src.get(column))
     return h.hexdigest()

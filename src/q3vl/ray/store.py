@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from q3vl._version import __version__
+import q3vl
 from q3vl.errors import ConfigError, InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class OutputDir:
         if not path.exists():
             if any(self.path.glob("part-*.parquet")):
                 raise OutputExistsError(f"{self.path} holds shards but no {MANIFEST}; use an empty output directory")
-            return {"format": FORMAT, "q3vl_version": __version__, **settings, "shards": [], "runs": []}
+            return {"format": FORMAT, "q3vl_version": q3vl.__version__, **settings, "shards": [], "runs": []}
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as e:

@@ -2,10 +2,10 @@
 
 Each class loads its bundle once per Ray actor (the constructor) and maps one `pyarrow.Table` batch
 to the same rows plus result columns (`map_batches(EmbedBatch, batch_format="pyarrow", ...)`). They
-own no batching: `EmbedBatch` hands a batch's items to `Embedder.process_details` (plan -> batches ->
-load -> run_batch, length-sorted micro-batches, per-item errors and token counts), and `RerankBatch`
-plans each query group with `Reranker.plan` and runs every group's plans through the same
-`batches` / `load` / `run_batch` steps, so pairs of different queries share micro-batches.
+own no batching: `EmbedBatch` hands a batch's items to `Embedder.process_details` (plan, then the
+runtime's one micro-batch loop `run_batches`: length-sorted micro-batches, per-item errors and token
+counts), and `RerankBatch` plans each query group with `Reranker.plan` and runs every group's plans
+through `run_batches` together, so pairs of different queries share micro-batches.
 
 A row never fails a batch: whatever is wrong with it (a value of the wrong type, an unreadable file,
 a refused URL, a NaN option, an over-long text) becomes its `error` and its result is null. An input
@@ -22,12 +22,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from q3vl.errors import ConfigError, InputError, QueryError
+from q3vl.errors import BackendError, ConfigError, InputError
 from q3vl.ray.rows import ColumnMap, content_id, item_of, row_id, table_rows
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from q3vl.codes import Calibration
+    from q3vl.ray.store import IdSet
+    from q3vl.runtime import BatchResult, Plan, Reranker
 
 log = logging.getLogger(__name__)
 ID, EMBEDDING, TOKENS, ERROR, SCORE = "id", "embedding", "tokens", "error", "score"
@@ -46,7 +53,7 @@ def _column_map(value: ColumnMap | dict[str, Any] | None, default: ColumnMap) ->
     return value if isinstance(value, ColumnMap) else ColumnMap(**value)
 
 
-def _vectors(rows: np.ndarray, valid: np.ndarray) -> Any:
+def _vectors(rows: np.ndarray, valid: np.ndarray) -> pa.Array:
     """A fixed-size-list column of `rows` `[N, W]` with nulls where `valid` is False."""
     import pyarrow as pa
 
@@ -54,7 +61,7 @@ def _vectors(rows: np.ndarray, valid: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width, mask=pa.array(~valid))
 
 
-def _with_results(batch: Any, keep: Sequence[str] | None, results: dict[str, Any]) -> Any:
+def _with_results(batch: pa.Table, keep: Sequence[str] | None, results: dict[str, pa.Array]) -> pa.Table:
     """`batch` (its `error` and private columns dropped, cut to `keep` when given) with `results` appended."""
     private = [c for c in batch.column_names if c == ERROR or c.startswith("_q3vl_")]  # decode stage's pixels
     table = batch.drop_columns(private) if private else batch
@@ -68,25 +75,25 @@ def _with_results(batch: Any, keep: Sequence[str] | None, results: dict[str, Any
     return table
 
 
-class _RowStage:
+def prior_errors(batch: pa.Table) -> list[str]:
+    """The incoming `error` column's verdicts ("" where none): an earlier stage's, honoured by every stage."""
+    if ERROR not in batch.column_names:
+        return [""] * batch.num_rows
+    return [e if isinstance(e, str) else "" for e in batch.column(ERROR).to_pylist()]
+
+
+class RowStage:
     """What both callables share: the model, per-row error bookkeeping and the output table."""
 
     def __init__(self, base_dir: str | None, keep_columns: Sequence[str] | None) -> None:
         self.base_dir = None if base_dir is None else str(base_dir)
         self.keep = None if keep_columns is None else list(keep_columns)
 
-    @staticmethod
-    def _prior_errors(batch: Any) -> list[str]:
-        """The incoming `error` column's verdicts ("" where none)."""
-        if ERROR not in batch.column_names:
-            return [""] * batch.num_rows
-        return [e if isinstance(e, str) else "" for e in batch.column(ERROR).to_pylist()]
-
-    def _items(self, rows: list[dict[str, Any]], errors: list[str], cmap: ColumnMap) -> dict[int, dict[str, Any]]:
+    def _items(self, rows: list[dict[str, object]], errors: list[str], cmap: ColumnMap) -> dict[int, dict[str, object]]:
         """Each still-good row's item; a row that cannot be mapped gets its error instead."""
-        from q3vl.runtime.base import guarded
+        from q3vl.runtime import guarded
 
-        items: dict[int, dict[str, Any]] = {}
+        items: dict[int, dict[str, object]] = {}
         for i, row in enumerate(rows):
             if errors[i]:
                 continue
@@ -98,7 +105,7 @@ class _RowStage:
         return items
 
 
-class EmbedBatch(_RowStage):
+class EmbedBatch(RowStage):
     """`map_batches` callable: each row's embedding, optional codes, token count and error.
 
     Args:
@@ -133,13 +140,13 @@ class EmbedBatch(_RowStage):
         self.codes = tuple(codes)
         self.calibration = _calibration(self.codes, calibration, self.width)
 
-    def __call__(self, batch: Any) -> Any:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
         n = batch.num_rows
         from q3vl.ray.decode import apply_decoded
 
-        errors = self._prior_errors(batch)
+        errors = prior_errors(batch)
         rows = table_rows(batch, self.columns.columns())
         apply_decoded(batch, rows, self.columns)
         items = self._items(rows, errors, self.columns)
@@ -173,7 +180,7 @@ class EmbedBatch(_RowStage):
         return out
 
 
-def _calibration(codes: tuple[str, ...], path: str | Path | None, width: int) -> Any:
+def _calibration(codes: tuple[str, ...], path: str | Path | None, width: int) -> Calibration | None:
     """The stored calibration int8/uint8 codes need, checked against the embedding width."""
     from q3vl.codes import Calibration
 
@@ -193,11 +200,11 @@ def _calibration(codes: tuple[str, ...], path: str | Path | None, width: int) ->
     return calib
 
 
-class RerankBatch(_RowStage):
+class RerankBatch(RowStage):
     """`map_batches` callable: the reranker score of each row's (query, document) pair.
 
     `query` maps the query side (default: text from `query`, image from `query_image`, video from
-    `query_video`, and the request options `instruction`, `fps`, `max_frames`); `document` maps the
+    `query_video`, and the request options `instruction`, `fps`, `max_frames`, `video_budget`); `document` maps the
     document (default: `text`, `image`, `video`). Rows with the same query (same mapped values) are
     planned as one request, so a query's media are read once per batch. Output columns: `score`
     (float32 in [0, 1], null for a bad row), `tokens`, `error`. Other arguments as for `EmbedBatch`.
@@ -210,62 +217,38 @@ class RerankBatch(_RowStage):
 
         super().__init__(base_dir, keep_columns)
         self.query = _column_map(query, ColumnMap(text=("query",), image=("query_image",), video=("query_video",)))
-        self.document = _column_map(document, ColumnMap(instruction=None, fps=None, max_frames=None))
+        self.document = _column_map(document, ColumnMap(instruction=None, fps=None, max_frames=None,
+                                                        video_budget=None))
         if self.document.json or self.query.json:
             raise ConfigError("RerankBatch reads columns, not JSON lines")
-        if any(getattr(self.document, k) for k in ("instruction", "fps", "max_frames")):
-            raise ConfigError("instruction, fps and max_frames belong to the query mapping (they are request options)")
+        if any(getattr(self.document, k) for k in ("instruction", "fps", "max_frames", "video_budget")):
+            raise ConfigError("instruction, fps, max_frames and video_budget belong to the query mapping (they are "
+                              "request options)")
         self.model = Reranker(bundle, backend=backend, **model_options)
 
-    def __call__(self, batch: Any) -> Any:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
-        n = batch.num_rows
-        errors = self._prior_errors(batch)
+        from q3vl.runtime import run_batches
+
+        errors = prior_errors(batch)
         rows = table_rows(batch, [*self.query.columns(), *self.document.columns()])
         queries = self._items(rows, errors, self.query)
         docs = self._items(rows, errors, self.document)
         groups: dict[str, list[int]] = {}
         for i in sorted(set(queries) & set(docs)):
             groups.setdefault(content_id(rows[i], self.query), []).append(i)
-        scores = np.zeros(n, np.float32)
-        valid = np.zeros(n, bool)
-        tokens = np.zeros(n, np.int64)
         plans = [p for members in groups.values() for p in self._plan(queries[members[0]], members, docs, errors)]
-        for micro in self.model.batches(plans):
-            ready = []
-            for x in self._load(micro):
-                if isinstance(x, InputError):
-                    errors[int(x.index)] = x.reason  # type: ignore[arg-type]  # load sets the plan's index
-                else:
-                    ready.append(x)
-            if ready:
-                for x, s in zip(ready, self.model.scores(self.model.run_batch(ready))):
-                    i = x.plan.index
-                    scores[i], valid[i], tokens[i] = s, True, x.plan.tokens
-        results = {SCORE: pa.array(scores, mask=~valid), TOKENS: pa.array(tokens), ERROR: pa.array(errors, pa.string())}
+        sink = _Scores(self.model, errors, batch.num_rows)
+        run_batches(self.model, self.model.batches(plans), sink, prefetch=self.model.prefetch)
+        results = {SCORE: pa.array(sink.scores, mask=~sink.valid), TOKENS: pa.array(sink.tokens),
+                   ERROR: pa.array(errors, pa.string())}
         return _with_results(batch, self.keep, results)
 
-    def _load(self, micro: list[Any]) -> list[Any]:
-        """The micro-batch loaded; a query whose media fails (`QueryError`, raised for the whole call)
-        becomes the error of each of its rows: pairs of several queries share a micro-batch, so they
-        are loaded one by one to tell which (a failed query's load is remembered, not repeated).
-        """
-        try:
-            return list(self.model.load(micro))
-        except QueryError:
-            out: list[Any] = []
-            for plan in micro:
-                try:
-                    out += self.model.load([plan])
-                except QueryError as e:
-                    out.append(e.at(plan.index))
-            return out
-
-    def _plan(self, query: dict[str, Any], members: list[int], docs: dict[int, dict[str, Any]],
-              errors: list[str]) -> list[Any]:
+    def _plan(self, query: dict[str, object], members: list[int], docs: dict[int, dict[str, object]],
+              errors: list[str]) -> list[Plan]:
         """The plans of one query's documents, re-indexed to their rows; failures go to `errors`."""
-        from q3vl.runtime.base import as_input_error
+        from q3vl.runtime import as_input_error
 
         request = {"query": {k: v for k, v in query.items() if k in CONTENT},
                    "documents": [docs[i] for i in members],
@@ -286,7 +269,32 @@ class RerankBatch(_RowStage):
         return out
 
 
-def assign_ids(batch: Any, *, columns: ColumnMap, id_column: str | None, done: Any = None) -> Any:
+class _Scores:
+    """The batch sink of `RerankBatch`: each pair's score and tokens by row, an item's error (a failed
+    query's `QueryError` included: pairs of several queries share micro-batches) into its row.
+    """
+
+    def __init__(self, model: Reranker, errors: list[str], n: int) -> None:
+        self.model, self.errors = model, errors
+        self.scores = np.zeros(n, np.float32)
+        self.valid = np.zeros(n, bool)
+        self.tokens = np.zeros(n, np.int64)
+
+    def wanted(self, plan: Plan) -> bool:
+        return True
+
+    def failed(self, plan: Plan, error: InputError | BackendError) -> None:
+        if isinstance(error, BackendError):
+            raise error
+        self.errors[plan.index] = error.reason
+
+    def ran(self, result: BatchResult) -> None:
+        for x, s in zip(result.items, self.model.scores(result.outputs)):
+            i = x.plan.index
+            self.scores[i], self.valid[i], self.tokens[i] = s, True, x.plan.tokens
+
+
+def assign_ids(batch: pa.Table, *, columns: ColumnMap, id_column: str | None, done: IdSet | None = None) -> pa.Table:
     """`map_batches` function (a cheap CPU task): add the string `id` column (the id column's value or
     the content hash), drop rows whose id is in `done` (an `IdSet` of ids already written), and put a
     bad id value into the `error` column.
@@ -294,7 +302,7 @@ def assign_ids(batch: Any, *, columns: ColumnMap, id_column: str | None, done: A
     import pyarrow as pa
 
     names = [*columns.columns(), *([id_column] if id_column and not columns.json else [])]
-    prior = _RowStage._prior_errors(batch)
+    prior = prior_errors(batch)
     pairs = [row_id(r, columns, id_column, e) for r, e in zip(table_rows(batch, names), prior)]
     ids = [p[0] for p in pairs]
     table = batch.drop_columns([ID]) if ID in batch.column_names else batch

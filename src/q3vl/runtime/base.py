@@ -1,67 +1,41 @@
 """What Embedder and Reranker share: loading a bundle, the backend, and the batch API.
 
 The batch API (`runtime/batch.py`) is four public steps, `plan` -> `batches` -> `load` ->
-`run_batch`; `process()` and `process_details()` are those steps in one loop (`_run`), and the
-HTTP server and the Ray integration call the same steps from their own queues. A bad item becomes
-an `InputError` for that item at whichever step sees it, whatever library raised underneath, so
-`on_error="skip"` never loses the rest of a batch.
+`run_batch`, and the models satisfy the seam's protocol (`runtime/run.py:BatchModel`).
+`process()` and `process_details()` run their planned items through the one micro-batch loop,
+`run_batches`, as the HTTP server, the Ray integration and the export parity harness do. A bad item
+becomes an `InputError` for that item at whichever step sees it, whatever library raised
+underneath, so `on_error="skip"` never loses the rest of a batch.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from q3vl.bundle import Manifest, check_graph_io, expected_io, verify_files
-from q3vl.errors import BundleError, ConfigError, InputError, LimitError, QueryError, UnknownOptionError, option
+from q3vl.errors import BundleError, ConfigError, InputError, LimitError, UnknownOptionError, option
 from q3vl.preprocess.encode import Encoded, Encoder, PreprocessConfig
-from q3vl.preprocess.media import MediaPolicy, media_call
+from q3vl.preprocess.media import CallBudget, MediaPolicy, media_call
 from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer, check_text
 from q3vl.preprocess.vision import Geometry
 from q3vl.progress import Progress, on_terminal
-from q3vl.runtime.backends.base import ShapeLimits, create
+from q3vl.runtime.backends.base import Backend, ShapeLimits, create
 from q3vl.runtime.batch import BatchPolicy, Loaded, Plan
 from q3vl.runtime.pipeline import GraphRunner
+from q3vl.runtime.run import Collector, as_input_error, guarded, run_batches
 from q3vl.tasks import Task
 
 log = logging.getLogger(__name__)
-ON_ERROR = ("raise", "skip")
 T = TypeVar("T")
-
-
-def as_input_error(e: BaseException) -> InputError:
-    """`e` itself if it is an `InputError`, else an `InputError` naming what raised it (Pillow, PyAV,
-    numpy, the OS, ...), chained to it so `-v` / a debugger still shows the original.
-    """
-    if isinstance(e, InputError):
-        return e
-    try:
-        detail = str(e)
-    except Exception:  # an object whose __str__ raises must not escape either
-        detail = "(no message)"
-    err = InputError(f"could not read this item ({type(e).__name__}: {detail[:300]})")
-    err.__cause__ = e
-    return err
-
-
-def guarded(index: int, fn: Callable[[], T]) -> T | InputError:
-    """`fn()`, or the `InputError` (attributed to item `index`) that any exception it raises becomes.
-
-    `KeyboardInterrupt`/`SystemExit` pass, and so does a `QueryError`, which concerns every item.
-    """
-    try:
-        return fn()
-    except QueryError:
-        raise
-    except Exception as e:
-        err = as_input_error(e)
-        return err.at(index) if err.index is None else err
+M = TypeVar("M", bound="BundleModel")
 
 
 class BundleModel:
@@ -82,7 +56,10 @@ class BundleModel:
     peak memory is one source's: raise it where cores and memory are plentiful), `backend_options`
     (the backend's typed options, as a dict or its options object), `media_policy` (what media may
     be read and the per-item/per-call limits; default `MediaPolicy()`: local files, data URIs and
-    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input).
+    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input), `video_budget` ("off", the
+    wrapper's behaviour; "fit": a video file whose prompt would exceed max_length gets smaller frames,
+    then fewer, until it fits: docs/reference-behaviour.md#video-budget; an item's own `video_budget`
+    key overrides it).
 
     Use it as a context manager, or call `close()`, to release the backend and the loader pool now
     rather than at garbage collection.
@@ -96,7 +73,8 @@ class BundleModel:
                  max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
                  timeout: float = 10.0, max_text_chars: int = 1 << 20, max_parts: int = 16384, verify: str = "size",
                  allow_unverified: bool = False, prefetch: bool = True, loader_threads: int | None = None,
-                 backend_options: Any = None, media_policy: MediaPolicy | None = None) -> None:
+                 backend_options: Any = None, media_policy: MediaPolicy | None = None,
+                 video_budget: str = "off") -> None:
         _positive_ints(batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                        max_vision_patches=max_vision_patches, max_text_chars=max_text_chars, max_parts=max_parts)
         if verify not in ("size", "full"):
@@ -104,7 +82,8 @@ class BundleModel:
         config = PreprocessConfig(max_length=max_length or self.task.default_max_length, min_pixels=min_pixels,
                                   max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
                                   truncation=truncation, timeout=timeout, max_text_chars=max_text_chars,
-                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy())
+                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy(),
+                                  video_budget=video_budget)
         self.default_instruction = self.task.default_instruction if default_instruction is None \
             else default_instruction
         try:
@@ -118,6 +97,7 @@ class BundleModel:
         self.manifest.check_tokenizer(tokenizer.special.as_dict())
         template = ChatTemplate((self.path / "chat_template.jinja").read_text(encoding="utf-8"))
         self.encoder = Encoder(tokenizer, template, config, Geometry.from_spec(self.manifest.spec.vision))
+        _check_cuda_fit(self.path, self.manifest, backend, backend_options)
         self.backend = create(backend, {g: self.path / m.file for g, m in self.manifest.graphs.items()},
                               backend_options)
         io = expected_io(self.manifest.spec, self.manifest.task)
@@ -158,6 +138,11 @@ class BundleModel:
         return BatchPolicy(batch_size, max_batch_tokens)
 
     @property
+    def max_length(self) -> int:
+        """The longest sequence (text + vision tokens) an item may plan to (the constructor's `max_length`)."""
+        return self.encoder.config.max_length
+
+    @property
     def batch_size(self) -> int:
         return self.policy.batch_size
 
@@ -166,7 +151,7 @@ class BundleModel:
         return self.policy.max_batch_tokens
 
     # ------------------------------------------------------------------ the batch API
-    def media_call(self) -> Any:
+    def media_call(self) -> AbstractContextManager[CallBudget]:
         """A context in which everything planned shares one call's media byte budget and fetch cache
         (a URL or data URI used by several items is fetched and charged once).
         """
@@ -222,75 +207,56 @@ class BundleModel:
             raise LimitError(f"micro-batch of {len(loaded)} items; the engine's max_batch is {lim.max_batch}")
         return self.runner.run([x.plan.encoded for x in loaded], [x.blocks for x in loaded])
 
-    # ------------------------------------------------------------------ the loop process() runs
-    def _run(self, plans: list[Plan | InputError], on_error: str, progress: bool | None,
-             desc: str) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, InputError]]:
-        """Batch, load and run planned items; per-item outputs and errors by index."""
-        if on_error not in ON_ERROR:
-            raise ConfigError(f"on_error must be one of {list(ON_ERROR)}, not {on_error!r}")
-        errors: dict[int, InputError] = {}
-        good: list[Plan] = []
+    # ------------------------------------------------------------------ what process() runs
+    def _run(self, plans: Sequence[Plan | InputError], on_error: str, progress: bool | None,
+             desc: str) -> Collector:
+        """Planned items through the batch seam (`run_batches`): their results and errors by index."""
+        sink = Collector(on_error)
         for k, p in enumerate(plans):
             if isinstance(p, InputError):
-                errors[k] = self._fail(p, on_error)
-            else:
-                good.append(p)
-        outputs: dict[int, dict[str, np.ndarray]] = {}
-        batches = self.batches(good)
+                sink.skip(k, p)
+        good = [p for p in plans if isinstance(p, Plan)]
         bar = _progress(progress, len(good), desc)
+        sink.progress = bar
         try:
-            for batch, loaded in zip(batches, self._loaded_batches(batches)):
-                ready = []
-                for x in loaded:
-                    if isinstance(x, InputError):
-                        errors[int(x.index)] = self._fail(x, on_error)  # type: ignore[arg-type]  # set by load
-                    else:
-                        ready.append(x)
-                if ready:
-                    res = self.run_batch(ready)
-                    for row, x in enumerate(ready):
-                        outputs[x.plan.index] = {k: v[row] for k, v in res.items()}
-                if bar is not None:
-                    bar.update(len(batch))
+            run_batches(self, self.batches(good), sink, prefetch=self.prefetch)
         finally:
             if bar is not None:
                 bar.close()
-        return outputs, errors
-
-    def _loaded_batches(self, batches: list[list[Plan]]) -> Iterator[list[Loaded | InputError]]:
-        """Each batch's loaded items; with `prefetch`, batch k+1 decodes while batch k runs."""
-        pending = self.submit_load(batches[0]) if batches else []
-        try:
-            for k in range(len(batches)):
-                current, last = pending, k + 1 == len(batches)
-                pending = self.submit_load(batches[k + 1]) if self.prefetch and not last else []
-                yield [f.result() for f in current]
-                if not self.prefetch and not last:
-                    pending = self.submit_load(batches[k + 1])
-        finally:
-            for f in pending:  # an error must not wait for loads it will never use
-                f.cancel()
-
-    @staticmethod
-    def _fail(e: InputError, on_error: str) -> InputError:
-        if on_error == "raise":
-            raise e
-        log.warning("skipping %s", e)
-        return e
+        return sink
 
     # ------------------------------------------------------------------ resources
     def close(self) -> None:
         """Release the backend (device memory, sessions) and stop the loader pool."""
         self._finalizer()
 
-    def __enter__(self: Any) -> Any:
+    def __enter__(self: M) -> M:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _release(backend: Any, pool: ThreadPoolExecutor) -> None:
+def _check_cuda_fit(path: Path, manifest: Manifest, backend: str, options: object) -> None:
+    """What the static CUDA check (docs/gpu.md) knows of non-fp16 fused bundles, said before ORT loads them.
+
+    onnxruntime-gpu's GroupQueryAttention has fp16/bf16 kernels only, so in an fp32 (or int8/int4
+    weights) fused text graph every layer's attention falls back to the CPU provider, with copies
+    each call, and ORT refuses CUDA graphs for such a session.
+    """
+    text = manifest.graphs.get("text")
+    if backend != "cuda" or text is None or text.kind != "fused" or text.precision == "fp16":
+        return
+    cuda_graph = options.get("cuda_graph") if isinstance(options, dict) else getattr(options, "cuda_graph", False)
+    reason = (f"the fused text graph of {path} is {text.precision}, and onnxruntime-gpu runs GroupQueryAttention "
+              "only in fp16/bf16: each layer's attention falls back to the CPU")
+    if cuda_graph:
+        raise ConfigError(f"cuda_graph=True needs an fp16 bundle: {reason}, and ONNX Runtime refuses CUDA graphs "
+                          "then; export with --precision fp16 (docs/gpu.md)")
+    log.warning("%s, with copies each call; export with --precision fp16 for the GPU (docs/gpu.md)", reason)
+
+
+def _release(backend: Backend, pool: ThreadPoolExecutor) -> None:
     """Finalizer: runs once, at `close()` or when the model is garbage-collected."""
     pool.shutdown(wait=False, cancel_futures=True)
     backend.close()
@@ -302,7 +268,7 @@ def _completed(value: T) -> Future[T]:
     return future
 
 
-def _positive_ints(**values: Any) -> None:
+def _positive_ints(**values: object) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, not {value!r}")
@@ -316,7 +282,7 @@ def _progress(progress: bool | None, total: int, desc: str) -> Progress | None:
     return Progress(total, desc) if show else None
 
 
-def check_kwargs(kwargs: dict[str, Any], allowed: Sequence[str], where: str) -> None:
+def check_kwargs(kwargs: Mapping[str, object], allowed: Sequence[str], where: str) -> None:
     """Unknown keyword arguments raise, naming the allowed ones."""
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:

@@ -7,21 +7,25 @@ A call flows through four public steps (TEI's queue -> batch -> backend, with q3
     load(plans)          -> [Loaded | InputError]   decode + resize + patchify, on the model's loader pool
     run_batch(loaded)    -> {output: [B, ...]}      one micro-batch through the vision and text graphs
 
-`process()` is these four steps in a loop; the HTTP server and the Ray integration call the same steps
-from their own queues (across requests, across dataset rows) and so need no batching code of their own.
+`process()` runs planned items through the one micro-batch loop (`runtime/run.py:run_batches`); the HTTP
+server and the Ray integration hand it micro-batches from their own queues (across requests, across
+dataset rows) and so need no batching code of their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from q3vl.errors import InputError
 from q3vl.preprocess.encode import Encoded
 from q3vl.preprocess.vision import VisionBlock
+
+V = TypeVar("V")
+W = TypeVar("W")
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class BatchPolicy:
 
 
 @dataclass
-class Details:
+class Details(Generic[V]):
     """What one `process_details()` call produced, item by item, in the caller's order.
 
     `values` is what `process()` returns (embeddings float32 `[N, D]` with NaN rows for failed items,
@@ -94,20 +98,20 @@ class Details:
     item to its `InputError` (only filled with `on_error="skip"`: in raise mode the first one raises).
     """
 
-    values: Any
+    values: V
     tokens: np.ndarray
     vision_tokens: np.ndarray
     errors: dict[int, InputError]
 
-    @classmethod
-    def of(cls, values: Any, plans: Sequence[Plan | InputError], errors: dict[int, InputError]) -> Details:
+    @staticmethod
+    def of(values: W, plans: Sequence[Plan | InputError], errors: dict[int, InputError]) -> Details[W]:
         """A call's values with the token counts of the items that ran (0 for failed ones)."""
         tokens = np.zeros(len(plans), np.int64)
         vision = np.zeros(len(plans), np.int64)
         for i, p in enumerate(plans):
             if isinstance(p, Plan) and i not in errors:
                 tokens[i], vision[i] = p.tokens, p.vision_tokens
-        return cls(values, tokens, vision, errors)
+        return Details(values, tokens, vision, errors)
 
     @property
     def total_tokens(self) -> int:

@@ -79,7 +79,7 @@ def run_items(model: Any, records: list[Record], a: argparse.Namespace, request:
     """
     from q3vl.runtime.inputs import locate
 
-    runtime_log, quiet = logging.getLogger("q3vl.runtime.base"), _RuntimeSkips()
+    runtime_log, quiet = logging.getLogger("q3vl.runtime.run"), _RuntimeSkips()  # where `Collector` logs skips
     runtime_log.addFilter(quiet)
     try:
         details = model.process_details([r.item for r in records] if request is None else request,

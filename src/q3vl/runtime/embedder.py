@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from q3vl.preprocess.items import embed_item
 from q3vl.runtime.base import BundleModel
 from q3vl.runtime.batch import Details, Plan
 from q3vl.tasks import EMBEDDING, POOLED, TASKS
+
+if TYPE_CHECKING:
+    from q3vl.runtime.run import BatchModel
 
 
 class Embedder(BundleModel):
@@ -36,13 +39,17 @@ class Embedder(BundleModel):
         """Width of the full embedding (the backbone's hidden size)."""
         return self.manifest.spec.text.hidden_size
 
-    def plan(self, inputs: Sequence[Any]) -> list[Plan | InputError]:
+    def plan(self, inputs: Sequence[Mapping[str, object]]) -> list[Plan | InputError]:
         """Batch API step 1: one `Plan` (token ids, positions, sized media) or `InputError` per input."""
         if not isinstance(inputs, (list, tuple)):
             raise InputError(f"inputs must be a list of dicts, not {type(inputs).__name__}")
         with self.media_call():
             return self._plan_each(len(inputs), lambda i: self.encoder.embedding(embed_item(inputs[i]),
                                                                                  self.default_instruction))
+
+    def values(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The batch seam's values: `vectors(outputs)`, the normalised embeddings float32 `[B, D]`."""
+        return self.vectors(outputs)
 
     def vectors(self, outputs: dict[str, np.ndarray], normalize: bool = True, dim: int | None = None) -> np.ndarray:
         """Embeddings float32 `[B, dim or D]` from `run_batch` outputs (rows `[B, D]`): the normalised
@@ -57,8 +64,8 @@ class Embedder(BundleModel):
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= self.dim):
             raise ConfigError(f"dim must be in 1..{self.dim} (an integer Matryoshka dimension), got {dim!r}")
 
-    def process_details(self, inputs: Sequence[dict[str, Any]], normalize: bool = True, dim: int | None = None, *,
-                        on_error: str = "raise", progress: bool | None = None) -> Details:
+    def process_details(self, inputs: Sequence[Mapping[str, object]], normalize: bool = True, dim: int | None = None,
+                        *, on_error: str = "raise", progress: bool | None = None) -> Details[np.ndarray]:
         """`process()` plus per-item token counts and errors (for usage accounting): a `Details` whose
         `values` are exactly what `process()` returns.
         """
@@ -66,21 +73,21 @@ class Embedder(BundleModel):
             raise InputError("inputs must be a non-empty list of dicts")
         self.check_dim(dim)
         plans = self.plan(inputs)
-        outputs, errors = self._run(plans, on_error, progress, "embedding")
+        run = self._run(plans, on_error, progress, "embedding")
         out = np.full((len(inputs), dim or self.dim), np.nan, np.float32)
-        if outputs:
-            done = sorted(outputs)
-            out[done] = self.vectors({k: np.stack([outputs[i][k] for i in done]) for k in outputs[done[0]]},
-                                     normalize, dim)
-        return Details.of(out, plans, errors)
+        done, outputs = run.stacked()
+        if done:
+            out[done] = self.vectors(outputs, normalize, dim)
+        return Details.of(out, plans, run.errors)
 
-    def process(self, inputs: Sequence[dict[str, Any]], normalize: bool = True, dim: int | None = None, *,
+    def process(self, inputs: Sequence[Mapping[str, object]], normalize: bool = True, dim: int | None = None, *,
                 on_error: str = "raise", progress: bool | None = None) -> np.ndarray:
         """Embeddings float32 `[N, D]` in input order.
 
         Args:
             inputs: dicts with `text`, `image`, `video` (scalar or list), `instruction`, `fps`, `max_frames`,
-                and `min_pixels` / `max_pixels` / `total_pixels` to override the constructor's for that item.
+                and `min_pixels` / `max_pixels` / `total_pixels` / `video_budget` to override the constructor's
+                for that item.
             normalize: L2-normalise (the wrapper's default). False returns the raw pooled state.
             dim: Matryoshka dimension: keep the first `dim` values, then L2-normalise again.
             on_error: "raise" (an `InputError` naming the item) or "skip" (that row is NaN).
@@ -88,3 +95,7 @@ class Embedder(BundleModel):
         """
         return self.process_details(inputs, normalize, dim, on_error=on_error, progress=progress).values
 
+
+if TYPE_CHECKING:  # mypy proves that Embedder satisfies the batch seam's protocol
+    def _is_a_batch_model(model: Embedder) -> BatchModel[Sequence[Mapping[str, object]]]:
+        return model

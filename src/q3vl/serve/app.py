@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from q3vl._version import __version__
+import q3vl
 from q3vl.serve.body import BodyReader
 from q3vl.serve.http import AuthMiddleware, install_handlers
 from q3vl.serve.metrics import MetricsMiddleware
@@ -33,7 +33,7 @@ def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None 
         finally:
             svc.close()
 
-    app = FastAPI(title="q3vl serve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="q3vl serve", version=q3vl.__version__, lifespan=lifespan,
                   description="Qwen3-VL-Embedding / Qwen3-VL-Reranker bundles behind the OpenAI, Cohere and "
                               "vLLM embedding and rerank APIs.")
     install_handlers(app)

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from q3vl.errors import ConfigError, RequestError
-from q3vl.preprocess.media import MediaPolicy
+from q3vl.preprocess import MediaPolicy
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")

@@ -11,17 +11,21 @@ event loop keeps serving while a batch runs). The thread repeats one step, a *ro
    instead of waiting for all of its items, and equal requests complete in arrival order rather
    than all at once at the end (lower mean latency than item-by-item round-robin);
 2. cut the round into micro-batches with the model's own `BatchPolicy` (`model.batches`: length-sorted,
-   padded-token budget, padding ratio), start their media loads on the model's loader pool
-   (`model.submit_load`), and run each with `model.run_batch`, delivering each row to its request.
+   padded-token budget, padding ratio) and hand them to the runtime's one micro-batch loop,
+   `run_batches`, which loads each (the next one's media decoding while the current one runs), runs
+   it and reports its rows to this queue's sink, which delivers each row to its request.
 
 When the model is idle a round starts at once with whatever is queued (after `max_wait_ms`, 0 by
 default: a lone request never waits); while a round runs, new items queue up and form the next one,
-which is how batches fill under load. A full round found while another runs is cut and its loads
-started early (prefetch), so decoding overlaps inference only when that cannot shrink a batch.
+which is how batches fill under load. When the loop asks for the micro-batch after a round's last
+one, a round that is already full is taken and fed to the same loop (its loads start while the
+last micro-batch runs: prefetch), so decoding overlaps inference only when that cannot shrink a batch.
 
 A request that fails (a bad item found while loading) or whose client disconnects has its waiting
-items dropped; items already in a running micro-batch finish and are discarded. Nothing here
-batches on its own: grouping is `model.batches`, loading `model.submit_load`, running `model.run_batch`.
+items dropped, and the loop skips its items in later micro-batches (`BatchSink.wanted`); items
+already in a running micro-batch finish and are discarded. A micro-batch that fails the graphs is
+run again item by item inside `run_batches`, so only the request whose item breaks them fails.
+Nothing here batches, loads or runs on its own.
 """
 
 from __future__ import annotations
@@ -31,15 +35,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from q3vl.errors import BackendError, InputError, OverloadedError, QueryError, UnavailableError
-from q3vl.runtime.batch import Loaded, Plan
+from q3vl.errors import BackendError, InputError, OverloadedError, UnavailableError
+from q3vl.runtime import BatchResult, BatchRunner, Plan, run_batches
+from q3vl.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +75,13 @@ class Job:
 
 @dataclass
 class Round:
-    """Items taken from the queue together, with their started loads."""
+    """Items taken from the queue together, and the request each belongs to."""
 
     items: list[tuple[Job, Plan]]
-    loads: dict[int, Future[Loaded | InputError]] = field(default_factory=dict)  # by id(plan)
+    owners: dict[int, Job] = field(init=False, repr=False)  # by id(plan)
 
-    def job(self, plan: Plan) -> Job:
-        return next(j for j, p in self.items if p is plan)
+    def __post_init__(self) -> None:
+        self.owners = {id(p): j for j, p in self.items}
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class _Round:
 class ModelQueue:
     """One model's queue and scheduler thread; `submit`/`cancel`/`run` are called on the event loop."""
 
-    def __init__(self, model: Any, name: str, limits: Limits, metrics: Any) -> None:
+    def __init__(self, model: BatchRunner, name: str, limits: Limits, metrics: Metrics) -> None:
         self.model, self.name, self.limits, self.metrics = model, name, limits, metrics
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()  # requests with waiting items, in arrival order
@@ -175,15 +178,16 @@ class ModelQueue:
             self.metrics.failed_items.labels(self.name, reason).inc(dropped)
         log.debug("%s: dropped %d queued items of a cancelled request", self.name, dropped)
 
-    async def run(self, plans: list[Plan], disconnected: Callable[[], Awaitable[Any]] | None) -> Job | None:
+    async def run(self, plans: list[Plan], disconnected: Callable[[], Awaitable[object]] | None) -> Job | None:
         """Queue `plans` and wait for their outputs; None when the client disconnected first.
 
         Raises the request's error (an `InputError` found while loading, a `BackendError`).
         """
         job = self.submit(plans)
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        waits: list[asyncio.Future[Job] | asyncio.Future[object]] = [job.future, *([watcher] if watcher else [])]
         try:
-            await asyncio.wait([job.future, *([watcher] if watcher else [])], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if not job.future.done():
                 self.cancel(job)
                 return None
@@ -211,21 +215,24 @@ class ModelQueue:
 
     # ------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
-        ahead: Round | None = None
         while True:
-            rnd = ahead or self._wait_round()
-            ahead = None
+            rnd = self._wait_round()
             if rnd is None:
                 return
-            for batch in self.model.batches([p for _, p in rnd.items]):
-                if ahead is None:
-                    ahead = self._take_round(full_only=True)  # prefetch: only a round that is already full
-                try:
-                    self._run_batch(rnd, batch)
-                except Exception as e:  # a bug here must not strand every waiting request
-                    log.exception("%s: scheduler error", self.name)
-                    for plan in batch:
-                        self._fail(rnd.job(plan), BackendError(f"internal error: {type(e).__name__}"), "internal_error")
+            rows = _Rows(self)
+            try:
+                run_batches(self.model, self._micro_batches(rnd, rows), rows, prefetch=True)
+            except Exception as e:  # a bug here must not strand every waiting request
+                log.exception("%s: scheduler error", self.name)
+                for job in {id(j): j for r in rows.rounds for j, _ in r.items}.values():
+                    self._fail(job, BackendError(f"internal error: {type(e).__name__}"), "internal_error")
+
+    def _micro_batches(self, rnd: Round | None, rows: _Rows) -> Iterator[list[Plan]]:
+        """The micro-batches of `rnd`, then of every round that is full when the loop asks for more."""
+        while rnd is not None:
+            rows.rounds.append(rnd)
+            yield from self.model.batches([p for _, p in rnd.items])
+            rnd = self._take_full_round()  # the loop prefetches: the last micro-batch is still to run
 
     def _wait_round(self) -> Round | None:
         """The next round: at once when items wait (after `max_wait` unless a round is full); None at close."""
@@ -240,21 +247,13 @@ class ModelQueue:
                 if left > 0 and not self._closing and not self._full():
                     self._cond.wait(left)
                     continue
-                rnd = Round(self._gather())
-                break
-        return self._start_loads(rnd)
+                return Round(self._gather())
 
-    def _take_round(self, full_only: bool) -> Round | None:
+    def _take_full_round(self) -> Round | None:
         with self._cond:
-            if not self._queued or (full_only and not self._full()):
+            if not self._queued or not self._full():
                 return None
-            rnd = Round(self._gather())
-        return self._start_loads(rnd)
-
-    def _start_loads(self, rnd: Round) -> Round:
-        plans = [p for _, p in rnd.items]
-        rnd.loads = {id(p): f for p, f in zip(plans, self.model.submit_load(plans))}
-        return rnd
+            return Round(self._gather())
 
     def _full(self) -> bool:
         return self._queued >= self.limits.batch_size or self._queued_tokens >= self.limits.max_batch_tokens
@@ -279,64 +278,25 @@ class ModelQueue:
         self.metrics.queue_items.labels(self.name).set(self._queued)
         return round_.picked
 
-    def _run_batch(self, rnd: Round, batch: list[Plan]) -> None:
-        """Wait for the batch's loads, run it, deliver each row; a bad item fails only its request."""
-        start = time.monotonic()
-        live: list[tuple[Job, Loaded]] = []
-        for plan in batch:
-            job = rnd.job(plan)
-            if job.finished:  # failed or cancelled meanwhile: its rows are not wanted
-                continue
-            try:
-                result = rnd.loads[id(plan)].result()
-            except QueryError as e:  # a rerank query whose media failed to load: that request alone fails
-                self._fail(job, e, "invalid_input")
-                continue
-            if isinstance(result, InputError):
-                self._fail(job, result, "invalid_input")
-            elif not job.finished:
-                live.append((job, result))
-        waited = time.monotonic() - start
-        live = [(j, x) for j, x in live if not j.finished]  # a failure above may have ended a request
-        self.metrics.preprocess_seconds.labels(self.name, "load").observe(waited)
-        if live:
-            self._infer(live, waited)
-
-    def _infer(self, live: list[tuple[Job, Loaded]], waited: float) -> None:
-        start = time.monotonic()
-        try:
-            out = self.model.run_batch([x for _, x in live])
-        except Exception as e:
-            if len(live) > 1:  # find the item that breaks the graph: the others still get their rows
-                log.warning("%s: a micro-batch of %d failed (%s); running its items one by one", self.name,
-                            len(live), e)
-                for pair in live:
-                    self._infer([pair], waited)
-                return
-            log.exception("%s: inference failed", self.name)
-            self._fail(live[0][0], BackendError(f"inference failed: {type(e).__name__}"), "inference_error")
-            return
-        took = time.monotonic() - start
-        self._observe(live, took)
-        for job in {id(j): j for j, _ in live}.values():
-            job.inference_time += took
-            job.load_time += waited
-        for row, (job, x) in enumerate(live):
+    def _deliver(self, result: BatchResult, jobs: list[Job]) -> None:
+        """A micro-batch's rows to their requests (`jobs[i]` owns `result.items[i]`), with its metrics."""
+        m, name = self.metrics, self.name
+        m.preprocess_seconds.labels(name, "load").observe(result.load_seconds)
+        m.inference_seconds.labels(name).observe(result.run_seconds)
+        m.batch_items.labels(name).observe(len(jobs))
+        m.batch_requests.labels(name).observe(len({id(j) for j in jobs}))
+        m.batch_tokens.labels(name).observe(result.tokens)
+        rate = result.tokens / max(result.run_seconds, 1e-6)
+        self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
+        for job in {id(j): j for j in jobs}.values():
+            job.inference_time += result.run_seconds
+            job.load_time += result.load_seconds
+        for row, (job, x) in enumerate(zip(jobs, result.items)):
             if job.finished:
                 continue
-            job.rows[x.plan.index] = {k: v[row] for k, v in out.items()}
+            job.rows[x.plan.index] = {k: v[row] for k, v in result.outputs.items()}
             if job.finished:
                 _post(job, job, None)
-
-    def _observe(self, live: list[tuple[Job, Loaded]], took: float) -> None:
-        tokens = sum(x.plan.tokens for _, x in live)
-        m, name = self.metrics, self.name
-        m.inference_seconds.labels(name).observe(took)
-        m.batch_items.labels(name).observe(len(live))
-        m.batch_requests.labels(name).observe(len({id(j) for j, _ in live}))
-        m.batch_tokens.labels(name).observe(tokens)
-        rate = tokens / max(took, 1e-6)
-        self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
 
     def _fail(self, job: Job, err: BaseException, reason: str) -> None:
         with self._cond:
@@ -364,6 +324,38 @@ class ModelQueue:
         if not self._rate:
             return 1
         return int(min(600, (self._queued_tokens + tokens) / self._rate)) + 1
+
+
+class _Rows:
+    """The batch sink of one scheduler pass: which request each item belongs to (the rounds it was
+    fed; the loop holds at most two micro-batches, so at most two rounds are open), and where its
+    row or error goes.
+    """
+
+    def __init__(self, queue: ModelQueue) -> None:
+        self.queue = queue
+        self.rounds: deque[Round] = deque(maxlen=2)
+
+    def job(self, plan: Plan) -> Job:
+        key = id(plan)
+        for rnd in reversed(self.rounds):
+            job = rnd.owners.get(key)
+            if job is not None:
+                return job
+        raise KeyError(f"plan {plan.index} is in no open round")
+
+    def wanted(self, plan: Plan) -> bool:
+        return not self.job(plan).finished  # failed or cancelled meanwhile: its rows are not wanted
+
+    def failed(self, plan: Plan, error: InputError | BackendError) -> None:
+        if isinstance(error, BackendError):
+            log.error("%s: inference failed", self.queue.name, exc_info=error.__cause__)
+            self.queue._fail(self.job(plan), error, "inference_error")
+        else:  # found while loading (a rerank query whose media failed: that request alone fails)
+            self.queue._fail(self.job(plan), error, "invalid_input")
+
+    def ran(self, result: BatchResult) -> None:
+        self.queue._deliver(result, [self.job(x.plan) for x in result.items])
 
 
 def _post(job: Job, result: Job | None, err: BaseException | None) -> None:

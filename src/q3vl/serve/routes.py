@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from q3vl.errors import RequestError, UnavailableError
-from q3vl.runtime import Plan
+from q3vl.runtime import Embedder, Plan
 from q3vl.serve import convert, outputs
 from q3vl.serve.parse import bounded_route
 from q3vl.serve.schemas import (
@@ -57,12 +57,12 @@ def _svc(request: Request) -> Service:
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """OpenAI embeddings (`input`), or vLLM's multimodal `messages` form (one embedding)."""
     started, svc = time.monotonic(), _svc(request)
-    model = svc.model("embedding", body.model)
+    model = svc.embedder(body.model)
     if isinstance(body.input, list) and body.messages is None:  # before any per-item work
         svc.check_count(len(body.input), "input")
     items = convert.openai_items(body, svc.gate)
     dim = _dim(model, body.dimensions, "dimensions")
-    outcome = await svc.submit("embedding", items.items, items.params, request.receive)
+    outcome = await svc.submit(model, items.items, items.params, request.receive)
     vectors = model.vectors(outcome.job.outputs(), body.normalize, dim) if outcome.job else np.zeros((0, 0))
     encode = outputs.b64_float32 if body.encoding_format == "base64" else (lambda v: v.tolist())
     data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
@@ -74,7 +74,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 async def embed_v2(body: EmbedV2Request, request: Request) -> Response:
     """Cohere v2 embed: many mixed text/image(/video) inputs per request, several embedding types."""
     started, svc = time.monotonic(), _svc(request)
-    model = svc.model("embedding", body.model)
+    model = svc.embedder(body.model)
     if body.truncate == "START":
         raise RequestError("truncate=START is not supported: q3vl shortens the end of an over-long text (END) "
                            "or refuses it (NONE)", "truncate")
@@ -87,9 +87,9 @@ async def embed_v2(body: EmbedV2Request, request: Request) -> Response:
     outputs.check_codes(types, svc.calibration, dim or model.dim)
 
     def check(plans: list[Plan]) -> None:
-        _check_lengths(plans, items.params, body.max_tokens, body.truncate, model.encoder.config.max_length)
+        _check_lengths(plans, items.params, body.max_tokens, body.truncate, model.max_length)
 
-    outcome = await svc.submit("embedding", items.items, items.params, request.receive, check)
+    outcome = await svc.submit(model, items.items, items.params, request.receive, check)
     if outcome.job is None:
         return _respond({}, outcome, started)
     vectors = model.vectors(outcome.job.outputs(), True, dim)
@@ -105,11 +105,11 @@ async def embed_v2(body: EmbedV2Request, request: Request) -> Response:
 async def rerank(body: RerankRequest, request: Request) -> Response:
     """Rerank documents (text, or `{"content": [...]}` with images and videos) against a query."""
     started, svc = time.monotonic(), _svc(request)
-    model = svc.model("reranker", body.model)
+    model = svc.reranker(body.model)
     if body.documents:  # before any per-document work (no documents: an empty ranking, as the anchors do)
         svc.check_count(len(body.documents), "documents")
     runtime_request, params = convert.rerank_request(body, svc.gate)
-    outcome = await svc.submit("reranker", runtime_request, params, request.receive)
+    outcome = await svc.submit(model, runtime_request, params, request.receive)
     scores = model.scores(outcome.job.outputs()) if outcome.job else []
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[:body.top_n or None]
     results = [{"index": i, "relevance_score": scores[i],
@@ -168,7 +168,7 @@ def build_router() -> APIRouter:
     return router
 
 
-def _dim(model: Any, dim: int | None, param: str) -> int | None:
+def _dim(model: Embedder, dim: int | None, param: str) -> int | None:
     """A Matryoshka dimension in 1..D, or None for the full vector."""
     if dim is not None and dim > model.dim:
         raise RequestError(f"{param} must be at most {model.dim} (the model's width), got {dim}", param)

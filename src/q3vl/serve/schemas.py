@@ -7,7 +7,7 @@
   `{"content": [...]}` documents and query.
 
 Unknown fields are refused (a typo must not be silently ignored). q3vl's own per-item options
-(`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels) may be given on the request
+(`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels, video_budget) may be given on the request
 (they apply to every item) or, where an item is an object, on the item. Numbers are strict (an
 integer field takes only a JSON integer: `true`, `"5"` and `2.0` are refused; a float field takes
 integers and floats, never booleans or strings), bounded and finite (JSON parsers accept NaN and
@@ -24,7 +24,8 @@ from __future__ import annotations
 import builtins
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_TEXT = 4 * 1024 * 1024  # characters in one string; the body limit is usually lower
 MAX_PARTS = 256  # content parts in one item
@@ -69,6 +70,8 @@ class ItemOptions(Strict):
     min_pixels: Int | None = Field(None, ge=1, le=MAX_PIXELS, description="Smallest image area (pixels).")
     max_pixels: Int | None = Field(None, ge=1, le=MAX_PIXELS, description="Largest image area (pixels).")
     total_pixels: Int | None = Field(None, ge=1, le=MAX_PIXELS, description="Pixel budget of a frame-list video.")
+    video_budget: Literal["off", "fit"] | None = Field(
+        None, description="'fit': a video file too long for max_length gets smaller, then fewer frames until it fits.")
 
     def options(self) -> dict[str, Any]:
         """The options that were given, as runtime item keys."""
@@ -126,6 +129,30 @@ class EmbeddingRequest(ItemOptions):
     dimensions: Int | None = Field(None, ge=1, le=1 << 16)
     user: Name | None = None
     normalize: StrictBool = Field(True, description="vLLM extension: False returns the raw pooled state.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        """OpenAI's API also takes token ids; q3vl refuses them with what to do instead (see TOKEN_IDS)."""
+        if _token_ids(value):
+            raise PydanticCustomError("token_ids_not_supported", TOKEN_IDS)
+        return value
+
+
+TOKEN_IDS = (
+    "token-id input is not supported: q3vl tokenizes text with the model's own tokenizer, and ids made by another "
+    "tokenizer (such as the tiktoken ids LangChain's OpenAIEmbeddings sends by default) would give wrong vectors. "
+    "Send the text as strings: LangChain OpenAIEmbeddings(..., check_embedding_ctx_length=False); LlamaIndex "
+    "OpenAILikeEmbedding(model_name=..., api_base=<this server>/v1), which sends strings; or use q3vl's own "
+    "integrations (q3vl.integrations.langchain, q3vl.integrations.llama_index), which also embed images and videos")
+
+
+def _token_ids(value: Any) -> bool:
+    """Whether an `input` is OpenAI's token-id form: ints, or lists of ints (the first element decides)."""
+    first = value[0] if isinstance(value, list) and value else value
+    if isinstance(first, list) and first:
+        first = first[0]
+    return isinstance(first, int) and not isinstance(first, bool)
 
 
 class EmbeddingData(BaseModel):

@@ -4,7 +4,8 @@
 thread, while the server already answers `/health`; `/ready` and the API routes say 503 until then
 and again while draining. A bundle that fails to load stops the server (`on_failure`) and `q3vl
 serve` exits with its error. `submit()` is a request's path through the runtime's batch API: plan on a worker thread,
-turn per-item errors into 400s naming the item, then wait on the model's queue.
+turn per-item errors into 400s naming the item, then wait on the model's queue (whose scheduler runs
+the items through the runtime's batch seam, `run_batches`). Models are held by the seam's protocol.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
 from PIL import Image
+from starlette.types import Receive
 
 from q3vl.codes.embeddings import Calibration
 from q3vl.errors import (
@@ -30,7 +32,7 @@ from q3vl.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from q3vl.runtime import Embedder, Plan, Reranker
+from q3vl.runtime import BatchModel, Embedder, Plan, Reranker
 from q3vl.serve import media
 from q3vl.serve.config import ServeConfig
 from q3vl.serve.media import MediaGate
@@ -38,6 +40,7 @@ from q3vl.serve.metrics import Metrics
 from q3vl.serve.queue import Job, Limits, ModelQueue
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Service:
                                          config.max_redirects, config.media_item_bytes, config.media_request_bytes,
                                          config.media_deadline)
         self.calibration = _calibration(config)
-        self.models: dict[str, Any] = {}
+        self.models: dict[str, Embedder | Reranker] = {}
         self.queues: dict[str, ModelQueue] = {}
         self.ready = threading.Event()
         self.failure: BaseException | None = None
@@ -127,10 +130,11 @@ class Service:
 
     def _warm_up(self) -> None:
         image = Image.fromarray(np.full((64, 64, 3), 127, np.uint8))
-        if "embedding" in self.models:
-            self.models["embedding"].process([{"text": "warm up"}, {"image": image}])
-        if "reranker" in self.models:
-            self.models["reranker"].process({"query": {"text": "warm up"}, "documents": [{"image": image}]})
+        for model in self.models.values():
+            if isinstance(model, Embedder):
+                model.process([{"text": "warm up"}, {"image": image}])
+            else:
+                model.process({"query": {"text": "warm up"}, "documents": [{"image": image}]})
 
     def drain(self) -> None:
         """Stop taking new requests (503); queued and running ones still finish."""
@@ -148,7 +152,19 @@ class Service:
                 log.warning("%s: still running a batch at the drain deadline; its model is left to exit", task)
 
     # ------------------------------------------------------------ per request
-    def model(self, task: str, name: str | None) -> Any:
+    def embedder(self, name: str | None) -> Embedder:
+        """The embedding model a request asks for (see `model`)."""
+        model = self.model("embedding", name)
+        assert isinstance(model, Embedder)
+        return model
+
+    def reranker(self, name: str | None) -> Reranker:
+        """The reranker a request asks for (see `model`)."""
+        model = self.model("reranker", name)
+        assert isinstance(model, Reranker)
+        return model
+
+    def model(self, task: str, name: str | None) -> Embedder | Reranker:
         """The model a request asks for: 503 when not ready or draining, 404 for a name not served."""
         if self.draining:
             raise UnavailableError("the server is draining before it exits", retry_after=5)
@@ -171,18 +187,20 @@ class Service:
         if n == 0:
             raise RequestError("the request has no items", param)
 
-    async def submit(self, task: str, inputs: Any, params: list[str], receive: Any,
+    async def submit(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
                      check: Callable[[list[Plan]], None] | None = None) -> Outcome:
-        """Plan on a worker thread (any bad item: a 400 naming it), then run on the model's queue."""
+        """Plan `inputs` (what `model.plan` takes) on a worker thread (any bad item: a 400 naming it),
+        then run them on the model's queue.
+        """
         self.active += 1
         try:
-            return await self._submit(task, inputs, params, receive, check)
+            return await self._submit(model, inputs, params, receive, check)
         finally:
             self.active -= 1
 
-    async def _submit(self, task: str, inputs: Any, params: list[str], receive: Any,
+    async def _submit(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
                       check: Callable[[list[Plan]], None] | None) -> Outcome:
-        model = self.models[task]
+        task = model.task.name
         self.queues[task].check_room(len(params))  # a full queue refuses before any planning work
         start = time.monotonic()
         try:
@@ -214,7 +232,7 @@ def _param(params: list[str], index: int | None) -> str | None:
     return params[index] if index is not None and 0 <= index < len(params) else None
 
 
-def _disconnect_of(receive: Any) -> Callable[[], Awaitable[None]]:
+def _disconnect_of(receive: Receive) -> Callable[[], Awaitable[None]]:
     """A waiter that returns when the client disconnects (the body was read: the server's `receive`
     says nothing else until then).
     """

@@ -267,7 +267,7 @@ def calibrate(checkpoint: str | Path, task: str, plan: Int8Plan | None = None) -
     from q3vl.preprocess.encode import Encoder, PreprocessConfig
     from q3vl.preprocess.prompt import ChatTemplate, TextTokenizer
     from q3vl.preprocess.vision import Geometry
-    from q3vl.runtime.pipeline import GraphRunner
+    from q3vl.runtime.pipeline import text_feeds
     from q3vl.spec import ModelSpec
 
     ckpt = Path(checkpoint)
@@ -281,14 +281,13 @@ def calibrate(checkpoint: str | Path, task: str, plan: Int8Plan | None = None) -
     seqs, blocks = calibration_items(encoder, kind)
     w = Weights(ckpt)
     vision = _vision(spec, w, [b for per in blocks for b in per], br)
-    runner = GraphRunner(None, spec, tokenizer.special.endoftext)  # type: ignore[arg-type]
     feeds = {}
     for key, outs in vision.items():
         visual, k = [], 0
         for per in blocks:
             visual.append(outs[k:k + len(per)])
             k += len(per)
-        feeds[key] = runner.text_feeds(seqs, visual)
+        feeds[key] = text_feeds(spec, tokenizer.special.endoftext, seqs, visual)
     heads = _text(spec, w, feeds, br, _head(spec, w, kind, tokenizer))
     search = {str(c.alpha): head_error(kind, heads[0], heads[k]) for k, c in zip(br.keys[1:], cands)}
     best = cands[0] if not search else min(cands, key=lambda c: search[str(c.alpha)])

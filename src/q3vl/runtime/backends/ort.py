@@ -172,7 +172,8 @@ class CudaBackend(OrtBackend):
     IO binding is on: the vision graph writes its outputs straight into the text graph's input
     buffers on the GPU (see `GraphRunner.run`), and only token ids, positions and pixels cross PCIe.
     `cuda_graph=True` asks ORT to capture CUDA graphs, which only pays off when input shapes repeat
-    (fixed batch and length buckets).
+    (fixed batch and length buckets): ORT replays a captured graph without checking shapes, and it
+    refuses the option for a session with Memcpy nodes, so fp16 fused bundles only (docs/gpu.md).
     """
 
     Options = CudaOptions
