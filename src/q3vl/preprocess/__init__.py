@@ -4,6 +4,6 @@ Images, videos, prompts and tokenization, M-RoPE positions and the vision graph'
 reproducing qwen-vl-utils 0.0.14 + the transformers processor (docs/reference-behaviour.md#preprocessing).
 """
 
-from q3vl.preprocess.media import MediaPolicy
+from q3vl.preprocess.media import CallBudget, Deadline, MediaAccess, MediaPolicy, media_call
 
-__all__ = ["MediaPolicy"]
+__all__ = ["CallBudget", "Deadline", "MediaAccess", "MediaPolicy", "media_call"]

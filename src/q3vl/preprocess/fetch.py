@@ -179,16 +179,20 @@ def _get(t: _Target, ips: list[str], deadline: Deadline, timeout: float, cap: tu
         watchdog = threading.Timer(max(0.0, deadline.left()), conn.abort)
         watchdog.daemon = True
         watchdog.start()
+        unwatch = deadline.watch(conn.abort)  # a cancelled deadline (the caller left) aborts at once
         try:
             return _exchange(conn, t, deadline, cap, name)
         except InputError:
             raise
         except (OSError, http.client.HTTPException, ValueError) as e:
+            if deadline.cancelled:
+                raise InputError(f"fetching {name} was cancelled (its request ended)") from e
             if conn.aborted or deadline.expired():
                 raise InputError(f"fetching {name} did not finish within the media deadline; send a smaller "
                                  "or faster source, or raise MediaPolicy(deadline=...)") from e
             err = e
         finally:
+            unwatch()
             watchdog.cancel()
             conn.close()
     raise InputError(f"unreachable URL {name}: {_reason(err)}") from err

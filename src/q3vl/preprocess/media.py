@@ -176,14 +176,46 @@ def normalize_host(host: str) -> str:
 
 
 class Deadline:
-    """One item's time budget: fetch, probe and decode all draw on the same clock."""
+    """One item's (or one call's) time budget: fetch, probe and decode all draw on the same clock.
+
+    `cancel()` ends it early (the caller left): it is expired from then on, and every callback
+    registered with `watch` (a fetch's socket abort) runs at once, so nothing keeps reading for a
+    caller that is gone.
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.end = time.monotonic() + max(seconds, 0.0)
+        self.cancelled = False
+        self._watchers: dict[int, Callable[[], None]] = {}
+        self._lock = threading.Lock()
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+    def cancel(self) -> None:
+        """Expire now and run every watcher (each once)."""
+        with self._lock:
+            self.cancelled = True
+            self.end = min(self.end, time.monotonic())
+            watchers, self._watchers = list(self._watchers.values()), {}
+        for fn in watchers:
+            fn()
+
+    def watch(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Run `fn` when the deadline is cancelled (at once if it already is); returns an un-register."""
+        key = id(fn)
+
+        def unwatch() -> None:
+            with self._lock:
+                self._watchers.pop(key, None)
+
+        with self._lock:
+            if not self.cancelled:
+                self._watchers[key] = fn
+                return unwatch
+        fn()
+        return unwatch
 
     def expired(self) -> bool:
         return self.left() <= 0
@@ -201,8 +233,9 @@ class CallBudget:
     charged once per call.
     """
 
-    def __init__(self, policy: MediaPolicy) -> None:
+    def __init__(self, policy: MediaPolicy, deadline: Deadline | None = None) -> None:
         self.policy = policy
+        self.deadline = deadline  # the whole call's, when it has one: every fetch also ends by it
         self.used = 0
         self.sources: dict[tuple[str, str | bytes], Source | InputError] = {}
         self._lock = threading.Lock()
@@ -243,9 +276,16 @@ _CALL: ContextVar[CallBudget | None] = ContextVar("q3vl_media_call", default=Non
 
 
 @contextlib.contextmanager
-def media_call(policy: MediaPolicy) -> Iterator[CallBudget]:
-    """Everything planned inside shares one per-call byte budget and fetch cache."""
-    token = _CALL.set(CallBudget(policy))
+def media_call(policy: MediaPolicy, budget: CallBudget | None = None) -> Iterator[CallBudget]:
+    """Everything planned inside shares one per-call byte budget and fetch cache: `budget` when given
+    (a server's request, whose URLs it may already have fetched), else the enclosing call's when one
+    with the same policy is open, else a new one.
+    """
+    outer = _CALL.get()
+    if budget is None and outer is not None and outer.policy == policy:
+        yield outer
+        return
+    token = _CALL.set(budget if budget is not None else CallBudget(policy))
     try:
         yield _CALL.get()  # type: ignore[misc]
     finally:
@@ -304,6 +344,8 @@ class MediaAccess:
     def source(self, ref: Any, kind: str, deadline: Deadline) -> Source:
         """Check `ref` (path, URL, data URI or encoded bytes) against the policy and make it readable."""
         budget = self.calls_budget()
+        if budget.deadline is not None and budget.deadline.end < deadline.end:
+            deadline = budget.deadline  # the call's deadline comes first (or was cancelled)
         if isinstance(ref, bytes):
             return budget.cached((kind, ref), lambda: self._bytes(ref, kind, budget))
         if isinstance(ref, (bytearray, memoryview)):

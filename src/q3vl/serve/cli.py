@@ -1,9 +1,11 @@
 """`q3vl serve`: the command. FastAPI and uvicorn are imported only when it runs.
 
 SIGTERM (or Ctrl-C) drains: the server keeps listening but answers 503 to new requests (so `/ready`
-tells a load balancer to stop sending), lets every accepted request finish (up to --drain-timeout),
-then stops uvicorn, whose own graceful shutdown and the queues' close finish anything left, and exits
-0. A second signal is uvicorn's: shut down now (and exit by that signal).
+tells a load balancer to stop sending) and lets every accepted request finish until one deadline,
+--drain-timeout after the signal; a request still in flight then gets a clean 503 (its queued items
+dropped), uvicorn stops (its graceful shutdown limited to 2 s: every response is out) and the queues
+close with what is left of the same deadline; the process exits 0 within --drain-timeout + ~3 s.
+A second signal is uvicorn's: shut down now (and exit by that signal).
 """
 
 from __future__ import annotations
@@ -49,7 +51,18 @@ def _args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-bytes", type=int, default=20 * 1024**2, help="request body bytes (413)")
     g.add_argument("--max-queue-items", type=int, default=1024, help="items waiting before 429")
     g.add_argument("--loader-threads", type=int, help="media decoding threads per model")
-    g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight (then 503 for each; exit within ~3 s more)")
+    g.add_argument("--max-queue-tokens", type=int, default=1 << 20,
+                   help="text + vision tokens waiting per queue (429 beyond; 413 for one request above it)")
+    g = p.add_argument_group("work in flight (all requests together)")
+    g.add_argument("--max-inflight-media-bytes", type=int, default=2048 * 1024**2,
+                   help="fetched and decoded media bytes (429 beyond; 413 for one request above it)")
+    g.add_argument("--max-inflight-pixels", type=int, default=256 * 1024**2,
+                   help="full-resolution pixels of the images and video frames being loaded (429 / 413)")
+    g.add_argument("--plan-threads", type=int, default=8,
+                   help="threads planning requests with media (text-only requests never wait for them)")
+    g.add_argument("--fetches-per-request", type=int, default=4, help="http(s) media one request fetches at once")
     g = p.add_argument_group("media policy")
     g.add_argument("--media-root", type=Path, help="serve local paths and file:// under DIR (refused otherwise)")
     g.add_argument("--allow-private-urls", action="store_true",
@@ -108,7 +121,9 @@ def config_from(a: argparse.Namespace) -> Any:
         media_root=a.media_root, allow_private_urls=a.allow_private_urls, allowed_hosts=hosts,
         media_item_bytes=a.max_media_bytes, media_request_bytes=a.max_media_request_bytes,
         media_deadline=a.media_deadline, max_redirects=a.max_redirects, drain_timeout=a.drain_timeout,
-        loader_threads=a.loader_threads, input_type_instructions=instructions, http=_http_limits(a))
+        loader_threads=a.loader_threads, input_type_instructions=instructions, http=_http_limits(a),
+        max_inflight_media_bytes=a.max_inflight_media_bytes, max_inflight_pixels=a.max_inflight_pixels,
+        max_queue_tokens=a.max_queue_tokens, plan_threads=a.plan_threads, fetches_per_request=a.fetches_per_request)
 
 
 @command("serve", _args)
@@ -119,11 +134,13 @@ def _serve(a: argparse.Namespace) -> int:
     require("serve")
     import uvicorn
 
+    from q3vl.serve.admission import mmap_large_blocks
     from q3vl.serve.app import create_app
     from q3vl.serve.connection import protocol_class
     from q3vl.serve.service import Service
 
     config = config_from(a)
+    mmap_large_blocks()  # freed media go back to the OS, so memory comes down after a burst
     svc = Service(config)
     server: Any = None
 
@@ -162,10 +179,16 @@ def _draining_server(uvicorn: Any) -> Any:
             asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
         async def _drain(self) -> None:
-            deadline = time.monotonic() + self.svc.config.drain_timeout
+            deadline = self.svc.drain_deadline or time.monotonic() + self.svc.config.drain_timeout
             while self.svc.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            if self.svc.active:  # past the deadline: a clean 503 for each, never a cut connection or a 500
+                log.warning("drain deadline: answering %d requests still in flight with 503", self.svc.abandon())
+                end = time.monotonic() + 1.0
+                while self.svc.active and time.monotonic() < end:
+                    await asyncio.sleep(0.02)
             log.info("drained (%d still in flight); shutting down", self.svc.active)
+            self.config.timeout_graceful_shutdown = 2  # the responses are out: uvicorn's wait is short
             self.should_exit = True  # not handle_exit: a completed drain exits 0, not by the signal
 
     return DrainingServer

@@ -59,6 +59,12 @@ class ServeConfig:
     Media: local paths and `file://` only under `media_root`; http(s) URLs to public addresses
     (`allowed_hosts` narrows them; `allow_private_urls` admits loopback/private/link-local ones),
     `media_item_bytes` / `media_request_bytes` caps, a `media_deadline` per item, `max_redirects`.
+    Work in flight (`admission.py`, `planning.py`): `max_inflight_media_bytes` of fetched and decoded
+    media and `max_inflight_pixels` of decoded pixels, all requests together (429 beyond, 413 for one
+    request above the whole budget; 2 GiB and 256 Mi pixels, about 4 GB at the peak, sized for a 24 GiB
+    machine), `max_queue_tokens` text + vision tokens waiting per queue; media requests plan on
+    `plan_threads` threads of their own, fetching `fetches_per_request` URLs at a time, all under one
+    `media_deadline` per request.
     Connections: `http` (`HttpLimits`).
     """
 
@@ -88,6 +94,11 @@ class ServeConfig:
     max_redirects: int = 3
     drain_timeout: float = 30.0
     loader_threads: int | None = None
+    max_inflight_media_bytes: int = 2048 * MIB
+    max_inflight_pixels: int = 256 * MIB
+    max_queue_tokens: int = 1 << 20
+    plan_threads: int = 8
+    fetches_per_request: int = 4
     input_type_instructions: dict[str, str] = field(default_factory=dict)
     http: HttpLimits = field(default_factory=HttpLimits)
 
@@ -95,7 +106,8 @@ class ServeConfig:
         if self.embedding is None and self.reranker is None:
             raise ConfigError("q3vl serve needs --embedding BUNDLE and/or --reranker BUNDLE")
         for name in ("batch_size", "max_batch_tokens", "max_client_batch_size", "max_request_bytes",
-                     "max_queue_items", "media_item_bytes", "media_request_bytes"):
+                     "max_queue_items", "media_item_bytes", "media_request_bytes", "max_inflight_media_bytes",
+                     "max_inflight_pixels", "max_queue_tokens", "plan_threads", "fetches_per_request"):
             _at_least(name, getattr(self, name), 1)
         if self.max_queue_items < self.max_client_batch_size:
             raise ConfigError(f"max_queue_items ({self.max_queue_items}) must be at least max_client_batch_size "

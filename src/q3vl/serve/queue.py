@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from q3vl.errors import BackendError, InputError, OverloadedError, UnavailableError
+from q3vl.errors import BackendError, InputError, OverloadedError, RequestTooLargeError, UnavailableError
 from q3vl.runtime import BatchResult, BatchRunner, Plan, run_batches
 from q3vl.serve.metrics import Metrics
 
@@ -93,6 +93,7 @@ class Limits:
     max_wait: float = 0.0  # seconds
     max_batch_requests: int = 0  # 0: no cap
     max_items: int = 1024
+    max_tokens: int = 1 << 20  # text + vision tokens waiting (429 beyond; 413 for one request above it)
 
 
 class _Round:
@@ -126,7 +127,7 @@ class _Round:
 class ModelQueue:
     """One model's queue and scheduler thread; `submit`/`cancel`/`run` are called on the event loop."""
 
-    def __init__(self, model: BatchRunner, name: str, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, model: BatchRunner, name: str, limits: Limits, metrics: Metrics, lane: str = "") -> None:
         self.model, self.name, self.limits, self.metrics = model, name, limits, metrics
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()  # requests with waiting items, in arrival order
@@ -134,7 +135,7 @@ class ModelQueue:
         self._queued_tokens = 0
         self._closing = False
         self._rate = 0.0  # tokens per second, smoothed, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name=f"q3vl-serve-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"q3vl-serve-{name}{lane}", daemon=True)
 
     # ------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -151,6 +152,12 @@ class ModelQueue:
         if self._queued + n > self.limits.max_items:
             raise OverloadedError(f"the {self.name} queue is full ({self._queued} items waiting, limit "
                                   f"{self.limits.max_items}); retry later", self._retry_after(tokens))
+        if tokens > self.limits.max_tokens:
+            raise RequestTooLargeError(f"{tokens} tokens in one request; this server queues at most "
+                                       f"{self.limits.max_tokens} (--max-queue-tokens): split the request")
+        if self._queued_tokens + tokens > self.limits.max_tokens:
+            raise OverloadedError(f"the {self.name} queue is full ({self._queued_tokens} tokens waiting, limit "
+                                  f"{self.limits.max_tokens}); retry later", self._retry_after(tokens))
 
     def submit(self, plans: list[Plan]) -> Job:
         """Queue a request's planned items; 429 (`OverloadedError`) when the queue is full."""
@@ -163,7 +170,7 @@ class ModelQueue:
             self._jobs.append(job)
             self._queued += len(plans)
             self._queued_tokens += tokens
-            self.metrics.queue_items.labels(self.name).set(self._queued)
+            self.metrics.queue_items.labels(self.name).inc(len(plans))
             self._cond.notify_all()
         return job
 
@@ -275,7 +282,7 @@ class ModelQueue:
         self._jobs = deque(j for j in self._jobs if j.pending)
         self._queued -= len(round_.picked)
         self._queued_tokens -= round_.tokens
-        self.metrics.queue_items.labels(self.name).set(self._queued)
+        self.metrics.queue_items.labels(self.name).dec(len(round_.picked))
         return round_.picked
 
     def _deliver(self, result: BatchResult, jobs: list[Job]) -> None:
@@ -314,7 +321,7 @@ class ModelQueue:
             self._queued -= dropped
             self._queued_tokens -= sum(p.tokens for p in job.pending)
             job.pending.clear()
-            self.metrics.queue_items.labels(self.name).set(self._queued)
+            self.metrics.queue_items.labels(self.name).dec(dropped)
         if job in self._jobs:
             self._jobs.remove(job)
         return dropped

@@ -44,7 +44,7 @@ DISCONNECTED = 499  # nginx's "client closed request": nobody reads it
 
 
 def _respond(body: dict[str, Any], outcome: Outcome, started: float) -> Response:
-    if outcome.plans and outcome.job is None:
+    if outcome.gone or (outcome.plans and outcome.job is None):
         return Response(status_code=DISCONNECTED)
     return JSONResponse(body, headers=outcome.headers(started))
 
