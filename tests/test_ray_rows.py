@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,12 +51,13 @@ def test_item_of_maps_every_value_kind(tmp_path):
 
 @pytest.mark.parametrize("row, match", [
     ({}, "no text, image or video"),
-    ({"text": 3}, "expected a string"),
-    ({"text": "a", "fps": "fast"}, "not a number"),
-    ({"text": "a", "fps": True}, "expected a number"),
-    ({"image": 3.5}, "expected a path"),
-    ({"video": []}, "must not be empty"),
-    ({"text": "a", "instruction": ["x"]}, "expected a string"),
+    ({"text": 3}, "column 'text': text must be a str or a list of str, not int"),  # the item adapter's texts
+    ({"text": "a", "fps": "fast"}, "column 'fps': 'fast' is not a number"),
+    ({"text": "a", "fps": True}, "column 'fps': fps must be a finite number > 0, not True"),
+    ({"image": 3.5}, "column 'image': image must be a path"),
+    ({"video": []}, "column 'video': video must be a path/URL"),
+    ({"text": "a", "instruction": ["x"]}, "column 'instruction': instruction must be a str"),
+    ({"text": "a", "max_pixels": "1e3"}, "column 'max_pixels': max_pixels must be an integer >= 1"),
 ])
 def test_item_of_bad_values_are_input_errors(row, match):
     with pytest.raises(InputError, match=match):
@@ -65,9 +67,18 @@ def test_item_of_bad_values_are_input_errors(row, match):
 def test_json_mode_and_its_errors():
     cmap = ColumnMap(json="json")
     assert item_of({"json": '{"text": "hi", "other": 1}'}, cmap) == {"text": "hi"}
-    for line, match in (("{bad", "invalid JSON"), ("[1, 2]", "must be an object"), (None, "JSON object per row")):
+    for line, match in (("{bad", "invalid JSON"), ("[1, 2]", "expected a JSON object, not list"),
+                        (None, "JSON object per row")):
         with pytest.raises(InputError, match=match):
             item_of({"json": line}, cmap)
+    # every item key of a line is honoured (as `q3vl embed` reads it), and a bad line names its number
+    line = '{"image": "~/a.png", "max_pixels": 65536, "min_pixels": 1024, "total_pixels": 9, "fps": 2}'
+    assert item_of({"json": line}, cmap, "/data") == {"image": str(Path.home() / "a.png"), "max_pixels": 65536,
+                                                      "min_pixels": 1024, "total_pixels": 9, "fps": 2}
+    with pytest.raises(InputError, match=r"^line 7: invalid JSON: Expecting property name"):
+        item_of({"json": "{bad", "line": 7}, cmap)
+    rid, err = row_id({"json": "{bad", "line": 7}, cmap, "id")
+    assert err.startswith("line 7: invalid JSON") and rid == content_id({"json": "{bad", "line": 7}, cmap)
 
 
 def test_nested_pixel_lists_become_arrays_and_ragged_ones_row_errors():
@@ -84,7 +95,8 @@ def test_table_rows_keeps_null_apart_from_nan():
     t = pa.table({"text": ["a", None], "fps": pa.array([float("nan"), None])})
     rows = table_rows(t, ["text", "fps", "missing"])
     assert rows[0]["text"] == "a" and np.isnan(rows[0]["fps"]) and rows[1] == {"text": None, "fps": None}
-    assert item_of(rows[0], ColumnMap())["fps"] != item_of(rows[0], ColumnMap())["fps"]  # NaN reaches the runtime
+    with pytest.raises(InputError, match="fps must be a finite number > 0, not nan"):  # NaN: the row's error
+        item_of(rows[0], ColumnMap())
 
 
 def test_row_ids_are_stable_typed_and_bad_ids_fall_back_with_an_error():

@@ -335,7 +335,7 @@ def test_http_limits_are_checked():
         with pytest.raises(ConfigError):
             HttpLimits(**bad)
     with pytest.raises(ConfigError, match="max_pending_body_bytes"):
-        ServeConfig(embedding="x", max_request_bytes=4 << 20, http=HttpLimits(max_pending_body_bytes=1 << 20))
+        ServeConfig(embedding="x", max_request_bytes=4 << 20, max_pending_body_bytes=1 << 20)
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -249,3 +249,29 @@ def test_sigterm_answers_what_is_left_503_and_exits_within_the_deadline(server, 
     assert time.monotonic() - signalled < 1 + 5
     log = server.log()
     assert "Traceback" not in log and " 500" not in log, log
+
+
+def test_embed_dataset_media_root_confines_local_files(tmp_path):
+    """`embed-dataset --media-root DIR` (the server's media flags, a trusted corpus's base): a row's
+    relative path is resolved against the input file's directory and must stay under DIR.
+    """
+    from q3vl.preprocess import resolve_path
+    from q3vl.ray.job import job_options
+
+    corpus, outside = tmp_path / "corpus", tmp_path / "outside"
+    corpus.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(corpus / "ok.png")
+    Image.new("RGB", (8, 8)).save(outside / "secret.png")
+    _, confined = job_options(None, None, {"media_root": corpus})
+    _, anywhere = job_options(None, None, {})
+    for ref, policy, allowed in (("ok.png", confined.media_policy, True),
+                                 ("../outside/secret.png", confined.media_policy, False),
+                                 ("../outside/secret.png", anywhere.media_policy, True)):
+        access = MediaAccess(policy, 5.0)
+        path = resolve_path(ref, corpus)
+        if allowed:
+            assert access.source(path, "image", Deadline(5)).path == str((corpus / ref).resolve())
+        else:
+            with pytest.raises(InputError, match="not inside the allowed media root"):
+                access.source(path, "image", Deadline(5))

@@ -24,6 +24,9 @@ def default_workdir() -> Path:
 
 
 def _args(p: argparse.ArgumentParser) -> None:
+    from q3vl.options import add_flags
+    from q3vl.runtime.options import RuntimeOptions
+
     p.add_argument("--shape", choices=["tiny", "small", "2b", "8b"],
                    help="model shape (default: small; tiny with --quick)")
     p.add_argument("--activations", choices=["default", "realistic"], default="default",
@@ -34,7 +37,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", help=f"runtime bundles to include, from {VARIANTS} (default: fp32,fp16,int8; "
                                       "fp32 with --quick)")
     p.add_argument("--tasks", default="embedding,reranker")
-    p.add_argument("--backend", default="cpu")
+    add_flags(p, RuntimeOptions(), only=("backend",))  # the runtime variants' backend
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda)")
     p.add_argument("--reference-dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per workload per round")
@@ -155,6 +158,7 @@ def resolve_options(a: argparse.Namespace) -> None:
     from q3vl.checks import positive, require
 
     a.shape = a.shape or ("tiny" if a.quick else "small")
+    a.backend = a.backend or "cpu"
     a.variants = ",".join(_listed(a.variants or ("fp32" if a.quick else "fp32,fp16,int8"), VARIANTS, "--variants"))
     from q3vl.tasks import TASKS
 

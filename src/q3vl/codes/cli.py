@@ -68,6 +68,8 @@ def _load_sample(path: Path) -> np.ndarray:
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
+    from q3vl.runtime.cli import common_args
+
     p.add_argument("bundle", type=Path, nargs="?", help="embedding bundle (not with --from-parquet)")
     p.add_argument("inputs", type=Path, nargs="?", help="JSONL of items to index (an optional 'id' key is kept)")
     p.add_argument("--from-parquet", type=Path, metavar="OUTPUT_DIR",
@@ -76,10 +78,8 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="index directory")
     p.add_argument("--dim", type=int, help="Matryoshka dimension")
     p.add_argument("--rescore", choices=["int8", "float32", "none"], default="int8")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--backend", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    common_args(p, on_error=False)  # the runtime's options (batch size, backend, pixel limits, ...)
 
 
 @command("index build", _build_args)
@@ -93,8 +93,8 @@ def _index_build(a: argparse.Namespace) -> int:
         raise ConfigError("index build needs BUNDLE and INPUTS, or --from-parquet OUTPUT_DIR")
     from q3vl.checks import bundle_for, check_dim, require
     from q3vl.outputs import check_output, staged_dir
-    from q3vl.runtime.cli import check_runtime_options, run_items
-    from q3vl.runtime.inputs import ids, read_items
+    from q3vl.preprocess.adapter import ids, read_items
+    from q3vl.runtime.cli import run_items, runtime_options
 
     require("index")
     manifest = bundle_for(a.bundle, "embedding")
@@ -102,13 +102,13 @@ def _index_build(a: argparse.Namespace) -> int:
     check_output(a.output, overwrite=a.overwrite, directory=True, what="index directory",
                  replaceable=lambda p: (p / "index.json").is_file())
     a.on_error = "raise"
-    check_runtime_options(a)
+    options = runtime_options(a)
     records = read_items(a.inputs, "embed")
     from q3vl.codes.index import BinaryIndex
     from q3vl.runtime import Embedder
 
-    with Embedder(a.bundle, batch_size=a.batch_size, backend=a.backend) as model:
-        emb = run_items(model, records, a, dim=a.dim)
+    with Embedder(a.bundle, options=options) as model:
+        emb = run_items(model, records, a, dim=a.dim).values
     keys = ids(records) or list(range(len(records)))
     index = BinaryIndex.build(emb, rescore=a.rescore, meta={"bundle": str(a.bundle.resolve()), "ids": keys,
                                                             "matryoshka_dim": a.dim})
@@ -207,9 +207,9 @@ def _index_search(a: argparse.Namespace) -> int:
     require("index")
     from q3vl.codes.embeddings import truncate
     from q3vl.codes.index import BinaryIndex
+    from q3vl.preprocess.adapter import read_object
     from q3vl.preprocess.items import EMBED_KEYS
     from q3vl.runtime import Embedder
-    from q3vl.runtime.inputs import read_object
 
     index = BinaryIndex.load(a.index)
     path = Path(a.query)

@@ -15,17 +15,18 @@ from q3vl.errors import CheckpointError, ConfigError, ParityError, missing_extra
 from q3vl.export.onnx_export import export_graph, text_example, vision_example
 from q3vl.export.quantize.int8 import PLAN_FILE
 from q3vl.export.quantize.quantized import Int8Hook, NBitsHook
+from q3vl.export.recipe import ExportRecipe
 from q3vl.export.weights import Weights, check_checkpoint, checkpoint_identity
+from q3vl.options import of
 from q3vl.outputs import check_output, staged_dir
-from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, check, weights_precision
+from q3vl.precision import GRAPH_KINDS, GRAPH_PRECISIONS, weights_precision
 from q3vl.progress import Progress
 from q3vl.spec import ModelSpec
 from q3vl.tasks import TASKS, Task, task_for
 
 log = logging.getLogger(__name__)
 PRECISIONS, GRAPHS = GRAPH_PRECISIONS, GRAPH_KINDS  # what `export_bundle` accepts
-EXPORT_WEIGHTS = ("int8", "int4")  # the weight formats `export_bundle(weights=...)` writes from the checkpoint
-TASK_EMBEDDING, TASK_RERANKER, GRAPH_PLAIN = "task='embedding'", "task='reranker'", "graph='plain'"
+TASK_EMBEDDING, TASK_RERANKER = "task='embedding'", "task='reranker'"
 
 
 def detect_task(checkpoint: Path) -> Task:
@@ -133,9 +134,9 @@ def _check_graphs(out: Path) -> None:
         onnx.checker.check_model(str(out / name), full_check=False)
 
 
-def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = "fp32", task: str = "auto", *,
-                  graph: str = "fused", overwrite: bool = False, validate: bool = True, progress: bool = True,
-                  weights: str | None = None, block_size: int = 32, int8_plan: Any = None) -> Path:
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str | None = None, task: str = "auto", *,
+                  recipe: ExportRecipe | None = None, overwrite: bool = False, validate: bool = True,
+                  progress: bool = True, int8_plan: Any = None, **recipe_keywords: object) -> Path:
     """Export a Qwen3-VL-Embedding/Reranker checkpoint to a self-contained, validated bundle.
 
     Args:
@@ -143,24 +144,26 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         out_dir: bundle directory to create (must be absent or empty unless `overwrite`). It is
             written beside itself under a hidden name and renamed when complete, so a failed or
             interrupted export leaves no `out_dir` behind.
-        precision: "fp32", "fp16" or "bf16" for the graphs' weights and matmuls (norms, softmax,
-            residual stream and heads stay float32).
+        precision: "fp32" (default), "fp16" or "bf16" for the graphs' weights and matmuls (norms,
+            softmax, residual stream and heads stay float32).
         task: "embedding", "reranker" or "auto" (from the checkpoint's name).
-        graph: "fused" (ONNX Runtime contrib ops: fused attention, rotary, norms; the fast default)
-            or "plain" (traced with torch.onnx, standard ops only: the parity baseline, and what
-            runtimes without ORT's contrib ops need). Both are held to the same parity tests.
+        recipe: the `ExportRecipe` (graph kind x precision x weights, validated once); `precision`
+            and `recipe_keywords` are applied on top. `graph`: "fused" (ONNX Runtime contrib ops: fused
+            attention, rotary, norms; the fast default) or "plain" (traced with torch.onnx, standard ops
+            only: the parity baseline, and what runtimes without ORT's contrib ops need). Both are
+            held to the same parity tests. `weights`: None, or "int8" / "int4" to write quantized
+            weights straight from the checkpoint tensors (fused fp32 graphs only): int8 with the
+            calibrated smoothing plan of `q3vl quantize --weights int8`, int4 as MatMulNBits (in
+            blocks of `block_size`). Parity is checked against transformers with the weight
+            format's tolerance.
+        **recipe_keywords: fields of `ExportRecipe` (`graph`, `weights`, `block_size`, `int8_alpha`).
         validate: run onnx.checker, load in ONNX Runtime and check parity against transformers; the
             report goes into the manifest and a failure raises `ParityError` (the bundle is kept,
             marked failed). When False, the manifest says parity was skipped.
         overwrite: replace `out_dir` if it already holds a bundle.
         progress: report the export steps (a bar on a terminal, log lines otherwise).
-        weights: None, or "int8" / "int4" to write quantized weights straight from the checkpoint
-            tensors (fused fp32 graphs only): int8 with the calibrated smoothing plan of `q3vl
-            quantize --weights int8`, int4 as MatMulNBits. Parity is checked against transformers
-            with the weight format's tolerance.
-        block_size: int4 block size.
         int8_plan: int8 only: an `Int8Plan`, used as is when filled in, else its settings are
-            used to calibrate one here.
+            used to calibrate one here (default: the recipe's `int8_alpha`, or the default search).
 
     Returns:
         The bundle directory.
@@ -171,21 +174,13 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         raise missing_extra("torch", "export") from e
     from q3vl.preprocess.prompt import TextTokenizer
 
+    keywords = {**({"precision": precision} if precision is not None else {}), **recipe_keywords}
+    recipe = of(ExportRecipe, keywords, "export_bundle", recipe or ExportRecipe())
+    precision, graph, weights, block_size = recipe.precision, recipe.kind, recipe.weights, recipe.block_size
+    int8_plan = int8_plan if int8_plan is not None else recipe.int8_plan()
     ckpt, out = Path(checkpoint), Path(out_dir)
     check_checkpoint(ckpt)
     spec = ModelSpec.from_checkpoint(ckpt)
-    check(graph, GRAPH_KINDS, "graph")
-    check(precision, GRAPH_PRECISIONS, "precision")
-    if graph == "fused" and precision == "bf16":
-        raise ConfigError(f"fused graphs are built in fp32 or fp16; export bf16 with "
-                          f"{option(GRAPH_PLAIN, '--graph plain')}")
-    if weights is not None:
-        check(weights, EXPORT_WEIGHTS, "weights")
-        if graph != "fused" or precision != "fp32":
-            raise ConfigError(f"weights={weights!r} needs the fused fp32 graphs (graph='fused', precision='fp32'), "
-                              f"not graph={graph!r}, precision={precision!r}")
-        if weights == "int4" and block_size <= 0:
-            raise ConfigError(f"block_size must be greater than 0, not {block_size}")
     if precision == "bf16" and validate:
         _require_bf16_kernels()
     kind = task_for(task) if task != "auto" else detect_task(ckpt)

@@ -30,6 +30,7 @@ from chromadb.utils.embedding_functions import register_embedding_function  # no
 from q3vl.errors import ConfigError, InputError  # noqa: E402
 from q3vl.integrations.client import API_KEY_ENV  # noqa: E402
 from q3vl.integrations.models import EmbeddingModel, embedding_model  # noqa: E402
+from q3vl.preprocess import to_item as item_of  # noqa: E402
 from q3vl.preprocess.items import IMAGE_EXTENSIONS  # noqa: E402
 
 CONFIG_KEYS = ("bundle", "url", "model", "dim", "instruction", "query_instruction", "api_key_env_var")
@@ -50,7 +51,7 @@ def to_item(value: Any, instruction: str | None = None) -> dict[str, Any]:
                          f"{type(value).__name__}")
     if instruction is not None and "instruction" not in item:
         item["instruction"] = instruction
-    return item
+    return item_of(item)  # the one item adapter: keys, values and paths checked as every front end does
 
 
 def _image(array: np.ndarray) -> Any:

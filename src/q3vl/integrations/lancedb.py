@@ -31,6 +31,7 @@ from pydantic import PrivateAttr  # noqa: E402
 
 from q3vl.errors import InputError  # noqa: E402
 from q3vl.integrations.models import EmbeddingModel, embedding_model  # noqa: E402
+from q3vl.preprocess import to_item as item_of  # noqa: E402
 
 
 def to_item(value: Any, source: str = "text", instruction: str | None = None) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def to_item(value: Any, source: str = "text", instruction: str | None = None) ->
                          f"{type(value).__name__}")
     if instruction is not None and "instruction" not in item:
         item["instruction"] = instruction
-    return item
+    return item_of(item)  # the one item adapter: keys, values and paths checked as every front end does
 
 
 def _values(data: Any) -> list[Any]:

@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, PrivateAttr  # noqa: E402
 
 from q3vl.errors import InputError  # noqa: E402
 from q3vl.integrations.models import aembed, arerank, embedding_model, rerank_model  # noqa: E402
+from q3vl.preprocess import to_item as item_of  # noqa: E402
 
 MEDIA_KEYS = ("image", "video")  # Document.metadata keys that add media to a document's item
 
@@ -47,7 +48,7 @@ def to_item(value: Any, kind: str = "text", instruction: str | None = None) -> d
         raise InputError(f"expected a str ({kind}), a Document or a q3vl item dict, not {type(value).__name__}")
     if instruction is not None and "instruction" not in item:
         item["instruction"] = instruction
-    return item
+    return item_of(item)  # the one item adapter: keys, values and paths checked as every front end does
 
 
 def _items(values: Sequence[Any], kind: str, instruction: str | None) -> list[dict[str, Any]]:

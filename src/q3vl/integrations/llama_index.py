@@ -30,6 +30,7 @@ from llama_index.core.schema import (  # noqa: E402
 
 from q3vl.errors import InputError  # noqa: E402
 from q3vl.integrations.models import aembed, arerank, embedding_model, rerank_model  # noqa: E402
+from q3vl.preprocess import to_item as item_of  # noqa: E402
 
 
 def to_item(value: Any, kind: str = "text", instruction: str | None = None) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def to_item(value: Any, kind: str = "text", instruction: str | None = None) -> d
         raise InputError(f"this {type(value).__name__} has no text, image or video")
     if instruction is not None and "instruction" not in item:
         item["instruction"] = instruction
-    return item
+    return item_of(item)  # the one item adapter: keys, values and paths checked as every front end does
 
 
 def _node_item(node: BaseNode) -> dict[str, Any]:

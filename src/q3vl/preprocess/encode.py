@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError, LimitError, QueryError
+from q3vl.preprocess import TRUNCATION_MODES
 from q3vl.preprocess.image import DEFAULT_TIMEOUT, ImageSource, patch_rows, probe_image, smart_resize
 from q3vl.preprocess.items import VIDEO_BUDGETS, Content, EmbedItem, Pixels
 from q3vl.preprocess.media import MediaAccess, MediaPolicy, media_errors
@@ -38,7 +39,6 @@ from q3vl.preprocess.vision import Geometry, VisionBlock
 RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
                  'provided. Note that the answer can only be "yes" or "no".')
 TAIL_TOKENS = 5  # <|im_end|> \n <|im_start|> assistant \n
-TRUNCATION_MODES = ("text", "reference")
 MAX_VARIANTS = 64  # encoders kept for items' own pixel limits; more distinct sets are built per item
 DEFAULT_GEOMETRY = Geometry()  # every published Qwen3-VL checkpoint's: patch 16, temporal 2, merge 2
 

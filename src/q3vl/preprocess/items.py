@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -27,12 +28,8 @@ from PIL import Image
 from q3vl.errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".svg"}
-CONTENT_KEYS = ("text", "image", "video")
-PIXEL_KEYS = ("min_pixels", "max_pixels", "total_pixels")
 BUDGET_KEY = "video_budget"
 VIDEO_BUDGETS = ("off", "fit")
-EMBED_KEYS = (*CONTENT_KEYS, "instruction", "fps", "max_frames", *PIXEL_KEYS, BUDGET_KEY)
-RERANK_KEYS = ("query", "documents", "instruction", "fps", "max_frames", *PIXEL_KEYS, BUDGET_KEY)
 Pixels = tuple[tuple[str, int | str], ...]  # (name, value) of the preprocessing limits an item sets itself
 
 
@@ -151,24 +148,80 @@ def _max_frames(value: Any) -> int | None:
     return int(value)
 
 
+def _instruction(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InputError(f"instruction must be a str, not {type(value).__name__}")
+    return value
+
+
+def _video_budget(value: Any) -> str | None:
+    if value is not None and value not in VIDEO_BUDGETS:
+        raise InputError(f"{BUDGET_KEY} must be one of {list(VIDEO_BUDGETS)}, not {_show(value)}")
+    return value
+
+
+def _pixel_count(name: str) -> Callable[[Any], int | None]:
+    def check(value: Any) -> int | None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be an integer >= 1, not {_show(value)}")
+        return value
+    return check
+
+
+@dataclass(frozen=True)
+class ItemKey:
+    """One key of an item, declared once for every front end (dicts, JSONL, HTTP fields, dataset columns).
+
+    `option`: False for content (text, image, video), True for a per-item setting. `check` validates
+    a value (None: not given) and returns it normalised, raising the `InputError` every front end
+    shows. `kind` and `bounds` are how a typed front end declares the field (the server's request
+    schema: the Python type, and pydantic `Field` bounds it refuses before any work); `help` is its
+    one-line description.
+    """
+
+    name: str
+    option: bool
+    check: Callable[[Any], Any]
+    help: str
+    kind: Any = str
+    bounds: dict[str, Any] = field(default_factory=dict)
+
+
+MAX_OPTION_PIXELS = 1 << 28
+# Every item key, in the order items are shown. Adding a key is one line here: the dict, JSONL, HTTP
+# and dataset front ends all take their keys from this table.
+KEYS: tuple[ItemKey, ...] = (
+    ItemKey("text", False, _texts, "a string or a list of strings"),
+    ItemKey("image", False, _images, "a path, URL, data URI, PIL image, H x W x 3 uint8 array or encoded bytes, "
+                                     "or a list of them"),
+    ItemKey("video", False, _videos, "a video file (path or URL), a list of frames (one video), or a list of "
+                                     "videos"),
+    ItemKey("instruction", True, _instruction, "Instruction for this item (the system prompt).", str,
+            {"max_length": 4 * 1024 * 1024}),
+    ItemKey("fps", True, _fps, "Video sampling rate.", float, {"gt": 0, "le": 120, "allow_inf_nan": False}),
+    ItemKey("max_frames", True, _max_frames, "Most frames sampled from a video.", int, {"ge": 2, "le": 1024}),
+    ItemKey("min_pixels", True, _pixel_count("min_pixels"), "Smallest image area (pixels).", int,
+            {"ge": 1, "le": MAX_OPTION_PIXELS}),
+    ItemKey("max_pixels", True, _pixel_count("max_pixels"), "Largest image area (pixels).", int,
+            {"ge": 1, "le": MAX_OPTION_PIXELS}),
+    ItemKey("total_pixels", True, _pixel_count("total_pixels"), "Pixel budget of a frame-list video.", int,
+            {"ge": 1, "le": MAX_OPTION_PIXELS}),
+    ItemKey(BUDGET_KEY, True, _video_budget, "'fit': a video file too long for max_length gets smaller, then fewer "
+                                             "frames until it fits; 'off': refused.", Literal["off", "fit"]),
+)
+KEY = {k.name: k for k in KEYS}
+CONTENT_KEYS = tuple(k.name for k in KEYS if not k.option)
+OPTION_KEYS = tuple(k.name for k in KEYS if k.option)
+PIXEL_KEYS = ("min_pixels", "max_pixels", "total_pixels")  # the options that reconfigure the encoder
+EMBED_KEYS = (*CONTENT_KEYS, *OPTION_KEYS)  # an `Embedder.process` item
+RERANK_KEYS = ("query", "documents", *OPTION_KEYS)  # a `Reranker.process` request: the options apply to every pair
+
+
 def pixel_limits(obj: dict[str, Any]) -> Pixels:
     """The preprocessing limits an item or request sets itself: pixel limits (integers >= 1), in
     `PIXEL_KEYS` order, then its `video_budget`.
     """
-    out: list[tuple[str, int | str]] = []
-    for name in PIXEL_KEYS:
-        value = obj.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{name} must be an integer >= 1, not {_show(value)}")
-        out.append((name, value))
-    budget = obj.get(BUDGET_KEY)
-    if budget is not None:
-        if budget not in VIDEO_BUDGETS:
-            raise InputError(f"{BUDGET_KEY} must be one of {list(VIDEO_BUDGETS)}, not {_show(budget)}")
-        out.append((BUDGET_KEY, budget))
-    return tuple(out)
+    return tuple((name, obj[name]) for name in (*PIXEL_KEYS, BUDGET_KEY) if KEY[name].check(obj.get(name)) is not None)
 
 
 @dataclass(frozen=True)
@@ -185,11 +238,8 @@ class EmbedItem:
 def embed_item(obj: Any) -> EmbedItem:
     """Validate one element of `Embedder.process(inputs)`."""
     obj = _check_keys(obj, EMBED_KEYS, "input")
-    instruction = obj.get("instruction")
-    if instruction is not None and not isinstance(instruction, str):
-        raise InputError(f"instruction must be a str, not {type(instruction).__name__}")
-    return EmbedItem(content(obj), instruction, _fps(obj.get("fps")), _max_frames(obj.get("max_frames")),
-                     pixel_limits(obj))
+    return EmbedItem(content(obj), _instruction(obj.get("instruction")), _fps(obj.get("fps")),
+                     _max_frames(obj.get("max_frames")), pixel_limits(obj))
 
 
 @dataclass(frozen=True)

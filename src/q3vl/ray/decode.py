@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from q3vl.errors import ConfigError
-from q3vl.ray.rows import ColumnMap, resolve, table_rows
+from q3vl.ray.rows import ColumnMap, image_limits, resolve, table_rows
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -62,7 +62,8 @@ class DecodeImages:
         from q3vl.runtime import as_input_error, prepare_image
 
         errors = prior_errors(batch)
-        rows = table_rows(batch, self.columns.image)
+        rows = table_rows(batch, [*self.columns.image, *self.columns.column("min_pixels"),
+                                  *self.columns.column("max_pixels")])
         table = batch
         for column in self.columns.image:
             if column not in batch.column_names:
@@ -70,13 +71,15 @@ class DecodeImages:
             pixels: list[bytes | None] = [None] * len(rows)
             shapes: list[list[int] | None] = [None] * len(rows)
             for i, row in enumerate(rows):
-                value = row.get(column)
-                if errors[i] or not isinstance(value, (str, bytes, np.ndarray)):
+                value, limits = row.get(column), image_limits(row, self.columns)
+                if errors[i] or not isinstance(value, (str, bytes, np.ndarray)) or not self._usable(limits):
                     continue  # nothing, a list of images or a bad value: left to the embedding stage
                 try:
+                    own = limits or {}
                     rgb = prepare_image(resolve(value, self.base_dir) if isinstance(value, str) else value,
-                                        self.geometry, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                                        media_policy=self.policy, timeout=self.timeout)
+                                        self.geometry, min_pixels=own.get("min_pixels", self.min_pixels),
+                                        max_pixels=own.get("max_pixels", self.max_pixels), media_policy=self.policy,
+                                        timeout=self.timeout)
                 except Exception as e:
                     errors[i] = as_input_error(e).reason
                     continue
@@ -85,6 +88,12 @@ class DecodeImages:
             table = table.append_column(SHAPE.format(column), pa.array(shapes, pa.list_(pa.int32())))
         table = table.drop_columns([ERROR]) if ERROR in table.column_names else table
         return table.append_column(ERROR, pa.array(errors, pa.string()))
+
+    def _usable(self, limits: dict[str, int] | None) -> bool:
+        """Whether a row's own pixel limits (if any) are valid; the embedding stage reports bad ones."""
+        if limits is None:
+            return False
+        return limits.get("min_pixels", self.min_pixels) <= limits.get("max_pixels", self.max_pixels)
 
 
 def apply_decoded(batch: pa.Table, rows: list[dict[str, object]], columns: ColumnMap) -> None:

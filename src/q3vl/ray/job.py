@@ -20,17 +20,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from q3vl.errors import ConfigError, missing_extra
-from q3vl.ray.rows import ColumnMap
+from q3vl.errors import ConfigError, UnknownOptionError, missing_extra
+from q3vl.options import numbers, of, option_fields, split
+from q3vl.preprocess import MediaOptions
+from q3vl.ray.options import DatasetOptions
 from q3vl.ray.sources import Source, open_input
 from q3vl.ray.store import IdSet, OutputDir, file_sha256, now, record_run
-from q3vl.ray.udf import CODES, EMBEDDING, ERROR, ID, TOKENS, EmbedBatch, assign_ids, code_column
+from q3vl.ray.udf import EMBEDDING, ERROR, ID, TOKENS, EmbedBatch, assign_ids, code_column
+from q3vl.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
-# Embedder options that do not change a row's numbers (everything else is part of the settings a
-# resumed run must repeat).
-NEUTRAL_OPTIONS = ("batch_size", "max_batch_tokens", "prefetch", "loader_threads", "backend_options", "verify",
-                   "timeout", "media_policy", "allow_unverified")
 TASK_RETRIES = 3
 LIGHT_CPUS = 0.25  # what the read and id stages reserve per task
 DECODE_CPUS = 1.0  # what a decode actor reserves
@@ -74,17 +73,23 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def settings(src: Source, bundle: Path, embed: dict[str, Any]) -> dict[str, Any]:
+def settings(src: Source, bundle: Path, job: DatasetOptions, options: RuntimeOptions) -> dict[str, Any]:
     """What the output directory is bound to: the bundle (by hash), the input and the options that
-    change the numbers (not workers, batch sizes or the backend).
+    change the numbers (`numbers=True` in their declaration: not workers, batch sizes or the backend);
+    the runtime's are recorded where they differ from their defaults.
     """
-    model = {k: v for k, v in embed["model_options"].items() if k not in NEUTRAL_OPTIONS}
-    calib = embed["calibration"]
-    options = {"dim": embed["dim"], "normalize": embed["normalize"], "codes": sorted(embed["codes"]),
-               "calibration_sha256": file_sha256(calib) if calib else None, "columns": src.columns.as_dict(),
-               "id_column": src.id_column, **{f"model.{k}": v for k, v in sorted(model.items())}}
+    recorded: dict[str, Any] = {}
+    for name, value in numbers(job).items():
+        if name == "calibration":
+            recorded["calibration_sha256"] = file_sha256(value) if value else None
+        elif name in ("columns", "id_column"):  # as the input resolved them (a folder's are fixed)
+            recorded[name] = src.columns.as_dict() if name == "columns" else src.id_column
+        else:
+            recorded[name] = sorted(value) if name == "codes" else value
+    model = numbers(options, changed_only=True)
+    recorded.update({f"model.{k}": v for k, v in sorted(model.items())})
     out = {"bundle": {"path": str(bundle.resolve()), "sha256": file_sha256(bundle / "q3vl.json")},
-           "input": {"path": str(src.path), "format": src.format}, "options": options}
+           "input": {"path": str(src.path), "format": src.format}, "options": recorded}
     return json.loads(json.dumps(out))  # as the manifest will hold them (tuples become lists)
 
 
@@ -117,11 +122,10 @@ def check_columns(src: Source, codes: Sequence[str]) -> None:
                           f"{src.names}); map them with --column KEY=COLUMN")
 
 
-def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus_per_worker: float,
-                   cpus_per_worker: float | None, rows_per_call: int, embed: dict[str, Any],
-                   decode_workers: int = 0) -> Any:
+def build_pipeline(src: Source, bundle: Path, done: IdSet, job: DatasetOptions, options: RuntimeOptions,
+                   rows_per_call: int) -> Any:
     """Read -> ids (skip done) in blocks of `rows_per_call` rows (so every worker gets work) ->
-    (decode on `decode_workers` CPU actors) -> embed.
+    (decode on `job.decode_workers` CPU actors) -> embed.
 
     The id stage reserves `LIGHT_CPUS`: with actors that reserve every CPU of the cluster, stages that
     asked for a whole CPU could never be scheduled and the pipeline would wait forever.
@@ -129,28 +133,30 @@ def build_pipeline(src: Source, bundle: Path, done: IdSet, *, workers: int, gpus
     ds = src.dataset.map_batches(assign_ids, batch_format="pyarrow", batch_size=rows_per_call, num_cpus=LIGHT_CPUS,
                                  fn_kwargs={"columns": src.columns, "id_column": src.id_column, "done": done})
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)  # fused into the id stage
-    model = dict(embed["model_options"])
-    model["media_policy"] = call_policy(rows_per_call, model.get("media_policy"))
-    cpus, decode_cpus = actor_cpus(workers, 1.0 if cpus_per_worker is None else cpus_per_worker, decode_workers)
-    if decode_workers:
-        ds = decode_stage(ds, bundle, src, decode_workers, rows_per_call, model, decode_cpus)
-    backend = embed["backend"] or ("cuda" if gpus_per_worker else "cpu")
-    if backend == "cpu" and cpus_per_worker is not None and "backend_options" not in model:
-        model["backend_options"] = {"threads": max(1, int(cpus_per_worker))}  # actors sharing a node's cores
-    kwargs = {"columns": src.columns, "base_dir": src.base_dir, "dim": embed["dim"], "normalize": embed["normalize"],
-              "codes": tuple(embed["codes"]), "calibration": embed["calibration"], "backend": backend,
-              "keep_columns": [*carried_columns(src), ID], **model}
-    return embed_stage(ds, bundle, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus,
+    changes: dict[str, Any] = {"media_policy": call_policy(rows_per_call, options.media_policy)}
+    cpus_per_worker = 1.0 if job.cpus_per_worker is None else job.cpus_per_worker
+    cpus, decode_cpus = actor_cpus(job.workers, cpus_per_worker, job.decode_workers)
+    changes["backend"] = options.backend or ("cuda" if job.gpus_per_worker else "cpu")
+    if changes["backend"] == "cpu" and job.cpus_per_worker is not None and options.backend_options is None:
+        changes["backend_options"] = {"threads": max(1, int(job.cpus_per_worker))}  # actors sharing a node's cores
+    options = dataclasses.replace(options, **changes)
+    if job.decode_workers:
+        ds = decode_stage(ds, bundle, src, job.decode_workers, rows_per_call, options, decode_cpus)
+    kwargs = {"columns": src.columns, "base_dir": src.base_dir, "dim": job.dim, "normalize": job.normalize,
+              "codes": job.codes, "calibration": job.calibration, "keep_columns": [*carried_columns(src), ID],
+              "options": options}
+    return embed_stage(ds, bundle, workers=job.workers, gpus_per_worker=job.gpus_per_worker, cpus_per_worker=cpus,
                        rows_per_call=rows_per_call, **kwargs)
 
 
-def decode_stage(ds: Any, bundle: Path, src: Source, actors: int, rows_per_call: int, model: dict[str, Any],
+def decode_stage(ds: Any, bundle: Path, src: Source, actors: int, rows_per_call: int, options: RuntimeOptions,
                  cpus: float = DECODE_CPUS) -> Any:
     """`DecodeImages` on `actors` CPU actors, with the embedding stage's pixel limits and media policy."""
     from q3vl.ray.decode import DecodeImages
 
-    kwargs: dict[str, Any] = {k: model[k] for k in ("min_pixels", "max_pixels", "timeout") if k in model}
-    kwargs.update(columns=src.columns, base_dir=src.base_dir, media_policy=model["media_policy"])
+    kwargs: dict[str, Any] = {"min_pixels": options.min_pixels, "max_pixels": options.max_pixels,
+                              "timeout": options.timeout, "columns": src.columns, "base_dir": src.base_dir,
+                              "media_policy": options.media_policy}
     return ds.map_batches(DecodeImages, fn_constructor_args=(str(bundle),), fn_constructor_kwargs=kwargs,
                           batch_size=rows_per_call, batch_format="pyarrow",
                           compute=_ray().data.ActorPoolStrategy(size=actors), num_cpus=cpus)
@@ -201,8 +207,10 @@ def embed_stage(ds: Any, bundle: str | Path, *, workers: int = 1, gpus_per_worke
     error) stops the job instead of looping on it forever.
     """
     ray = _ray()
-    if "media_policy" not in embed_kwargs:
-        embed_kwargs = {**embed_kwargs, "media_policy": call_policy(rows_per_call)}
+    options = embed_kwargs.get("options") or RuntimeOptions()
+    if options.media_policy is None and "media_policy" not in embed_kwargs:
+        policy = call_policy(rows_per_call)
+        embed_kwargs = {**embed_kwargs, "options": dataclasses.replace(options, media_policy=policy)}
     with warnings.catch_warnings():
         # Ray 2.60 takes actor restarts / task retries only through **ray_remote_args and marks that
         # deprecated with no replacement named yet (retry_args): the notice would only confuse users
@@ -298,57 +306,45 @@ def write_stream(ds: Any, out: OutputDir, rows_per_shard: int, progress: Progres
     return counts
 
 
-def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, *, input_format: str = "auto",
-                 columns: ColumnMap | None = None, id_column: str | None = None, dim: int | None = None,
-                 normalize: bool = True, codes: Sequence[str] = (), calibration: str | Path | None = None,
-                 workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None,
-                 rows_per_call: int | None = None, rows_per_shard: int = 10_000, backend: str | None = None,
-                 address: str | None = None, num_cpus: int | None = None, progress: bool | None = None,
-                 decode_workers: int = 0, **model_options: Any) -> dict[str, Any]:
+def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, job: DatasetOptions | None = None,
+                 options: RuntimeOptions | None = None, **keywords: Any) -> dict[str, Any]:
     """Embed every row of `input` (Parquet, JSONL, CSV or a folder of media) into Parquet shards in
     `output_dir`, resumably and exactly once per row id; returns this run's record (also in the manifest).
 
+    `job` (`DatasetOptions`: input format, column map, ids, dim and codes, workers, Ray, the media
+    policy's options) and `options` (`RuntimeOptions`: what the `Embedder` of every worker is built
+    with) are given whole, or as keyword arguments named like their fields (`workers=2,
+    batch_size=4, max_pixels=65536`), applied on top; an unknown name raises, naming the allowed ones.
     `workers` embedding actors, each with `gpus_per_worker` GPUs (backend "cuda" unless `backend`
     says otherwise); `cpus_per_worker` is what each reserves (default 1) and, when given, the CPU
     backend's thread count (default: every core of its node, right for one actor per node);
     `rows_per_call` rows per actor call (default 4 x the model's batch size); a shard is written every
     `rows_per_shard` rows. Without a running Ray session a local one is started (`num_cpus`), or the
     cluster at `address` joined. `decode_workers` > 0 adds the CPU decode stage (`DecodeImages`) on that
-    many actors. `model_options` go to `Embedder` (batch_size, max_pixels, media_policy, ...).
+    many actors. Media are read under `options.media_policy` when given, else the policy of `job`'s
+    media options (a trusted corpus: local files anywhere unless `media_root`).
     """
+    job, options = job_options(job, options, keywords)
     bundle = Path(bundle)
-    batch = model_options.get("batch_size", 8)
-    rows_per_call = rows_per_call or 4 * batch
-    for name, value, least in (("workers", workers, 1), ("rows_per_call", rows_per_call, 1),
-                               ("rows_per_shard", rows_per_shard, 1), ("decode_workers", decode_workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"{name} must be an integer >= {least}, not {value!r}")
-    unknown = sorted(set(codes) - set(CODES))
-    if unknown:
-        raise ConfigError(f"unknown code precisions {unknown}; choose from {list(CODES)}")
-    embed = {"dim": dim, "normalize": normalize, "codes": list(codes), "backend": backend,
-             "calibration": None if calibration is None else str(Path(calibration).resolve()),
-             "model_options": model_options}
-    with ray_session(address, num_cpus) as init_s:
+    rows_per_call = job.rows_per_call or 4 * options.batch_size
+    with ray_session(job.address, job.num_cpus) as init_s:
         quiet_ray_data()
-        src = open_input(input, input_format, columns, id_column)
-        check_columns(src, codes)
-        with OutputDir(output_dir, settings(src, bundle, embed)) as out:
-            if calibration is not None and not (out.path / "calibration.json").exists():
-                shutil.copyfile(calibration, out.path / "calibration.json")  # what `index build` rescales with
-            run: dict[str, Any] = {"started": now(), "finished": None, "workers": workers,
-                                   "gpus_per_worker": gpus_per_worker, "ray_init_s": round(init_s, 2),
+        src = open_input(input, job.input_format, job.columns, job.id_column)
+        check_columns(src, job.codes)
+        with OutputDir(output_dir, settings(src, bundle, job, options)) as out:
+            if job.calibration is not None and not (out.path / "calibration.json").exists():
+                shutil.copyfile(job.calibration, out.path / "calibration.json")  # what `index build` rescales with
+            run: dict[str, Any] = {"started": now(), "finished": None, "workers": job.workers,
+                                   "gpus_per_worker": job.gpus_per_worker, "ray_init_s": round(init_s, 2),
                                    "input_rows": src.total, "already_written": len(out.done),
                                    "skipped_files": src.skipped_files}
             record_run(out, run)
-            ds = build_pipeline(src, bundle, out.done, workers=workers, gpus_per_worker=gpus_per_worker,
-                                cpus_per_worker=cpus_per_worker, rows_per_call=rows_per_call, embed=embed,
-                                decode_workers=decode_workers)
+            ds = build_pipeline(src, bundle, out.done, job, options, rows_per_call)
             total = None if src.total is None else max(src.total - len(out.done), 0)
-            bar = Progress(total, progress)
+            bar = Progress(total, job.progress)
             start = time.perf_counter()
             try:
-                counts = write_stream(ds, out, rows_per_shard, bar)
+                counts = write_stream(ds, out, job.rows_per_shard, bar)
             finally:
                 bar.close()
             seconds = time.perf_counter() - start
@@ -356,3 +352,23 @@ def embed_corpus(input: str | Path, output_dir: str | Path, bundle: str | Path, 
                        rows_per_s=round(counts["rows"] / seconds, 2) if seconds > 0 else None)
             record_run(out, run)
             return run
+
+
+def job_options(job: DatasetOptions | None, options: RuntimeOptions | None,
+                keywords: dict[str, Any]) -> tuple[DatasetOptions, RuntimeOptions]:
+    """`embed_corpus`'s two option sets, keyword arguments applied; the media policy is `options`'
+    when given, else `job`'s media options' (a trusted corpus's base: local files anywhere).
+    """
+    mine, runtime, unknown = split(keywords, DatasetOptions, RuntimeOptions)
+    if unknown:
+        allowed = sorted(f.name for c in (DatasetOptions, RuntimeOptions) for f in option_fields(c))
+        raise UnknownOptionError(f"embed_corpus got unexpected keyword arguments {sorted(unknown)}; allowed: {allowed}")
+    job = of(DatasetOptions, mine, "embed_corpus", job or DatasetOptions())
+    options = of(RuntimeOptions, runtime, "embed_corpus", options or RuntimeOptions())
+    media = {f.name: getattr(job, f.name) for f in option_fields(MediaOptions)}
+    if options.media_policy is None:
+        return job, dataclasses.replace(options, media_policy=MediaOptions(**media).policy(local_files=True))
+    if media != {f.name: getattr(MediaOptions(), f.name) for f in option_fields(MediaOptions)}:
+        raise ConfigError("give the media policy either as media_policy= or as the media options "
+                          f"({', '.join(f.name for f in option_fields(MediaOptions))}), not both")
+    return job, options

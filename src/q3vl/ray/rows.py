@@ -1,74 +1,103 @@
-"""Dataset rows -> runtime items: the column mapping, column values, relative paths and stable row ids.
+"""Dataset rows -> runtime items: the column mapping, column values and stable row ids.
 
 Nothing here imports Ray: a batch is a `pyarrow.Table` (what `map_batches(..., batch_format="pyarrow")`
 hands a callable), so the mapping is unit-testable without a cluster and keeps null (absent) apart
 from NaN (a bad value that must become that row's error, never a silent default).
 
 Column mapping (`ColumnMap`): `text`, `image` and `video` each read one or more columns (an item may
-carry several texts or images); `instruction`, `fps`, `max_frames` and `video_budget` read one
-column each. A value can be:
+carry several texts or images); every option key of the item model (`instruction`, `fps`,
+`max_frames`, `min_pixels`, `max_pixels`, `total_pixels`, `video_budget`: `q3vl.preprocess.items.KEYS`)
+reads one
+column, by default the column of the same name. A value can be:
 
 - text: a string (or a list of strings);
 - image: a path or URL string, encoded bytes, an H x W x 3 uint8 array (a Ray tensor column), or a
   list of those (several images);
 - video: a path or URL string, or a list of frames (paths, bytes or arrays) = one video;
-- fps / max_frames: a number, or a numeric string (CSV);
-- video_budget: "off" or "fit" (docs/reference-behaviour.md#video-budget).
+- an option: its item value; a numeric option may also be a numeric string (CSV).
 
-A null is "not given". A relative path resolves against `base_dir` (the input file's directory), so a
-corpus can be moved as a whole; URLs (`scheme://`), `data:` URIs and absolute paths are left as they are.
+A null is "not given". This module only turns Arrow values into Python values; keys, values, paths
+(`~`, relative to `base_dir`, the input file's directory) and error texts are the item adapter's
+(`q3vl.preprocess.adapter`), the same as `q3vl embed` applies to a JSONL line.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from q3vl.errors import ConfigError, InputError
+from q3vl.preprocess import CONTENT_KEYS, KEY, OPTION_KEYS, parse_json, resolve_path, to_item
 
-MULTI = ("text", "image", "video")
-SINGLE = ("instruction", "fps", "max_frames", "video_budget")
-LATER = {"video_budget": "video_budget"}  # keys added after row ids and manifests existed, with their defaults
+MULTI = CONTENT_KEYS
+SINGLE = OPTION_KEYS
 MAX_ID_CHARS = 512
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+HASHED_ALWAYS = ("text", "image", "video", "instruction", "fps", "max_frames")  # the keys of the first row ids
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ColumnMap:
     """Which dataset columns feed which item key (see the module docstring for the accepted values).
 
-    With `json`, that column holds one JSON object per row (a JSONL line) and the other names are
-    looked up as keys of that object instead of as columns. A column a dataset lacks is skipped, so the
-    default (every key read from the column of the same name) fits any subset of them.
+    `ColumnMap(text=("caption",), fps=None)`: the content keys take column names (one or several),
+    each option key one column name or None (not read); an option key not named reads the column of
+    its own name. With `json`, that column holds one JSON object per row (a JSONL line) and the other
+    names are looked up as keys of that object instead of as columns. A column a dataset lacks is
+    skipped, so the default (every key read from the column of the same name) fits any subset of them.
     """
 
-    text: tuple[str, ...] = ("text",)
-    image: tuple[str, ...] = ("image",)
-    video: tuple[str, ...] = ("video",)
-    instruction: str | None = "instruction"
-    fps: str | None = "fps"
-    max_frames: str | None = "max_frames"
-    video_budget: str | None = "video_budget"
-    json: str | None = None
+    text: tuple[str, ...]
+    image: tuple[str, ...]
+    video: tuple[str, ...]
+    options: tuple[tuple[str, str | None], ...]  # (option key, column or None), in `SINGLE` order
+    json: str | None
 
-    def __post_init__(self) -> None:
-        for key in MULTI:
-            value = getattr(self, key)
+    def __init__(self, text: Iterable[str] | str = ("text",), image: Iterable[str] | str = ("image",),
+                 video: Iterable[str] | str = ("video",), json: str | None = None,
+                 options: Iterable[tuple[str, str | None]] = (), **columns: str | None) -> None:
+        for key, value in (("text", text), ("image", image), ("video", video)):
             names = (value,) if isinstance(value, str) else tuple(value)
             if not all(isinstance(n, str) and n for n in names):
                 raise ConfigError(f"ColumnMap.{key} must be column names, not {value!r}")
             object.__setattr__(self, key, names)
-        for key in (*SINGLE, "json"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(f"ColumnMap.{key} must be a column name or None, not {value!r}")
+        given = {**dict(options), **columns}
+        unknown = sorted(set(given) - set(SINGLE))
+        if unknown:
+            raise ConfigError(f"ColumnMap got unknown keys {unknown}; the item keys are {[*MULTI, *SINGLE]}")
+        for key, name in (*given.items(), ("json", json)):
+            if name is not None and (not isinstance(name, str) or not name):
+                raise ConfigError(f"ColumnMap.{key} must be a column name or None, not {name!r}")
+        object.__setattr__(self, "options", tuple((k, given.get(k, k)) for k in SINGLE))
+        object.__setattr__(self, "json", json)
+
+    @classmethod
+    def of(cls, value: ColumnMap | Mapping[str, Any] | None, default: ColumnMap) -> ColumnMap:
+        """`value` as a mapping (a `ColumnMap`, or its fields as a dict, checked), or `default` when None."""
+        if value is None:
+            return default
+        return value if isinstance(value, ColumnMap) else cls(**value)
+
+    @classmethod
+    def content_only(cls, **content: Iterable[str] | str) -> ColumnMap:
+        """A mapping of content columns only: no option key is read (a document, a folder of media)."""
+        return cls(**content, options=[(k, None) for k in SINGLE])  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> str | None:
+        """`cmap.fps`: the column of an option key (None: not read)."""
+        if name in SINGLE:
+            return dict(self.__dict__.get("options", ())).get(name)
+        raise AttributeError(f"'ColumnMap' object has no attribute {name!r}")
+
+    def column(self, key: str) -> tuple[str, ...]:
+        """The columns (or JSON keys) item key `key` reads."""
+        if key in MULTI:
+            return tuple(getattr(self, key))
+        found = dict(self.options).get(key)
+        return (found,) if found else ()
 
     @classmethod
     def parse(cls, specs: Iterable[str], base: ColumnMap | None = None) -> ColumnMap:
@@ -89,26 +118,27 @@ class ColumnMap:
                 multi.setdefault(key, []).append(column)
             else:
                 single[key] = column or None
-        changes: dict[str, Any] = {**{k: tuple(v) for k, v in multi.items()}, **single}
-        return replace(base, **changes)
+        values = {**base.as_dict(), **{k: tuple(v) for k, v in multi.items()}, **single}
+        return cls(**values)
 
     def columns(self) -> list[str]:
         """Every column this mapping reads (the `json` column alone in JSON mode)."""
         if self.json:
-            return [self.json]
-        return [*self.text, *self.image, *self.video, *[c for c in (getattr(self, k) for k in SINGLE) if c]]
+            return [self.json, "line"]  # "line": the JSONL reader's line numbers, for errors
+        return [c for _, c in self.pairs()]
 
     def pairs(self) -> list[tuple[str, str]]:
         """(item key, column or JSON key) pairs in a fixed order (the order row ids hash them in)."""
-        out = [(k, c) for k in MULTI for c in getattr(self, k)]
-        return out + [(k, getattr(self, k)) for k in SINGLE if getattr(self, k)]
+        return [(k, c) for k in (*MULTI, *SINGLE) for c in self.column(k)]
 
     def as_dict(self) -> dict[str, Any]:
-        """The mapping as a dict; a later key at its default is left out, so the settings recorded in an
-        existing output directory's manifest still match (`ColumnMap(**d)` restores the default).
+        """The mapping as keyword arguments (`ColumnMap(**d)` restores it): the content keys, the first
+        row ids' option keys and `json` always; a key added later only where it is not read from the
+        column of its own name, so the settings an older output directory's manifest recorded still match.
         """
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if LATER.get(f.name, "") != getattr(self, f.name)}
+        later = {k: c for k, c in self.options if k not in HASHED_ALWAYS and c != k}
+        first = {k: c for k, c in self.options if k in HASHED_ALWAYS}
+        return {**{k: getattr(self, k) for k in MULTI}, **first, **later, "json": self.json}
 
 
 # ---------------------------------------------------------------- pyarrow columns -> Python values
@@ -153,103 +183,96 @@ def table_rows(table: Any, names: Sequence[str]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- row -> item
 def resolve(value: str, base_dir: str | None) -> str:
-    """A relative path joined to `base_dir`; URLs, `data:` URIs and absolute paths unchanged."""
-    if base_dir is None or not value or value.startswith("data:") or _SCHEME.match(value) or os.path.isabs(value):
-        return value
-    return os.path.normpath(os.path.join(base_dir, value))
+    """A media reference as the item adapter resolves it (`~`, relative to `base_dir`; URLs kept)."""
+    return resolve_path(value, base_dir)
 
 
 def source(row: dict[str, Any], cmap: ColumnMap) -> dict[str, Any]:
-    """Where a row's mapped values live: the row itself, or its parsed JSON object in JSON mode."""
+    """Where a row's mapped values live: the row itself, or its parsed JSON object in JSON mode
+    (a bad line's error names its line number when the row carries one).
+    """
     if not cmap.json:
         return row
     line = row.get(cmap.json)
     if not isinstance(line, str):
         raise InputError(f"column {cmap.json!r} must hold a JSON object per row, not {type(line).__name__}")
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON ({e.msg}, character {e.pos}): {line[:80]!r}") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"a JSON line must be an object, not {type(obj).__name__}")
-    return obj
+    return parse_json(line, f"line {row['line']}" if isinstance(row.get("line"), int) else "JSON line")
 
 
 def item_of(row: dict[str, Any], cmap: ColumnMap, base_dir: str | None = None) -> dict[str, Any]:
-    """The `Embedder.process` item of one row; any unusable value raises that row's `InputError`."""
+    """The `Embedder.process` item of one row (on a reranker's query side: with the request's options);
+    any unusable value raises that row's `InputError`, in the item adapter's words.
+    """
     src = source(row, cmap)
-    item: dict[str, Any] = {}
-    texts = [t for c in cmap.text for t in _each(src.get(c), c, _text)]
-    images = [x for c in cmap.image for x in _each(src.get(c), c, lambda v, c: _media(v, c, base_dir))]
-    videos = [_video(src[c], c, base_dir) for c in cmap.video if src.get(c) is not None]
-    if not (texts or images or videos):
+    fields: dict[str, Any] = {}
+    for key in (*MULTI, *SINGLE):
+        if cmap.json:  # a JSON line: its values as `q3vl embed` reads them
+            values = [src[c] for c in cmap.column(key) if src.get(c) is not None]
+        else:
+            values = [_value(src[c], key, c) for c in cmap.column(key) if src.get(c) is not None]
+            if key != "video":  # several columns (or a list in one) of texts or images: one list
+                values = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        if values:
+            fields[key] = values[0] if len(values) == 1 else values
+    if not any(k in fields for k in MULTI):
         used = [c for k, c in cmap.pairs() if k in MULTI]
         raise InputError(f"row has no text, image or video (looked in {used})")
-    for key, values in (("text", texts), ("image", images)):
-        if values:
-            item[key] = values[0] if len(values) == 1 else values
-    if videos:
-        item["video"] = videos[0] if len(videos) == 1 else videos
-    if cmap.instruction and src.get(cmap.instruction) is not None:
-        item["instruction"] = _text(src[cmap.instruction], cmap.instruction)
-    for key in ("fps", "max_frames"):
-        column = getattr(cmap, key)
-        if column and src.get(column) is not None:
-            item[key] = _number(src[column], column)
-    if cmap.video_budget and src.get(cmap.video_budget) is not None:
-        item["video_budget"] = _text(src[cmap.video_budget], cmap.video_budget)
-    return item
+    return to_item(fields, "embed", base=base_dir)
 
 
-def _each(value: Any, column: str, convert: Any) -> list[Any]:
-    if value is None:
-        return []
+def image_limits(row: dict[str, Any], cmap: ColumnMap) -> dict[str, int] | None:
+    """The `min_pixels` / `max_pixels` a row sets itself (for resizing its images as the embedder
+    will), or None when they are unusable (the embedding stage reports that row's error).
+    """
+    out: dict[str, int] = {}
+    for key in ("min_pixels", "max_pixels"):
+        for column in cmap.column(key):
+            if row.get(column) is not None:
+                try:
+                    out[key] = _value(row[column], key, column)
+                except InputError:
+                    return None
+    return out
+
+
+def _value(value: Any, key: str, column: str) -> Any:
+    """One column's value as a Python item value, checked by its item key (an error names the column)."""
+    try:
+        value = _python(value, key)
+        KEY[key].check(value)
+        return value
+    except InputError as e:
+        raise InputError(f"column {column!r}: {e.reason}") from None
+
+
+def _python(value: Any, key: str) -> Any:
+    """Arrow/numpy values as the item model takes them: tensors of frames as frame lists, numpy
+    scalars as Python numbers, numeric strings (CSV cells) of numeric options as numbers.
+    """
+    if isinstance(value, Unusable):
+        raise InputError(value.reason)
+    if isinstance(value, np.generic):
+        return value.item()
+    if key == "video" and isinstance(value, np.ndarray) and (value.dtype == object or value.ndim == 4):
+        value = list(value)  # frames, or a T x H x W x 3 stack
     if isinstance(value, (list, tuple)):
-        return [convert(v, column) for v in value if v is not None]
-    return [convert(value, column)]
-
-
-def _text(value: Any, column: str) -> str:
-    if not isinstance(value, str):
-        raise InputError(f"column {column!r}: expected a string, not {type(value).__name__}")
+        for v in value:
+            if isinstance(v, Unusable):
+                raise InputError(v.reason)
+        return list(value) if key == "video" else [v for v in value if v is not None]
+    if isinstance(value, str) and key in SINGLE and KEY[key].kind in (int, float):
+        return _number(value)
     return value
 
 
-def _media(value: Any, column: str, base_dir: str | None) -> Any:
-    if isinstance(value, str):
-        return resolve(value, base_dir)
-    if isinstance(value, (bytes, np.ndarray)):
-        return value
-    if isinstance(value, Unusable):
-        raise InputError(f"column {column!r}: {value.reason}")
-    raise InputError(f"column {column!r}: expected a path, URL, bytes or an image array, not {type(value).__name__}")
-
-
-def _video(value: Any, column: str, base_dir: str | None) -> Any:
-    if isinstance(value, str):
-        return resolve(value, base_dir)
-    if isinstance(value, np.ndarray) and (value.dtype == object or value.ndim == 4):  # frames, or a T x H x W x 3 stack
-        value = list(value)
-    if isinstance(value, (list, tuple)):
-        frames = [_media(f, column, base_dir) for f in value]
-        if not frames:
-            raise InputError(f"column {column!r}: a frame list must not be empty")
-        return frames
-    raise InputError(f"column {column!r}: a video is a path/URL or a list of frames, not {type(value).__name__}")
-
-
-def _number(value: Any, column: str) -> int | float:
-    if isinstance(value, str):  # CSV cells
+def _number(value: str) -> int | float:
+    try:
+        return int(value)
+    except ValueError:
         try:
-            return int(value)
+            return float(value)
         except ValueError:
-            try:
-                return float(value)
-            except ValueError:
-                raise InputError(f"column {column!r}: {value[:40]!r} is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"column {column!r}: expected a number, not {type(value).__name__}")
-    return value.item() if isinstance(value, np.generic) else value
+            raise InputError(f"{value[:40]!r} is not a number") from None
 
 
 # ---------------------------------------------------------------- stable row ids
@@ -270,8 +293,8 @@ def content_id(row: dict[str, Any], cmap: ColumnMap, prior_error: str = "") -> s
         _feed(h, row.get(cmap.json or ""))
         return h.hexdigest()
     for key, column in cmap.pairs():
-        if key in LATER and src.get(column) is None:
-            continue  # rows without the later keys keep the ids they had before those keys existed
+        if key not in HASHED_ALWAYS and src.get(column) is None:
+            continue  # a key added later is hashed only where set: existing rows keep their ids
         h.update(key.encode() + b"\0" + column.encode("utf-8", "surrogatepass") + b"\0")
         _feed(h, src.get(column))
     return h.hexdigest()
@@ -316,8 +339,8 @@ def row_id(row: dict[str, Any], cmap: ColumnMap, id_column: str | None, prior_er
         return content_id(row, cmap, prior_error), ""
     try:
         value = source(row, cmap).get(id_column) if cmap.json else row.get(id_column)
-    except InputError:
-        value = None
+    except InputError as e:  # an unreadable JSON line: that is its error (naming the line), not its id
+        return content_id(row, cmap, prior_error), e.reason
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(int(value)), ""
     if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:

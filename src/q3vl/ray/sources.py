@@ -68,7 +68,7 @@ def open_input(path: str | Path, fmt: str = "auto", columns: ColumnMap | None = 
     if fmt == "folder":
         if columns is not None:
             raise ConfigError("a folder input has fixed columns (path, image, video); drop the column mapping")
-        cmap = ColumnMap(text=(), instruction=None, fps=None, max_frames=None, video_budget=None)
+        cmap = ColumnMap.content_only(text=())
         tables, total, skipped = _folder_tables(path)
         return Source(_from_tables(tables), path, fmt, base, cmap, id_column or "path", ["path", "image", "video"],
                       total, skipped)

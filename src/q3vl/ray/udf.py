@@ -22,12 +22,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from q3vl.errors import BackendError, ConfigError, InputError
-from q3vl.ray.rows import ColumnMap, content_id, item_of, row_id, table_rows
+from q3vl.ray.options import CODES
+from q3vl.ray.rows import MULTI, SINGLE, ColumnMap, content_id, item_of, row_id, table_rows
+from q3vl.runtime import RuntimeOptions
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,8 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ID, EMBEDDING, TOKENS, ERROR, SCORE = "id", "embedding", "tokens", "error", "score"
-CODES = ("int8", "uint8", "binary", "ubinary")
-CONTENT = ("text", "image", "video")
+CONTENT = MULTI
 
 
 def code_column(precision: str) -> str:
@@ -47,10 +48,8 @@ def code_column(precision: str) -> str:
     return f"{EMBEDDING}_{precision}"
 
 
-def _column_map(value: ColumnMap | dict[str, Any] | None, default: ColumnMap) -> ColumnMap:
-    if value is None:
-        return default
-    return value if isinstance(value, ColumnMap) else ColumnMap(**value)
+def _column_map(value: ColumnMap | dict[str, object] | None, default: ColumnMap) -> ColumnMap:
+    return ColumnMap.of(value, default)
 
 
 def _vectors(rows: np.ndarray, valid: np.ndarray) -> pa.Array:
@@ -117,23 +116,24 @@ class EmbedBatch(RowStage):
         codes: code precisions to add as `embedding_<precision>` columns: int8, uint8 (these need
             `calibration`), binary, ubinary.
         calibration: a stored `Calibration` file (q3vl calibrate), the same for every worker.
-        backend: the runtime backend ("cpu", "cuda", "tensorrt-ep", "tensorrt").
         keep_columns: input columns to pass through (default: all).
-        **model_options: further `Embedder` keyword arguments (batch_size, max_pixels, media_policy, ...).
+        options: the `RuntimeOptions` the `Embedder` is built with (backend, batch_size, max_pixels,
+            media_policy, ...); `**keywords` named like its fields are applied on top.
 
     Output columns: `embedding` (fixed-size list of float32, null for a bad row), one column per code,
     `tokens` (int64, text + vision tokens; 0 for a bad row), `error` (string, "" for a good row).
     """
 
-    def __init__(self, bundle: str | Path, *, columns: ColumnMap | dict[str, Any] | None = None,
+    def __init__(self, bundle: str | Path, *, columns: ColumnMap | dict[str, object] | None = None,
                  base_dir: str | None = None, dim: int | None = None, normalize: bool = True,
-                 codes: Sequence[str] = (), calibration: str | Path | None = None, backend: str = "cpu",
-                 keep_columns: Sequence[str] | None = None, **model_options: Any) -> None:
+                 codes: Sequence[str] = (), calibration: str | Path | None = None,
+                 keep_columns: Sequence[str] | None = None, options: RuntimeOptions | None = None,
+                 **keywords: object) -> None:
         from q3vl.runtime import Embedder
 
         super().__init__(base_dir, keep_columns)
         self.columns = _column_map(columns, ColumnMap())
-        self.model = Embedder(bundle, backend=backend, **model_options)
+        self.model = Embedder(bundle, options=RuntimeOptions.of((), keywords, options, "EmbedBatch"))
         self.model.check_dim(dim)
         self.dim, self.normalize = dim, normalize
         self.width = dim or self.model.dim
@@ -207,24 +207,26 @@ class RerankBatch(RowStage):
     `query_video`, and the request options `instruction`, `fps`, `max_frames`, `video_budget`); `document` maps the
     document (default: `text`, `image`, `video`). Rows with the same query (same mapped values) are
     planned as one request, so a query's media are read once per batch. Output columns: `score`
-    (float32 in [0, 1], null for a bad row), `tokens`, `error`. Other arguments as for `EmbedBatch`.
+    (float32 in [0, 1], null for a bad row), `tokens`, `error`. Other arguments as for `EmbedBatch`
+    (`options` / `**keywords`: the `Reranker`'s `RuntimeOptions`).
     """
 
-    def __init__(self, bundle: str | Path, *, query: ColumnMap | dict[str, Any] | None = None,
-                 document: ColumnMap | dict[str, Any] | None = None, base_dir: str | None = None,
-                 backend: str = "cpu", keep_columns: Sequence[str] | None = None, **model_options: Any) -> None:
+    def __init__(self, bundle: str | Path, *, query: ColumnMap | dict[str, object] | None = None,
+                 document: ColumnMap | dict[str, object] | None = None, base_dir: str | None = None,
+                 keep_columns: Sequence[str] | None = None, options: RuntimeOptions | None = None,
+                 **keywords: object) -> None:
         from q3vl.runtime import Reranker
 
         super().__init__(base_dir, keep_columns)
         self.query = _column_map(query, ColumnMap(text=("query",), image=("query_image",), video=("query_video",)))
-        self.document = _column_map(document, ColumnMap(instruction=None, fps=None, max_frames=None,
-                                                        video_budget=None))
+        self.document = _column_map(document, ColumnMap.content_only())
         if self.document.json or self.query.json:
             raise ConfigError("RerankBatch reads columns, not JSON lines")
-        if any(getattr(self.document, k) for k in ("instruction", "fps", "max_frames", "video_budget")):
-            raise ConfigError("instruction, fps, max_frames and video_budget belong to the query mapping (they are "
-                              "request options)")
-        self.model = Reranker(bundle, backend=backend, **model_options)
+        mapped = [k for k in SINGLE if self.document.column(k)]
+        if mapped:
+            raise ConfigError(f"{mapped} belong to the query mapping: {list(SINGLE)} are request options, not "
+                              "a document's; map them with query=ColumnMap(...) or set them to None")
+        self.model = Reranker(bundle, options=RuntimeOptions.of((), keywords, options, "RerankBatch"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa

@@ -5,7 +5,7 @@ item is scored as a document against a text query (and a second query carrying a
 |score difference| to ReferenceReranker is reported. Both run fp32 on the CPU; the tolerance is the
 bundle's precision's (q3vl.tolerances).
 
-User inputs are read in the runtime's dialect (`q3vl/runtime/inputs.py`), and both sides get the
+User inputs are read through the one item adapter (`q3vl/preprocess/adapter.py`), and both sides get the
 same media: the runtime the item as written (relative paths resolved), the reference the same media
 in a form the published wrapper can open (it prefixes every string with `file://`, so a `data:` URI
 becomes a decoded PIL image and a `file://` URL a plain absolute path). The checkpoint's identity
@@ -84,7 +84,7 @@ def load_inputs(path: Path | None, workdir: Path | None) -> Inputs:
         if workdir is None:
             raise ValueError("the built-in parity set needs a directory for its media")
         return default_inputs(workdir)
-    from q3vl.runtime.inputs import read_items
+    from q3vl.preprocess.adapter import read_items
 
     return [(str(r.id) if r.id is not None else f"line {r.line}", r.item) for r in read_items(path, "embed")]
 

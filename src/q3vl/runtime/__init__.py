@@ -8,7 +8,7 @@ through it; `guarded` / `as_input_error` turn any failure of one item into that 
 `prepare_image` is the embedder's own preparation of one image, for a stage that decodes apart
 from the model.
 
-The names load on first use, so `q3vl.runtime.inputs` (and the command line, which checks its
+The names load on first use, so `q3vl.runtime.options` (and the command line, which checks its
 options before it loads a model) does not pay for the preprocessing stack and ONNX Runtime.
 """
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from q3vl.runtime.batch import BatchPolicy, Details, Loaded, Plan
     from q3vl.runtime.embedder import Embedder
     from q3vl.runtime.images import bundle_geometry, prepare_image
+    from q3vl.runtime.options import RuntimeOptions
     from q3vl.runtime.reranker import Reranker
     from q3vl.runtime.run import (
         BatchModel,
@@ -37,10 +38,10 @@ if TYPE_CHECKING:
 _WHERE = {"BatchPolicy": "batch", "Details": "batch", "Loaded": "batch", "Plan": "batch", "Embedder": "embedder",
           "Reranker": "reranker", "BatchModel": "run", "BatchResult": "run", "BatchRunner": "run", "BatchSink": "run",
           "Collector": "run", "Outputs": "run", "as_input_error": "run", "guarded": "run", "run_batches": "run",
-          "bundle_geometry": "images", "prepare_image": "images"}
+          "bundle_geometry": "images", "prepare_image": "images", "RuntimeOptions": "options"}
 __all__ = ["BatchModel", "BatchPolicy", "BatchResult", "BatchRunner", "BatchSink", "Collector", "Details", "Embedder",
-           "Loaded", "Outputs", "Plan", "Reranker", "as_input_error", "bundle_geometry", "guarded", "prepare_image",
-           "run_batches"]
+           "Loaded", "Outputs", "Plan", "Reranker", "RuntimeOptions", "as_input_error", "bundle_geometry", "guarded",
+           "prepare_image", "run_batches"]
 
 
 def __getattr__(name: str) -> object:

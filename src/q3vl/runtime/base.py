@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from q3vl.preprocess.vision import Geometry
 from q3vl.progress import Progress, on_terminal
 from q3vl.runtime.backends.base import Backend, ShapeLimits, create
 from q3vl.runtime.batch import BatchPolicy, Loaded, Plan
+from q3vl.runtime.options import RuntimeOptions
 from q3vl.runtime.pipeline import GraphRunner
 from q3vl.runtime.run import Collector, as_input_error, guarded, run_batches
 from q3vl.tasks import Task
@@ -41,25 +42,15 @@ M = TypeVar("M", bound="BundleModel")
 class BundleModel:
     """A loaded bundle for one task, with its backend, preprocessing and loader pool.
 
-    The first eight arguments are the published wrapper's constructor arguments; `max_length` and
+    Its options are a `RuntimeOptions` (`q3vl.runtime.options`: each field's meaning and default),
+    given whole as `options=`, or as the published wrapper's seven positional arguments (`max_length`,
+    `min_pixels`, `max_pixels`, `total_pixels`, `fps`, `max_frames`, `default_instruction`) and keyword
+    arguments named like the fields (`Embedder(bundle, max_pixels=65536, batch_size=4)`), on top of
+    `options` when both are given; an unknown name raises, naming the allowed ones. `max_length` and
     `default_instruction` default to the task's values (8192 and "Represent the user's input." for
     the embedder, 10240 and "Given a search query, retrieve relevant candidates that answer the
-    query." for the reranker). Keyword-only: `backend` ("cpu", "cuda", "tensorrt-ep", "tensorrt"),
-    `batch_size`, `max_batch_tokens` (padded tokens per micro-batch), `truncation` ("text": shorten
-    user text so the template tail and every vision block survive; "reference": the wrapper's
-    behaviour), `max_vision_patches` (patches per vision call), `timeout` (media fetch and decode),
-    `max_text_chars` (raw characters of text per item, checked before tokenizing), `max_parts` (text,
-    image and video elements per item), `verify` ("size",
-    or "full" to hash the weight files too), `allow_unverified` (load a bundle that failed its export
-    parity check), `prefetch` (load the next micro-batch's media while the current one runs),
-    `loader_threads` (media decode threads; default 1, so one source image is decoded at a time and
-    peak memory is one source's: raise it where cores and memory are plentiful), `backend_options`
-    (the backend's typed options, as a dict or its options object), `media_policy` (what media may
-    be read and the per-item/per-call limits; default `MediaPolicy()`: local files, data URIs and
-    public http(s) URLs; pass `MediaPolicy.strict()` for untrusted input), `video_budget` ("off", the
-    wrapper's behaviour; "fit": a video file whose prompt would exceed max_length gets smaller frames,
-    then fewer, until it fits: docs/reference-behaviour.md#video-budget; an item's own `video_budget`
-    key overrides it).
+    query." for the reranker); `media_policy` defaults to `MediaPolicy()` (local files, data URIs and
+    public http(s) URLs: pass `MediaPolicy.strict()` for untrusted input).
 
     Use it as a context manager, or call `close()`, to release the backend and the loader pool now
     rather than at garbage collection.
@@ -67,49 +58,39 @@ class BundleModel:
 
     task: ClassVar[Task]
 
-    def __init__(self, bundle: str | Path, max_length: int | None = None, min_pixels: int = 4096,
-                 max_pixels: int = 1_843_200, total_pixels: int = 7_864_320, fps: float = 1.0, max_frames: int = 64,
-                 default_instruction: str | None = None, *, backend: str = "cpu", batch_size: int = 8,
-                 max_batch_tokens: int = 16384, truncation: str = "text", max_vision_patches: int = 8192,
-                 timeout: float = 10.0, max_text_chars: int = 1 << 20, max_parts: int = 16384, verify: str = "size",
-                 allow_unverified: bool = False, prefetch: bool = True, loader_threads: int | None = None,
-                 backend_options: Any = None, media_policy: MediaPolicy | None = None,
-                 video_budget: str = "off") -> None:
-        _positive_ints(batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                       max_vision_patches=max_vision_patches, max_text_chars=max_text_chars, max_parts=max_parts)
-        if verify not in ("size", "full"):
-            raise ConfigError(f"verify must be 'size' or 'full', not {verify!r}")
-        config = PreprocessConfig(max_length=max_length or self.task.default_max_length, min_pixels=min_pixels,
-                                  max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
-                                  truncation=truncation, timeout=timeout, max_text_chars=max_text_chars,
-                                  max_parts=max_parts, media_policy=media_policy or MediaPolicy(),
-                                  video_budget=video_budget)
-        self.default_instruction = self.task.default_instruction if default_instruction is None \
-            else default_instruction
+    def __init__(self, bundle: str | Path, *positional: int | float | str | None,
+                 options: RuntimeOptions | None = None, **keywords: object) -> None:
+        self.options = o = RuntimeOptions.of(positional, keywords, options, type(self).__name__)
+        config = PreprocessConfig(max_length=o.max_length or self.task.default_max_length, min_pixels=o.min_pixels,
+                                  max_pixels=o.max_pixels, total_pixels=o.total_pixels, fps=o.fps,
+                                  max_frames=o.max_frames, truncation=o.truncation, timeout=o.timeout,
+                                  max_text_chars=o.max_text_chars, max_parts=o.max_parts,
+                                  media_policy=o.media_policy or MediaPolicy(), video_budget=o.video_budget)
+        self.default_instruction = self.task.default_instruction if o.default_instruction is None \
+            else o.default_instruction
         try:
             check_text(self.default_instruction, "default_instruction")
         except InputError as e:
             raise ConfigError(e.reason) from None
         self.path = Path(bundle)
         self.manifest = Manifest.read(self.path)
-        self._check_bundle(verify, allow_unverified)
+        self._check_bundle(o.verify, o.allow_unverified)
         tokenizer = TextTokenizer(self.path / "tokenizer.json")
         self.manifest.check_tokenizer(tokenizer.special.as_dict())
         template = ChatTemplate((self.path / "chat_template.jinja").read_text(encoding="utf-8"))
         self.encoder = Encoder(tokenizer, template, config, Geometry.from_spec(self.manifest.spec.vision))
-        _check_cuda_fit(self.path, self.manifest, backend, backend_options)
-        self.backend = create(backend, {g: self.path / m.file for g, m in self.manifest.graphs.items()},
-                              backend_options)
+        _check_cuda_fit(self.path, self.manifest, o.backend or "cpu", o.backend_options)
+        self.backend = create(o.backend or "cpu", {g: self.path / m.file for g, m in self.manifest.graphs.items()},
+                              o.backend_options)
         io = expected_io(self.manifest.spec, self.manifest.task)
         for graph in io:
             check_graph_io(graph, io[graph], self.backend.io_shapes(graph))
         self.limits: ShapeLimits | None = self.backend.shape_limits()
         self.runner = GraphRunner(self.backend, self.manifest.spec, tokenizer.special.endoftext,
-                                  self._vision_budget(max_vision_patches))
-        self.policy = self._policy(batch_size, max_batch_tokens)
-        self.prefetch = prefetch
-        threads = loader_threads or 1  # one source image decoded at a time: peak memory stays one source's
-        _positive_ints(loader_threads=threads)
+                                  self._vision_budget(o.max_vision_patches))
+        self.policy = self._policy(o.batch_size, o.max_batch_tokens)
+        self.prefetch = o.prefetch
+        threads = o.loader_threads or 1  # one source image decoded at a time: peak memory stays one source's
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="q3vl-load")  # threads start on first use
         self._finalizer = weakref.finalize(self, _release, self.backend, self._pool)
 
@@ -266,12 +247,6 @@ def _completed(value: T) -> Future[T]:
     future: Future[T] = Future()
     future.set_result(value)
     return future
-
-
-def _positive_ints(**values: object) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, not {value!r}")
 
 
 def _progress(progress: bool | None, total: int, desc: str) -> Progress | None:

@@ -13,117 +13,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from q3vl.cli import command
-from q3vl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--embedding", type=Path, help="embedding bundle")
-    g.add_argument("--reranker", type=Path, help="reranker bundle")
-    g.add_argument("--embedding-name", help="the `model` name clients use (default: the bundle directory's name)")
-    g.add_argument("--reranker-name", help="the reranker's `model` name (default: the bundle directory's name)")
-    g.add_argument("--backend", default="cpu", help="cpu | cuda | tensorrt-ep | tensorrt")
-    g.add_argument("--calibration", type=Path, help="calibration JSON for Cohere's int8/uint8 embedding types")
-    g.add_argument("--input-type-instruction", action="append", default=[], metavar="TYPE=TEXT",
-                   help="instruction for a Cohere input_type (repeatable), e.g. search_query='Find the document'")
-    g = p.add_argument_group("network")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=os.environ.get("Q3VL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $Q3VL_API_KEY; none: no auth)")
-    g.add_argument("--auth-probes", action="store_true", help="require the key on /health, /ready and /metrics too")
-    g = p.add_argument_group("batching and limits")
-    g.add_argument("--batch-size", type=int, default=32, help="items per micro-batch")
-    g.add_argument("--max-batch-tokens", type=int, default=16384, help="text + vision tokens per micro-batch")
-    g.add_argument("--max-wait-ms", type=float, default=0.0,
-                   help="how long an idle model waits for more items before running (0: never)")
-    g.add_argument("--max-batch-requests", type=int, default=0,
-                   help="distinct requests per batch round (1: no cross-request batching; 0: no cap)")
-    g.add_argument("--max-client-batch-size", type=int, default=128, help="items or documents per request (413)")
-    g.add_argument("--max-request-bytes", type=int, default=20 * 1024**2, help="request body bytes (413)")
-    g.add_argument("--max-queue-items", type=int, default=1024, help="items waiting before 429")
-    g.add_argument("--loader-threads", type=int, help="media decoding threads per model")
-    g.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for requests in flight (then 503 for each; exit within ~3 s more)")
-    g.add_argument("--max-queue-tokens", type=int, default=1 << 20,
-                   help="text + vision tokens waiting per queue (429 beyond; 413 for one request above it)")
-    g = p.add_argument_group("work in flight (all requests together)")
-    g.add_argument("--max-inflight-media-bytes", type=int, default=2048 * 1024**2,
-                   help="fetched and decoded media bytes (429 beyond; 413 for one request above it)")
-    g.add_argument("--max-inflight-pixels", type=int, default=256 * 1024**2,
-                   help="full-resolution pixels of the images and video frames being loaded (429 / 413)")
-    g.add_argument("--plan-threads", type=int, default=8,
-                   help="threads planning requests with media (text-only requests never wait for them)")
-    g.add_argument("--fetches-per-request", type=int, default=4, help="http(s) media one request fetches at once")
-    g = p.add_argument_group("media policy")
-    g.add_argument("--media-root", type=Path, help="serve local paths and file:// under DIR (refused otherwise)")
-    g.add_argument("--allow-private-urls", action="store_true",
-                   help="let http(s) media URLs reach loopback, private and link-local addresses")
-    g.add_argument("--allowed-hosts", help="comma-separated hosts http(s) media may come from ('.x.com': subdomains)")
-    g.add_argument("--max-media-bytes", type=int, default=32 * 1024**2, help="bytes of one image or video")
-    g.add_argument("--max-media-request-bytes", type=int, default=256 * 1024**2, help="media bytes per request")
-    g.add_argument("--media-deadline", type=float, default=30.0, help="seconds to fetch and decode one item")
-    g.add_argument("--max-redirects", type=int, default=3, help="redirects an http(s) media URL may take")
-    _connection_args(p)
+    from q3vl.options import add_flags
+    from q3vl.serve.config import ServeConfig
 
-
-def _connection_args(p: argparse.ArgumentParser) -> None:
-    """The HTTP layer's limits (`HttpLimits`; defaults are its defaults)."""
-    g = p.add_argument_group("connections (HTTP limits; see HttpLimits)")
-    g.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds to send a request head, from the connect or the previous response (408, close)")
-    g.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle kept-alive connection stays")
-    g.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a whole request body (408, close)")
-    g.add_argument("--body-min-rate", type=int, default=1024,
-                   help="bytes/s a request body must keep up over every 5 s (408, close; 0: off)")
-    g.add_argument("--send-timeout", type=float, default=30.0,
-                   help="seconds a client may leave a response unread before its connection is dropped")
-    g.add_argument("--max-connections", type=int, default=1024,
-                   help="open connections (lowered to fit the open-file limit); at the cap the oldest idle one "
-                        "is closed, or a 503 when none is idle")
-    g.add_argument("--max-pending-body-bytes", type=int, default=256 * 1024**2,
-                   help="bytes of request bodies being received, all connections together (429 beyond)")
-
-
-def _http_limits(a: argparse.Namespace) -> Any:
-    from q3vl.serve.config import HttpLimits
-
-    return HttpLimits(header_timeout=a.header_timeout, keep_alive_timeout=a.keep_alive_timeout,
-                      body_timeout=a.body_timeout, body_min_rate=a.body_min_rate, send_timeout=a.send_timeout,
-                      max_connections=a.max_connections, max_pending_body_bytes=a.max_pending_body_bytes)
+    add_flags(p, ServeConfig())  # every flag, its default and help: the ServeConfig fields
 
 
 def config_from(a: argparse.Namespace) -> Any:
     """The `ServeConfig` for parsed flags."""
+    from q3vl.options import from_args
     from q3vl.serve.config import ServeConfig
 
-    instructions = {}
-    for pair in a.input_type_instruction:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--input-type-instruction takes TYPE=TEXT, not {pair!r}")
-        instructions[key] = text
-    hosts = tuple(h.strip() for h in a.allowed_hosts.split(",") if h.strip()) if a.allowed_hosts else None
-    return ServeConfig(
-        embedding=a.embedding, reranker=a.reranker, embedding_name=a.embedding_name, reranker_name=a.reranker_name,
-        host=a.host, port=a.port, backend=a.backend, batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
-        max_wait_ms=a.max_wait_ms, max_batch_requests=a.max_batch_requests,
-        max_client_batch_size=a.max_client_batch_size, max_request_bytes=a.max_request_bytes,
-        max_queue_items=a.max_queue_items, api_key=a.api_key, auth_probes=a.auth_probes, calibration=a.calibration,
-        media_root=a.media_root, allow_private_urls=a.allow_private_urls, allowed_hosts=hosts,
-        media_item_bytes=a.max_media_bytes, media_request_bytes=a.max_media_request_bytes,
-        media_deadline=a.media_deadline, max_redirects=a.max_redirects, drain_timeout=a.drain_timeout,
-        loader_threads=a.loader_threads, input_type_instructions=instructions, http=_http_limits(a),
-        max_inflight_media_bytes=a.max_inflight_media_bytes, max_inflight_pixels=a.max_inflight_pixels,
-        max_queue_tokens=a.max_queue_tokens, plan_threads=a.plan_threads, fetches_per_request=a.fetches_per_request)
+    return from_args(a, ServeConfig())
 
 
 @command("serve", _args)

@@ -1,13 +1,23 @@
-"""The server's settings: one frozen dataclass, filled from the `q3vl serve` flags and checked once."""
+"""The server's settings: one frozen dataclass whose fields are the `q3vl serve` flags, checked once.
+
+Each field is declared once (`q3vl.options.opt`): its flag, help and default come from here, the
+batching options that the runtime also has are the runtime's own declarations (`like`) with the
+server's defaults, and the media options are `MediaOptions`' with the server's stricter defaults.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 from q3vl.errors import ConfigError
+from q3vl.options import check_fields, like, opt
+from q3vl.preprocess import MediaOptions
+from q3vl.runtime import RuntimeOptions
 
+MODELS, NETWORK, BATCHING = "models", "network", "batching and limits"
+WORK, CONNECTIONS = "work in flight (all requests together)", "connections (HTTP limits)"
 MIB = 1024**2
 RATE_WINDOW = 5.0  # seconds over which HttpLimits.body_min_rate is measured
 
@@ -29,26 +39,35 @@ class HttpLimits:
     (429 beyond; a body that is complete no longer counts).
     """
 
-    header_timeout: float = 10.0
-    keep_alive_timeout: float = 5.0
-    body_timeout: float = 30.0
-    body_min_rate: int = 1024
-    send_timeout: float = 30.0
-    max_connections: int = 1024
-    max_pending_body_bytes: int = 256 * MIB
+    header_timeout: float = opt(10.0, "seconds to send a request head, from the connect or the previous response "
+                                      "(408, close)", above=0, group=CONNECTIONS)
+    keep_alive_timeout: float = opt(5.0, "seconds an idle kept-alive connection stays", above=0, group=CONNECTIONS)
+    body_timeout: float = opt(30.0, "seconds to send a whole request body (408, close)", above=0, group=CONNECTIONS)
+    body_min_rate: int = opt(1024, "bytes/s a request body must keep up over every 5 s (408, close; 0: off)", low=0,
+                             group=CONNECTIONS)
+    send_timeout: float = opt(30.0, "seconds a client may leave a response unread before its connection is dropped",
+                              above=0, group=CONNECTIONS)
+    max_connections: int = opt(1024, "open connections (lowered to fit the open-file limit); at the cap the oldest "
+                                     "idle one is closed, or a 503 when none is idle", low=1, group=CONNECTIONS)
+    max_pending_body_bytes: int = opt(256 * MIB, "bytes of request bodies being received, all connections together "
+                                                 "(429 beyond)", low=1, group=CONNECTIONS)
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout", "keep_alive_timeout", "body_timeout", "send_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ConfigError(f"{name} must be a finite number of seconds > 0, not {value!r}")
-        _at_least("body_min_rate", self.body_min_rate, 0)
-        _at_least("max_connections", self.max_connections, 1)
-        _at_least("max_pending_body_bytes", self.max_pending_body_bytes, 1)
+        check_fields(self)
+
+
+def _instructions(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--input-type-instruction takes TYPE=TEXT, not {pair!r}")
+        out[key] = text
+    return out
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(MediaOptions):
     """Everything `q3vl serve` can be told; defaults are the safe server defaults.
 
     Batching: `batch_size` items and `max_batch_tokens` (text + vision) per micro-batch;
@@ -56,81 +75,89 @@ class ServeConfig:
     never waits); `max_batch_requests` caps the distinct requests one round may hold (1 turns
     cross-request batching off, 0 means no cap). Limits: `max_client_batch_size` items (or documents)
     per request and `max_request_bytes` per body (413), `max_queue_items` waiting items (429).
-    Media: local paths and `file://` only under `media_root`; http(s) URLs to public addresses
-    (`allowed_hosts` narrows them; `allow_private_urls` admits loopback/private/link-local ones),
-    `media_item_bytes` / `media_request_bytes` caps, a `media_deadline` per item, `max_redirects`.
+    Media (`MediaOptions`): local paths and `file://` only under `media_root`; http(s) URLs to public
+    addresses (`allowed_hosts` narrows them; `allow_private_urls` admits loopback/private/link-local
+    ones), `max_media_bytes` / `max_media_request_bytes` caps, a `media_deadline` per item (and per
+    request: all its items share one), `max_redirects`.
     Work in flight (`admission.py`, `planning.py`): `max_inflight_media_bytes` of fetched and decoded
     media and `max_inflight_pixels` of decoded pixels, all requests together (429 beyond, 413 for one
     request above the whole budget; 2 GiB and 256 Mi pixels, about 4 GB at the peak, sized for a 24 GiB
-    machine), `max_queue_tokens` text + vision tokens waiting per queue; media requests plan on
-    `plan_threads` threads of their own, fetching `fetches_per_request` URLs at a time, all under one
-    `media_deadline` per request.
-    Connections: `http` (`HttpLimits`).
+    machine), `max_queue_tokens` text + vision tokens waiting per queue; requests with media plan on
+    `plan_threads` threads of their own, fetching `fetches_per_request` URLs at a time.
+    Connections: `HttpLimits`' fields (`http` gathers them).
     """
 
-    embedding: Path | None = None
-    reranker: Path | None = None
-    embedding_name: str | None = None
-    reranker_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backend: str = "cpu"
-    batch_size: int = 32
-    max_batch_tokens: int = 16384
-    max_wait_ms: float = 0.0
-    max_batch_requests: int = 0
-    max_client_batch_size: int = 128
-    max_request_bytes: int = 20 * MIB
-    max_queue_items: int = 1024
-    api_key: str | None = None
-    auth_probes: bool = False
-    calibration: Path | None = None
-    media_root: Path | None = None
-    allow_private_urls: bool = False
-    allowed_hosts: tuple[str, ...] | None = None
-    media_item_bytes: int = 32 * MIB
-    media_request_bytes: int = 256 * MIB
-    media_deadline: float = 30.0
-    max_redirects: int = 3
-    drain_timeout: float = 30.0
-    loader_threads: int | None = None
-    max_inflight_media_bytes: int = 2048 * MIB
-    max_inflight_pixels: int = 256 * MIB
-    max_queue_tokens: int = 1 << 20
-    plan_threads: int = 8
-    fetches_per_request: int = 4
-    input_type_instructions: dict[str, str] = field(default_factory=dict)
-    http: HttpLimits = field(default_factory=HttpLimits)
+    FLAG_GROUPS: ClassVar[tuple[str, ...]] = (MODELS, NETWORK, BATCHING, WORK, MediaOptions.GROUP, CONNECTIONS)
+
+    embedding: Path | None = opt(None, "embedding bundle", group=MODELS)
+    reranker: Path | None = opt(None, "reranker bundle", group=MODELS)
+    embedding_name: str | None = opt(None, "the `model` name clients use (default: the bundle directory's name)",
+                                     group=MODELS)
+    reranker_name: str | None = opt(None, "the reranker's `model` name (default: the bundle directory's name)",
+                                    group=MODELS)
+    backend: str | None = like(RuntimeOptions, "backend", group=MODELS)
+    calibration: Path | None = opt(None, "calibration JSON for Cohere's int8/uint8 embedding types", group=MODELS)
+    input_type_instructions: dict[str, str] = opt(
+        dict, "instruction for a Cohere input_type (repeatable), e.g. search_query='Find the document'",
+        flag="--input-type-instruction", metavar="TYPE=TEXT", append=True, parse=_instructions, factory=True,
+        group=MODELS)
+    host: str = opt("127.0.0.1", "address to listen on", group=NETWORK)
+    port: int = opt(8000, "port to listen on (0: any free port)", low=0, group=NETWORK)
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (none: no auth)", env="Q3VL_API_KEY",
+                              group=NETWORK)
+    auth_probes: bool = opt(False, "require the key on /health, /ready and /metrics too", group=NETWORK)
+    batch_size: int = like(RuntimeOptions, "batch_size", 32, group=BATCHING)
+    max_batch_tokens: int = like(RuntimeOptions, "max_batch_tokens", group=BATCHING)
+    max_wait_ms: float = opt(0.0, "how long an idle model waits for more items before running (0: never)", low=0,
+                             group=BATCHING)
+    max_batch_requests: int = opt(0, "distinct requests per batch round (1: no cross-request batching; 0: no cap)",
+                                  low=0, group=BATCHING)
+    max_client_batch_size: int = opt(128, "items or documents per request (413 above)", low=1, group=BATCHING)
+    max_request_bytes: int = opt(20 * MIB, "request body bytes (413 above)", low=1, group=BATCHING)
+    max_queue_items: int = opt(1024, "items waiting before 429", low=1, group=BATCHING)
+    loader_threads: int | None = like(RuntimeOptions, "loader_threads", group=BATCHING)
+    max_queue_tokens: int = opt(1 << 20, "text + vision tokens waiting per queue (429 beyond; 413 for one request "
+                                         "above it)", low=1, group=BATCHING)
+    drain_timeout: float = opt(30.0, "seconds SIGTERM waits for requests in flight (then a 503 for each; the "
+                                     "process exits within ~3 s more)", low=0, group=BATCHING)
+    max_inflight_media_bytes: int = opt(2048 * MIB, "fetched and decoded media bytes of all requests in flight "
+                                                    "(429 beyond; 413 for one request above it)", low=1, group=WORK)
+    max_inflight_pixels: int = opt(256 * MIB, "full-resolution pixels of the images and video frames of all "
+                                              "requests in flight (429 beyond; 413 for one request above it)",
+                                   low=1, group=WORK)
+    plan_threads: int = opt(8, "threads planning requests with media (text-only requests never wait for them)",
+                            low=1, group=WORK)
+    fetches_per_request: int = opt(4, "http(s) media URLs one request fetches at once", low=1, group=WORK)
+    header_timeout: float = like(HttpLimits, "header_timeout")
+    keep_alive_timeout: float = like(HttpLimits, "keep_alive_timeout")
+    body_timeout: float = like(HttpLimits, "body_timeout")
+    body_min_rate: int = like(HttpLimits, "body_min_rate")
+    send_timeout: float = like(HttpLimits, "send_timeout")
+    max_connections: int = like(HttpLimits, "max_connections")
+    max_pending_body_bytes: int = like(HttpLimits, "max_pending_body_bytes")
+    max_media_bytes: int = like(MediaOptions, "max_media_bytes", 32 * MIB)
+    max_media_request_bytes: int = like(MediaOptions, "max_media_request_bytes", 256 * MIB)
+    media_deadline: float = like(MediaOptions, "media_deadline", 30.0)
+    max_redirects: int = like(MediaOptions, "max_redirects", 3)
 
     def __post_init__(self) -> None:
-        if self.embedding is None and self.reranker is None:
-            raise ConfigError("q3vl serve needs --embedding BUNDLE and/or --reranker BUNDLE")
-        for name in ("batch_size", "max_batch_tokens", "max_client_batch_size", "max_request_bytes",
-                     "max_queue_items", "media_item_bytes", "media_request_bytes", "max_inflight_media_bytes",
-                     "max_inflight_pixels", "max_queue_tokens", "plan_threads", "fetches_per_request"):
-            _at_least(name, getattr(self, name), 1)
+        check_fields(self)  # MediaOptions' own checks run too (below)
+        MediaOptions.__post_init__(self)
         if self.max_queue_items < self.max_client_batch_size:
             raise ConfigError(f"max_queue_items ({self.max_queue_items}) must be at least max_client_batch_size "
                               f"({self.max_client_batch_size}): a full-size request must fit in an empty queue")
-        _at_least("max_batch_requests", self.max_batch_requests, 0)
-        _at_least("max_redirects", self.max_redirects, 0)
-        _at_least("port", self.port, 0)
-        for name in ("max_wait_ms", "media_deadline", "drain_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ConfigError(f"{name} must be a finite number >= 0, not {value!r}")
-        if self.http.max_pending_body_bytes < self.max_request_bytes:
-            raise ConfigError(f"max_pending_body_bytes ({self.http.max_pending_body_bytes}) must be at least "
-                              f"max_request_bytes ({self.max_request_bytes}): a full-size body must fit")
-        if self.media_deadline <= 0:
-            raise ConfigError("media_deadline must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key must not be empty (omit it to serve without authentication)")
-        if self.media_root is not None and not Path(self.media_root).is_dir():
-            raise ConfigError(f"--media-root {self.media_root} is not a directory")
+
+    @property
+    def http(self) -> HttpLimits:
+        """The HTTP layer's limits (`HttpLimits`), from these fields."""
+        return HttpLimits(**{f.name: getattr(self, f.name) for f in fields(HttpLimits)})
 
     def model_names(self) -> dict[str, str]:
         """Task -> the name clients put in `model` (the flag's, or the bundle directory's)."""
+        if self.embedding is None and self.reranker is None:
+            raise ConfigError("q3vl serve needs --embedding BUNDLE and/or --reranker BUNDLE")
         names = {}
         if self.embedding is not None:
             names["embedding"] = self.embedding_name or Path(self.embedding).resolve().name
@@ -141,7 +168,17 @@ class ServeConfig:
                               "(--embedding-name / --reranker-name)")
         return names
 
+    def runtime(self, **overrides: Any) -> RuntimeOptions:
+        """The options every served model is built with: these batching options, the media policy
+        (no local files without `--media-root`), no prefetch (the queue overlaps loads itself), and a
+        media timeout within the per-item deadline.
+        """
+        return RuntimeOptions(backend=self.backend, batch_size=self.batch_size,
+                              max_batch_tokens=self.max_batch_tokens, loader_threads=self.loader_threads,
+                              prefetch=False, timeout=min(10.0, self.media_deadline),
+                              media_policy=self.policy(local_files=False), **overrides)
 
-def _at_least(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, not {value!r}")
+
+ServeOptions = ServeConfig  # the options' name; `ServeConfig` is what the server has always called them
+
+__all__ = ["HttpLimits", "ServeConfig", "ServeOptions"]

@@ -1,9 +1,11 @@
 """From API request bodies to the runtime's item dicts, keeping the API's name for every item.
 
-Each builder returns the items `Embedder.plan` / `Reranker.plan` take and, for each item, the
-`param` an error about it should name (`input[3]`, `inputs[1]`, `documents[0]`), so a bad item comes
-back as a 400 that points at what the client sent. Media references pass the server's `MediaGate`
-here, before any planning work.
+Each builder gathers an item's content parts and options into a dict and passes it through the item
+adapter (`q3vl.preprocess.adapter.to_item`: the keys, values and error texts every front end shares),
+returning the items `Embedder.plan` / `Reranker.plan` take and, for each item, the `param` an error
+about it should name (`input[3]`, `inputs[1]`, `documents[0]`), so a bad item comes back as a 400 that
+points at what the client sent. Media references pass the server's `MediaGate` first (the server's
+path rule: under `--media-root`, or refused), before any planning work.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from q3vl.errors import RequestError, RequestTooLargeError
-from q3vl.preprocess.encode import PreprocessConfig
-from q3vl.preprocess.items import IMAGE_EXTENSIONS
+from q3vl.errors import InputError, RequestError, RequestTooLargeError
+from q3vl.options import default_of
+from q3vl.preprocess import IMAGE_EXTENSIONS, to_item
+from q3vl.runtime import RuntimeOptions
 from q3vl.serve.media import MediaGate
 from q3vl.serve.schemas import (
     ChatMessage,
@@ -28,7 +31,7 @@ from q3vl.serve.schemas import (
     TextPart,
 )
 
-MAX_ITEM_PARTS = PreprocessConfig.max_parts  # text/image/video parts per item: the runtime's default `max_parts`
+MAX_ITEM_PARTS = default_of(RuntimeOptions, "max_parts")  # text/image/video parts per item: the runtime's default
 
 
 @dataclass
@@ -39,8 +42,16 @@ class Items:
     params: list[str] = field(default_factory=list)
 
     def add(self, item: dict[str, Any], param: str) -> None:
-        self.items.append(item)
+        self.items.append(adapt(item, param))
         self.params.append(param)
+
+
+def adapt(fields: dict[str, Any], param: str, kind: str = "embed") -> dict[str, Any]:
+    """The item adapter's item for `fields`; its error is a 400 naming `param`."""
+    try:
+        return to_item(fields, kind)
+    except InputError as e:
+        raise RequestError(e.reason, param) from None
 
 
 def parts_item(parts: list[Any], gate: MediaGate, param: str) -> dict[str, Any]:
@@ -135,11 +146,13 @@ def _own(inp: CohereInput) -> dict[str, Any]:
 def rerank_request(req: RerankRequest, gate: MediaGate) -> tuple[dict[str, Any], list[str]]:
     """The runtime's rerank request and each document's API name."""
     query = {"text": req.query} if isinstance(req.query, str) else parts_item(req.query.content, gate, "query")
+    adapt({**query, **req.options()}, "query", "query")
     docs = []
     params = []
     for i, doc in enumerate(req.documents):
         param = f"documents[{i}]"
-        docs.append({"text": doc} if isinstance(doc, str) else parts_item(doc.content, gate, param))
+        docs.append(adapt({"text": doc} if isinstance(doc, str) else parts_item(doc.content, gate, param), param,
+                          "document"))
         params.append(param)
     return {"query": query, "documents": docs, **req.options()}, params
 

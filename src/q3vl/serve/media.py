@@ -11,10 +11,11 @@ A request's media references (image_url / video_url / Cohere `images`) are strin
   `--media-deadline`, every redirect hop checked, the checked address connected to;
 - any other scheme: refused.
 
-`policy()` is the `MediaPolicy.strict(...)` the models read every source under: it enforces all of
-this when media is planned and decoded. `MediaGate` checks a reference before planning, so a refusal
-names the exact field (`inputs[2].content[0].image_url.url`) and a relative path means "under the
-media root", not "under the server's working directory".
+`ServeConfig.policy(local_files=False)` (`q3vl.preprocess.media_options`) is the `MediaPolicy` the
+models read every source under: it enforces all of this when media is planned and decoded.
+`MediaGate` checks a reference before planning, so a refusal names the exact field
+(`inputs[2].content[0].image_url.url`) and a relative path means "under the media root", not "under
+the server's working directory".
 """
 
 from __future__ import annotations
@@ -23,24 +24,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from q3vl.errors import ConfigError, RequestError
-from q3vl.preprocess import MediaPolicy
+from q3vl.errors import RequestError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-def policy(root: str | os.PathLike[str] | None, allowed_hosts: tuple[str, ...] | None, allow_private: bool,
-           max_redirects: int, item_bytes: int, request_bytes: int, deadline: float) -> MediaPolicy:
-    """The runtime media policy for the server's flags (strict: no local files without a root)."""
-    try:
-        return MediaPolicy.strict(allow_local=root is not None, allow_file_uri=root is not None,
-                                  local_root=os.fspath(root) if root is not None else None,
-                                  allowed_hosts=allowed_hosts, allow_private_networks=allow_private,
-                                  max_redirects=max_redirects, max_item_bytes=item_bytes,
-                                  max_call_bytes=request_bytes, deadline=deadline)
-    except (ValueError, TypeError) as e:  # e.g. an allowed host that is not a valid name
-        raise ConfigError(f"media policy flags: {e}") from e
 
 
 @dataclass(frozen=True)

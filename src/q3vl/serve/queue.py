@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from q3vl.errors import BackendError, InputError, OverloadedError, RequestTooLargeError, UnavailableError
+from q3vl.options import default_of
 from q3vl.runtime import BatchResult, BatchRunner, Plan, run_batches
+from q3vl.serve.config import ServeConfig
 from q3vl.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -86,14 +88,22 @@ class Round:
 
 @dataclass(frozen=True)
 class Limits:
-    """How rounds are gathered and how much may wait (see `ServeConfig`)."""
+    """How rounds are gathered and how much may wait: the `ServeConfig` options of those names (the
+    defaults are theirs; `max_wait` is `max_wait_ms` in seconds, `max_items` is `max_queue_items`).
+    """
 
     batch_size: int
     max_batch_tokens: int
-    max_wait: float = 0.0  # seconds
-    max_batch_requests: int = 0  # 0: no cap
-    max_items: int = 1024
-    max_tokens: int = 1 << 20  # text + vision tokens waiting (429 beyond; 413 for one request above it)
+    max_wait: float = default_of(ServeConfig, "max_wait_ms") / 1000  # seconds
+    max_batch_requests: int = default_of(ServeConfig, "max_batch_requests")  # 0: no cap
+    max_items: int = default_of(ServeConfig, "max_queue_items")
+    max_tokens: int = default_of(ServeConfig, "max_queue_tokens")  # waiting (429 beyond; 413 for one request above)
+
+    @classmethod
+    def of(cls, config: ServeConfig, batch_size: int, max_batch_tokens: int) -> Limits:
+        """The limits of `config` for a model whose batching policy is (`batch_size`, `max_batch_tokens`)."""
+        return cls(batch_size, max_batch_tokens, config.max_wait_ms / 1000, config.max_batch_requests,
+                   config.max_queue_items, config.max_queue_tokens)
 
 
 class _Round:

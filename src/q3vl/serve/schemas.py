@@ -22,16 +22,26 @@ list of bad documents is one error, not 200,000.
 from __future__ import annotations
 
 import builtins
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
+
+from q3vl.preprocess import KEYS, OPTION_KEYS
 
 MAX_TEXT = 4 * 1024 * 1024  # characters in one string; the body limit is usually lower
 MAX_PARTS = 256  # content parts in one item
 MAX_LIST = 100_000  # any list; the per-request item limit (--max-client-batch-size) is checked after
-MAX_FRAMES = 1024
-MAX_PIXELS = 1 << 28
 MAX_UNKNOWN_SHOWN = 5  # unknown keys an error names
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Name = Annotated[str, Field(max_length=256)]
@@ -61,21 +71,27 @@ class Strict(BaseModel):
         return data
 
 
-class ItemOptions(Strict):
-    """q3vl's per-item options (extensions to every API), honoured exactly as `process()` does."""
+def _option_fields() -> dict[str, Any]:
+    """One optional field per option key of the item model (`q3vl.preprocess.items.KEYS`)."""
+    strict = {int: Int, float: Float, bool: StrictBool}  # numbers are strict here too: `true` is no fps
+    return {k.name: (strict.get(k.kind, k.kind) | None, Field(None, description=k.help, **k.bounds))
+            for k in KEYS if k.option}
 
-    instruction: Text | None = Field(None, description="Instruction for this item (the system prompt).")
-    fps: Float | None = Field(None, gt=0, le=120, allow_inf_nan=False, description="Video sampling rate.")
-    max_frames: Int | None = Field(None, ge=2, le=MAX_FRAMES, description="Most frames sampled from a video.")
-    min_pixels: Int | None = Field(None, ge=1, le=MAX_PIXELS, description="Smallest image area (pixels).")
-    max_pixels: Int | None = Field(None, ge=1, le=MAX_PIXELS, description="Largest image area (pixels).")
-    total_pixels: Int | None = Field(None, ge=1, le=MAX_PIXELS, description="Pixel budget of a frame-list video.")
-    video_budget: Literal["off", "fit"] | None = Field(
-        None, description="'fit': a video file too long for max_length gets smaller, then fewer frames until it fits.")
+
+if TYPE_CHECKING:  # the fields are made from the key table; a type checker sees the base
+    _Options = Strict
+else:
+    _Options = create_model("_Options", __base__=Strict, **_option_fields())
+
+
+class ItemOptions(_Options):
+    """q3vl's per-item options (extensions to every API), honoured exactly as `process()` does: the
+    option keys of the item model, one field each (a key added there is a field here).
+    """
 
     def options(self) -> dict[str, Any]:
         """The options that were given, as runtime item keys."""
-        return {k: v for k, v in self.model_dump(include=set(ItemOptions.model_fields)).items() if v is not None}
+        return {k: v for k, v in self.model_dump(include=set(OPTION_KEYS)).items() if v is not None}
 
 
 # ---------------------------------------------------------------- content parts (OpenAI / vLLM / Cohere)

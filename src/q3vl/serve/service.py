@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -34,7 +34,6 @@ from q3vl.errors import (
     UnknownModelError,
 )
 from q3vl.runtime import BatchModel, Embedder, Plan, Reranker
-from q3vl.serve import media
 from q3vl.serve.admission import AdmittedBudget, Ticket, WorkBudget, decoded_pixels, release_free_memory
 from q3vl.serve.config import ServeConfig
 from q3vl.serve.media import MediaGate
@@ -77,10 +76,9 @@ class Service:
         self.config = config
         self.names = config.model_names()
         self.metrics = Metrics()
-        self.gate = MediaGate.create(config.media_root, config.media_item_bytes)
-        self.media_policy = media.policy(config.media_root, config.allowed_hosts, config.allow_private_urls,
-                                         config.max_redirects, config.media_item_bytes, config.media_request_bytes,
-                                         config.media_deadline)
+        self.gate = MediaGate.create(config.media_root, config.max_media_bytes)
+        self.options = config.runtime()  # every model's: batching, media policy, backend
+        self.media_policy = config.policy(local_files=False)  # the one the models read under (config.runtime())
         self.calibration = _calibration(config)
         self.work = WorkBudget(config.max_inflight_media_bytes, config.max_inflight_pixels)
         self.planner = Planner(self.media_policy, min(10.0, config.media_deadline), plan_threads=config.plan_threads,
@@ -100,18 +98,13 @@ class Service:
     def load(self) -> None:
         """Open every bundle and build its queue (raises on a broken bundle)."""
         c = self.config
-        common: dict[str, Any] = {
-            "backend": c.backend, "batch_size": c.batch_size, "max_batch_tokens": c.max_batch_tokens,
-            "timeout": min(10.0, c.media_deadline), "loader_threads": c.loader_threads, "prefetch": False,
-            "media_policy": self.media_policy}
         for task, path, cls in (("embedding", c.embedding, Embedder), ("reranker", c.reranker, Reranker)):
             if path is None:
                 continue
-            model = cls(path, **common)
+            model = cls(path, options=self.options)
             self.models[task] = model
             pol = model.policy
-            limits = Limits(pol.batch_size, pol.max_batch_tokens, c.max_wait_ms / 1000, c.max_batch_requests,
-                            c.max_queue_items, c.max_queue_tokens)
+            limits = Limits.of(c, pol.batch_size, pol.max_batch_tokens)
             self.queues[task] = ModelQueue(model, task, limits, self.metrics)
             self.media_queues[task] = ModelQueue(model, task, limits, self.metrics, lane="-media")
             log.info("loaded %s bundle %s as %r", task, path, self.names[task])

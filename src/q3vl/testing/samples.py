@@ -3,7 +3,7 @@
 Why: a newcomer's first `q3vl embed` needs an items file and media to point it at, and the README's
 examples must run as written (tests/test_docs_snippets.py runs them). `write_samples` makes them
 offline and deterministically; the JSONL files use ids and paths relative to themselves, i.e. the
-input dialect every command reads (`q3vl/runtime/inputs.py`). Torch-free.
+input dialect every command reads (`q3vl/preprocess/adapter.py`). Torch-free.
 """
 
 from __future__ import annotations

@@ -31,13 +31,14 @@ import numpy as np
 
 from q3vl.bundle import MANIFEST, Manifest, describe_files, looks_like_bundle, sha256
 from q3vl.errors import BundleError, CheckpointError, ConfigError, ParityError, missing_extra, option
+from q3vl.export.recipe import QuantizeRecipe
+from q3vl.options import of
 from q3vl.outputs import check_output, staged_dir
-from q3vl.precision import WEIGHT_FORMATS, check, weights_precision
+from q3vl.precision import weights_precision
 from q3vl.progress import Progress
 from q3vl.tolerances import tolerance
 
 log = logging.getLogger(__name__)
-INT8_METHODS = ("smooth", "dynamic", "nbits")
 DYNAMIC = option("method='dynamic'", "--method dynamic")  # what a message suggests when "smooth" cannot run
 
 
@@ -137,16 +138,6 @@ def compare_bundles(base: Path, quantized: Path, weights: str) -> dict[str, Any]
     return report
 
 
-def check_method(weights: str, method: str | None) -> str | None:
-    """The int8 method (default "smooth"; None for the other formats, which have one method each)."""
-    if weights != "int8":
-        if method is not None:
-            raise ConfigError(f"{option(f'method={method!r}', f'--method {method}')} is for int8 weights, "
-                              f"not {weights}")
-        return None
-    return check(method or "smooth", INT8_METHODS, "int8 method")
-
-
 def calibration_source(src: Path, manifest: Manifest, checkpoint: str | Path | None) -> Path:
     """The checkpoint int8 method "smooth" calibrates on: `checkpoint`, else the bundle's recorded
     source; it must be the checkpoint the bundle was exported from. Checked before any work.
@@ -177,29 +168,35 @@ def check_smooth(src: Path, manifest: Manifest, checkpoint: str | Path | None, p
     return calibration_source(src, manifest, checkpoint)
 
 
-def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str = "int8", *, block_size: int = 32,
-                    overwrite: bool = False, progress: bool = True, method: str | None = None,
-                    checkpoint: str | Path | None = None, plan: Any = None) -> Path:
+def quantize_bundle(bundle: str | Path, out_dir: str | Path, weights: str | None = None, *,
+                    recipe: QuantizeRecipe | None = None, overwrite: bool = False, progress: bool = True,
+                    checkpoint: str | Path | None = None, plan: Any = None, **recipe_keywords: object) -> Path:
     """Write a weight-quantized copy of an fp32 bundle and measure its parity against it.
 
     Args:
         bundle: an fp32 bundle made by `export_bundle`.
         out_dir: the new bundle (must be absent or empty unless `overwrite`); written beside itself
             and renamed when complete, so a failure or an interruption leaves no `out_dir`.
-        weights: "int8", "int4" or "fp16".
-        block_size: int4 quantization block (32 keeps more accuracy, 128 is smaller).
+        weights: "int8" (default), "int4" or "fp16".
+        recipe: the `QuantizeRecipe` (format, method, block size, smoothing strength, validated once);
+            `weights` and `recipe_keywords` are applied on top.
         overwrite: replace `out_dir` if it is a bundle already.
         progress: report the steps (a bar on a terminal, log lines otherwise).
-        method: int8 only: "smooth" (default), "dynamic" or "nbits" (module docstring).
         checkpoint: int8 "smooth": the checkpoint to calibrate on (default: the bundle's recorded source).
-        plan: int8 "smooth": an `Int8Plan`, calibrated (used as is) or empty (its settings are used).
+        plan: int8 "smooth": an `Int8Plan`, calibrated (used as is) or empty (its settings are used;
+            default: the recipe's `int8_alpha`, or the default search).
+        **recipe_keywords: fields of `QuantizeRecipe`: `block_size` (int4 quantization block: 32 keeps
+            more accuracy, 128 is smaller), `method` (int8 only: "smooth" (default), "dynamic" or
+            "nbits"; module docstring), `int8_alpha`.
 
     Returns:
         The new bundle directory. Raises `ParityError` (the bundle stays, marked failed) when
         its outputs fall outside the stated tolerance for `weights`.
     """
-    check(weights, WEIGHT_FORMATS, "weights")
-    method = check_method(weights, method)
+    keywords = {**({"weights": weights} if weights is not None else {}), **recipe_keywords}
+    recipe = of(QuantizeRecipe, keywords, "quantize_bundle", recipe)
+    weights, method, block_size = recipe.weights, recipe.int8_method, recipe.block_size
+    plan = plan if plan is not None else recipe.int8_plan()
     src, out = Path(bundle), Path(out_dir)
     manifest = check_quantizable(src)
     calibrate_on = check_smooth(src, manifest, checkpoint, plan) if method == "smooth" else None
