@@ -275,3 +275,28 @@ def test_embed_dataset_media_root_confines_local_files(tmp_path):
         else:
             with pytest.raises(InputError, match="not inside the allowed media root"):
                 access.source(path, "image", Deadline(5))
+
+
+def test_a_planned_request_waits_briefly_for_pixels_before_its_429(monkeypatch):
+    import asyncio
+
+    from q3vl.serve import service
+
+    monkeypatch.setattr(service, "ADMIT_WAIT", 0.5)
+    budget = WorkBudget(max_bytes=10, max_pixels=100)
+    holder = budget.ticket()
+    holder.take(n_pixels=80)
+
+    async def freed_after(seconds: float) -> float:
+        asyncio.get_running_loop().call_later(seconds, holder.release)
+        start = time.monotonic()
+        await service._admit_pixels(budget.ticket(), 50)
+        return time.monotonic() - start
+
+    assert 0.15 <= asyncio.run(freed_after(0.2)) < 0.5  # admitted once the holder finished
+    assert budget.pixels == 50
+    holder = budget.ticket()
+    with pytest.raises(OverloadedError):  # the budget never frees: a 429 after the wait
+        asyncio.run(service._admit_pixels(holder, 60))
+    with pytest.raises(RequestTooLargeError):  # above the whole budget: at once
+        asyncio.run(service._admit_pixels(budget.ticket(), 101))

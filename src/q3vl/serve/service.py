@@ -27,6 +27,7 @@ from q3vl.codes.embeddings import Calibration
 from q3vl.errors import (
     ConfigError,
     InputError,
+    OverloadedError,
     QueryError,
     RequestError,
     RequestTooLargeError,
@@ -43,6 +44,7 @@ from q3vl.serve.queue import Job, Limits, ModelQueue
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+ADMIT_WAIT = 2.0  # seconds a planned request waits for the pixel budget before its 429
 RELEASE_AT = 16 * 1024**2  # media bytes + pixels a finished request held, above which freed pages go back to the OS
 
 
@@ -281,7 +283,7 @@ class Service:
         if not plans:
             return Outcome(plans, None, took)
         if ticket is not None:
-            ticket.take(n_pixels=sum(decoded_pixels(p.encoded.media) for p in plans))
+            await _admit_pixels(ticket, sum(decoded_pixels(p.encoded.media) for p in plans))
         try:
             job = await self._run(task, plans, receive)
         except QueryError as e:  # the query's media failed to load
@@ -310,6 +312,23 @@ class Service:
         if any(j is None for j in jobs):
             return None
         return _joined(plans, [j for j in jobs if j is not None])
+
+
+async def _admit_pixels(ticket: Ticket, pixels: int) -> None:
+    """Charge a planned request's decoded pixels. While other requests hold the budget it waits for them
+    (up to ADMIT_WAIT s, so a client that retries a 429 at once is held to the budget's pace instead of
+    planning its media again and again) before its 429; a request above the whole budget is a 413 at once.
+    """
+    end = time.monotonic() + ADMIT_WAIT
+    while True:
+        try:
+            ticket.take(n_pixels=pixels)
+            return
+        except OverloadedError:
+            if time.monotonic() >= end:
+                raise
+            ticket.refusal = None
+            await asyncio.sleep(0.05)
 
 
 def _joined(plans: list[Plan], jobs: list[Job]) -> Job:
