@@ -146,6 +146,9 @@ class ServeConfig(MediaOptions):
         if self.max_queue_items < self.max_client_batch_size:
             raise ConfigError(f"max_queue_items ({self.max_queue_items}) must be at least max_client_batch_size "
                               f"({self.max_client_batch_size}): a full-size request must fit in an empty queue")
+        if self.max_pending_body_bytes < self.max_request_bytes:
+            raise ConfigError(f"max_pending_body_bytes ({self.max_pending_body_bytes}) must be at least "
+                              f"max_request_bytes ({self.max_request_bytes}): a full-size body must fit")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key must not be empty (omit it to serve without authentication)")
 
