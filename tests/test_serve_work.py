@@ -178,7 +178,7 @@ def media():
 
 @pytest.fixture(scope="module")
 def server(tiny_embedding_bundle, tmp_path_factory):
-    srv = Server(["--embedding", str(tiny_embedding_bundle), "--allow-private-urls", "--media-deadline", "6",
+    srv = Server(["--embedding", str(tiny_embedding_bundle), "--allow-private-urls", "--media-deadline", "3",
                   "--max-media-bytes", str(2 * MB), "--max-inflight-media-bytes", str(5 * MB),
                   "--max-inflight-pixels", "5000000", "--plan-threads", "3", "--fetches-per-request", "2",
                   "--drain-timeout", "1"], tmp_path_factory.mktemp("work-log"))
@@ -216,7 +216,7 @@ def test_budget_taken_by_others_is_429_and_text_is_never_held(server, media):
             status, _, body = request(server.base, "POST", "/v1/embeddings", {"input": f"text {k}"})
             assert status == 200 and time.monotonic() - t < SLACK, body
         for f in held:
-            assert f.result()[0] == 400  # the media deadline (6 s) ends each drip
+            assert f.result()[0] == 400  # the media deadline (3 s) ends each drip
 
 
 def test_a_disconnected_client_fetches_nothing_more(server, media):
