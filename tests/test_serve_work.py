@@ -108,9 +108,12 @@ def test_each_fetch_reserves_its_cap_before_it_starts():
         first, second = work.ticket(), work.ticket()
         MediaAccess(policy, 5.0, AdmittedBudget(policy, first)).source(srv.url("/a.png"), "image", Deadline(5))
         assert work.bytes == len(data)  # the 1 MB reservation became the real size
+        deadline = Deadline(5)
         with pytest.raises(InputError, match="busy with other requests"):
-            MediaAccess(policy, 5.0, AdmittedBudget(policy, second)).source(srv.url("/b.png"), "image", Deadline(5))
+            MediaAccess(policy, 5.0, AdmittedBudget(policy, second, deadline)).source(srv.url("/b.png"), "image",
+                                                                                     deadline)
         assert isinstance(second.refusal, OverloadedError)
+        assert deadline.cancelled  # a refused request stops every other fetch it started
         assert srv.hits == ["/a.png"]  # refused before it was fetched
         first.release()
         second.release()

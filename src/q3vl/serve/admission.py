@@ -143,6 +143,8 @@ class AdmittedBudget(CallBudget):
         try:
             self.ticket.take(n_bytes, n_pixels)
         except (OverloadedError, RequestTooLargeError) as e:
+            if self.deadline is not None:  # the request is answered 429/413: stop every fetch it started
+                self.deadline.cancel()
             raise InputError(str(e)) from e
 
 
