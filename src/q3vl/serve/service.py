@@ -251,8 +251,8 @@ class Service:
         finally:
             held = ticket.bytes + ticket.pixels
             ticket.release()
-            if held >= RELEASE_AT:  # hand the freed media pages back to the OS (a burst's RSS comes down)
-                release_free_memory()
+            if held >= RELEASE_AT:  # hand the freed media pages back to the OS (a burst's RSS comes down),
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)  # off the event loop
 
     async def _plan_and_run(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
                             check: Callable[[list[Plan]], None] | None, ticket: Ticket | None) -> Outcome:
