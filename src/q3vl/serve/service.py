@@ -251,15 +251,25 @@ class Service:
         finally:
             held = ticket.bytes + ticket.pixels
             ticket.release()
+            ticket.refusal = None  # its traceback's frames hold the request's media: no cycle may keep them
             if held >= RELEASE_AT:  # hand the freed media pages back to the OS (a burst's RSS comes down),
                 asyncio.get_running_loop().run_in_executor(None, release_free_memory)  # off the event loop
 
     async def _plan_and_run(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
                             check: Callable[[list[Plan]], None] | None, ticket: Ticket | None) -> Outcome:
         """Plan (media: on the planner's pool under one deadline, admitted by the work budget), then run."""
-        task = model.task.name
         start = time.monotonic()
         budget = AdmittedBudget(self.media_policy, ticket, self.planner.deadline()) if ticket else None
+        try:
+            return await self._planned_run(model, inputs, params, receive, check, ticket, budget, start)
+        finally:
+            if budget is not None:  # fetched media and cached fetch errors (whose tracebacks hold partial
+                budget.sources.clear()  # bodies) go with the request, not with whatever still references it
+
+    async def _planned_run(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
+                           check: Callable[[list[Plan]], None] | None, ticket: Ticket | None,
+                           budget: AdmittedBudget | None, start: float) -> Outcome:
+        task = model.task.name
         try:
             planned = await self.planner.plan(partial(model.plan, inputs), budget, inputs, _disconnect_of(receive))
         except QueryError as e:
