@@ -56,6 +56,31 @@ def test_non_public_addresses_are_refused_before_connecting(host):
     assert time.monotonic() - t < 2
 
 
+# IPv6 spellings of non-public IPv4 hosts, and IPv6 ranges that never name a public host
+IPV6_REFUSED = ["::127.0.0.1", "::7f00:1", "::10.0.0.1", "::8.8.8.8",  # IPv4-compatible (::/96)
+                "::ffff:0:127.0.0.1", "::ffff:0:a9fe:a9fe", "::ffff:0:8.8.8.8",  # IPv4-translated (::ffff:0:0:0/96)
+                "64:ff9b::169.254.169.254", "64:ff9b::127.0.0.1", "64:ff9b::10.1.2.3",  # NAT64, private IPv4
+                "64:ff9b:1::a9fe:a9fe", "64:ff9b:1:a9fe:a9:fe00::", "64:ff9b:1::8.8.8.8",  # local-use NAT64
+                "fec0::1", "fed0::a9fe:a9fe", "feff:ffff::1"]  # site-local (fec0::/10)
+
+
+@pytest.mark.parametrize("ip", IPV6_REFUSED)
+def test_ipv6_forms_of_private_hosts_are_refused(ip):
+    """Checked at the policy function (`address_allowed` is what every fetch hop asks), so no fetch runs."""
+    for policy in (MediaPolicy(), MediaPolicy.strict(), MediaPolicy.strict(allowed_hosts=("example.com",))):
+        assert not policy.address_allowed(ip), (ip, policy)
+    assert MediaPolicy.trusted().address_allowed(ip)  # allow_private_networks lets everything through
+
+
+def test_ipv6_public_and_explicitly_allowed_forms_pass():
+    p = MediaPolicy()
+    assert p.address_allowed("64:ff9b::8.8.8.8")  # NAT64 of a public IPv4: how IPv6-only hosts reach it
+    assert p.address_allowed("2606:4700::1111") and p.address_allowed("2a00:1450:4001:82b::200e")
+    q = MediaPolicy(allowed_networks=["10.0.0.0/8"])
+    assert q.address_allowed("64:ff9b::10.1.2.3") and not q.address_allowed("64:ff9b::192.168.0.1")
+    assert MediaPolicy(allowed_networks=["fec0::/10"]).address_allowed("fec0::1")
+
+
 def test_address_rules():
     p = MediaPolicy()
     assert p.address_allowed("8.8.8.8") and p.address_allowed("2606:4700::1111")

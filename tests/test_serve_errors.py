@@ -69,10 +69,10 @@ def test_auth(server):
         status, hdrs, res = request(server.base, "POST", "/v1/embeddings", body, headers=headers)
         assert status == 401 and hdrs["www-authenticate"] == "Bearer", res
         assert res["error"]["type"] == "authentication_error"
-    for path in ("/v1/models", "/ready", "/openapi.json"):
+    for path in ("/v1/models", "/openapi.json"):
         assert request(server.base, "GET", path)[0] == 401
         assert request(server.base, "GET", path, headers=AUTH)[0] == 200
-    for path in ("/health", "/metrics"):  # probes stay open unless --auth-probes
+    for path in ("/health", "/ready", "/metrics"):  # probes stay open unless --auth-probes
         assert request(server.base, "GET", path)[0] == 200
     assert post(server, "/v1/embeddings", body)[0] == 200
 

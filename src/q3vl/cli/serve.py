@@ -1,9 +1,11 @@
 """`q3vl serve`: the command. FastAPI and uvicorn are imported only when it runs.
 
 SIGTERM (or Ctrl-C) drains: the server keeps listening but answers 503 to new requests (so `/ready`
-tells a load balancer to stop sending), lets every accepted request finish (up to --drain-timeout),
-then stops uvicorn, whose own graceful shutdown and the queues' close finish anything left, and exits
-0. A second signal is uvicorn's: shut down now (and exit by that signal).
+tells a load balancer to stop sending) and lets every accepted request finish until one deadline,
+--drain-timeout after the signal; a request still in flight then gets a clean 503 (its queued items
+dropped), uvicorn stops (its graceful shutdown limited to 2 s: every response is out) and the queues
+close with what is left of the same deadline; the process exits 0 within --drain-timeout + ~3 s.
+A second signal is uvicorn's: shut down now (and exit by that signal).
 """
 
 from __future__ import annotations
@@ -42,19 +44,24 @@ def _serve(a: argparse.Namespace) -> int:
     require("serve")
     import uvicorn
 
+    from q3vl.serve.admission import mmap_large_blocks
     from q3vl.serve.app import create_app
+    from q3vl.serve.connection import protocol_class
     from q3vl.serve.service import Service
 
     config = config_from(a)
+    mmap_large_blocks()  # freed media go back to the OS, so memory comes down after a burst
     svc = Service(config)
     server: Any = None
 
     def stop(error: BaseException) -> None:  # a bundle that cannot load: exit with its error
         server.should_exit = True
 
+    protocol, backlog = protocol_class(config.http)
     server = _draining_server(uvicorn)(uvicorn.Config(
         create_app(svc, stop), host=config.host, port=config.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on"), svc)
+        timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on", http=protocol,
+        backlog=backlog), svc)
     log.info("serving %s on http://%s:%d", ", ".join(f"{t} {n!r}" for t, n in svc.names.items()),
              config.host, config.port)
     server.run()
@@ -82,10 +89,16 @@ def _draining_server(uvicorn: Any) -> Any:
             asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
         async def _drain(self) -> None:
-            deadline = time.monotonic() + self.svc.config.drain_timeout
+            deadline = self.svc.drain_deadline or time.monotonic() + self.svc.config.drain_timeout
             while self.svc.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            if self.svc.active:  # past the deadline: a clean 503 for each, never a cut connection or a 500
+                log.warning("drain deadline: answering %d requests still in flight with 503", self.svc.abandon())
+                end = time.monotonic() + 1.0
+                while self.svc.active and time.monotonic() < end:
+                    await asyncio.sleep(0.02)
             log.info("drained (%d still in flight); shutting down", self.svc.active)
+            self.config.timeout_graceful_shutdown = 2  # the responses are out: uvicorn's wait is short
             self.should_exit = True  # not handle_exit: a completed drain exits 0, not by the signal
 
     return DrainingServer

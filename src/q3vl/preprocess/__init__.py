@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from q3vl.preprocess.media import MediaPolicy
+from q3vl.preprocess.media import CallBudget, Deadline, MediaAccess, MediaPolicy, media_call
 from q3vl.preprocess.media_options import MediaOptions
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ TRUNCATION_MODES = ("text", "reference")
 _WHERE = {**dict.fromkeys(("ID", "KINDS", "Record", "parse_item", "parse_json", "resolve_path", "to_item"), "adapter"),
           **dict.fromkeys(("CONTENT_KEYS", "IMAGE_EXTENSIONS", "KEY", "KEYS", "OPTION_KEYS", "ItemKey"), "items")}
 __all__ = ["CONTENT_KEYS", "ID", "IMAGE_EXTENSIONS", "KEY", "KEYS", "KINDS", "OPTION_KEYS", "TRUNCATION_MODES",
-           "ItemKey", "MediaOptions", "MediaPolicy", "Record", "parse_item", "parse_json", "resolve_path", "to_item"]
+           "CallBudget", "Deadline", "ItemKey", "MediaAccess", "MediaOptions", "MediaPolicy", "Record", "media_call",
+           "parse_item", "parse_json", "resolve_path", "to_item"]
 
 
 def __getattr__(name: str) -> object:

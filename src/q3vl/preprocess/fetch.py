@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
@@ -38,7 +39,13 @@ class FetchPolicy(Protocol):
 
 
 class FetchDeadline(Protocol):
-    """What a fetch reads of `q3vl.preprocess.media.Deadline`: the item's time left."""
+    """What a fetch reads of `q3vl.preprocess.media.Deadline`: the item's time left, and whether its
+    request was cancelled (`watch` runs a callback when it is: an open connection is aborted at once).
+    """
+
+    cancelled: bool
+
+    def watch(self, fn: Callable[[], None]) -> Callable[[], None]: ...
 
     def left(self) -> float: ...
 
@@ -210,16 +217,20 @@ def _get(t: _Target, ips: list[str], deadline: FetchDeadline, timeout: float, ca
         watchdog = threading.Timer(max(0.0, deadline.left()), conn.abort)
         watchdog.daemon = True
         watchdog.start()
+        unwatch = deadline.watch(conn.abort)  # a cancelled deadline (the caller left) aborts at once
         try:
             return _exchange(conn, t, deadline, cap, name)
         except InputError:
             raise
         except (OSError, http.client.HTTPException, ValueError) as e:
+            if deadline.cancelled:
+                raise InputError(f"fetching {name} was cancelled (its request ended)") from e
             if conn.aborted or deadline.expired():
                 raise InputError(f"fetching {name} did not finish within the media deadline; send a smaller "
                                  "or faster source, or raise MediaPolicy(deadline=...)") from e
             err = e
         finally:
+            unwatch()
             watchdog.cancel()
             conn.close()
     raise InputError(f"unreachable URL {name}: {_reason(err)}") from err

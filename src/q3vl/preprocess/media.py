@@ -130,25 +130,87 @@ class MediaPolicy:
         return any(host == h or (h.startswith(".") and host.endswith(h)) for h in self.allowed_hosts)
 
     def address_allowed(self, ip: str) -> bool:
-        """Whether a resolved address may be connected to: public, or explicitly allowed."""
+        """Whether a resolved address may be connected to: public, or explicitly allowed. An IPv6
+        address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by both; IPv6 ranges
+        that never name a public host (`NEVER_PUBLIC_V6`) are refused whatever they embed.
+        """
         addr = ipaddress.ip_address(ip)
-        embedded = [a for a in (getattr(addr, "ipv4_mapped", None), getattr(addr, "sixtofour", None)) if a]
         if self.allow_private_networks:
             return True
-        if any(a in net for a in (addr, *embedded) for net in self._networks if a.version == net.version):
+        both = (addr, *embedded_ipv4(addr))
+        if any(a in net for a in both for net in self._networks if a.version == net.version):
             return True
-        return all(a.is_global and not a.is_multicast for a in (addr, *embedded))
+        if isinstance(addr, ipaddress.IPv6Address) and any(addr in net for net in NEVER_PUBLIC_V6):
+            return False
+        return all(a.is_global and not a.is_multicast for a in both)
+
+
+# IPv6 ranges refused even where Python's `is_global` says otherwise (it varies by Python version)
+NEVER_PUBLIC_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    "::/96",  # IPv4-compatible (deprecated, RFC 4291): ::127.0.0.1 is no public host
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765)
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+    "fec0::/10",  # site-local (deprecated, RFC 3879)
+))
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the IPv4 is the last 32 bits
+
+
+def embedded_ipv4(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for: mapped (::ffff:a.b.c.d), 6to4, Teredo (server
+    and client), NAT64 (64:ff9b::a.b.c.d), and the low 32 bits of the IPv4-compatible and
+    IPv4-translated forms (::a.b.c.d, ::ffff:0:a.b.c.d).
+    """
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return []
+    out = [a for a in (addr.ipv4_mapped, addr.sixtofour) if a is not None]
+    if addr.teredo is not None:
+        out.extend(addr.teredo)
+    if addr in NAT64 or addr in NEVER_PUBLIC_V6[0] or addr in NEVER_PUBLIC_V6[1]:
+        out.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    return out
 
 
 class Deadline:
-    """One item's time budget: fetch, probe and decode all draw on the same clock."""
+    """One item's (or one call's) time budget: fetch, probe and decode all draw on the same clock.
+
+    `cancel()` ends it early (the caller left): it is expired from then on, and every callback
+    registered with `watch` (a fetch's socket abort) runs at once, so nothing keeps reading for a
+    caller that is gone.
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.end = time.monotonic() + max(seconds, 0.0)
+        self.cancelled = False
+        self._watchers: dict[int, Callable[[], None]] = {}
+        self._lock = threading.Lock()
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+    def cancel(self) -> None:
+        """Expire now and run every watcher (each once)."""
+        with self._lock:
+            self.cancelled = True
+            self.end = min(self.end, time.monotonic())
+            watchers, self._watchers = list(self._watchers.values()), {}
+        for fn in watchers:
+            fn()
+
+    def watch(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Run `fn` when the deadline is cancelled (at once if it already is); returns an un-register."""
+        key = id(fn)
+
+        def unwatch() -> None:
+            with self._lock:
+                self._watchers.pop(key, None)
+
+        with self._lock:
+            if not self.cancelled:
+                self._watchers[key] = fn
+                return unwatch
+        fn()
+        return unwatch
 
     def expired(self) -> bool:
         return self.left() <= 0
@@ -166,8 +228,9 @@ class CallBudget:
     charged once per call.
     """
 
-    def __init__(self, policy: MediaPolicy) -> None:
+    def __init__(self, policy: MediaPolicy, deadline: Deadline | None = None) -> None:
         self.policy = policy
+        self.deadline = deadline  # the whole call's, when it has one: every fetch also ends by it
         self.used = 0
         self.sources: dict[tuple[str, str | bytes], Source | InputError] = {}
         self._lock = threading.Lock()
@@ -208,9 +271,16 @@ _CALL: ContextVar[CallBudget | None] = ContextVar("q3vl_media_call", default=Non
 
 
 @contextlib.contextmanager
-def media_call(policy: MediaPolicy) -> Iterator[CallBudget]:
-    """Everything planned inside shares one per-call byte budget and fetch cache."""
-    token = _CALL.set(CallBudget(policy))
+def media_call(policy: MediaPolicy, budget: CallBudget | None = None) -> Iterator[CallBudget]:
+    """Everything planned inside shares one per-call byte budget and fetch cache: `budget` when given
+    (a server's request, whose URLs it may already have fetched), else the enclosing call's when one
+    with the same policy is open, else a new one.
+    """
+    outer = _CALL.get()
+    if budget is None and outer is not None and outer.policy == policy:
+        yield outer
+        return
+    token = _CALL.set(budget if budget is not None else CallBudget(policy))
     try:
         yield _CALL.get()  # type: ignore[misc]
     finally:
@@ -269,6 +339,8 @@ class MediaAccess:
     def source(self, ref: Any, kind: str, deadline: Deadline) -> Source:
         """Check `ref` (path, URL, data URI or encoded bytes) against the policy and make it readable."""
         budget = self.calls_budget()
+        if budget.deadline is not None and budget.deadline.end < deadline.end:
+            deadline = budget.deadline  # the call's deadline comes first (or was cancelled)
         if isinstance(ref, bytes):
             return budget.cached((kind, ref), lambda: self._bytes(ref, kind, budget))
         if isinstance(ref, (bytearray, memoryview)):

@@ -1,7 +1,8 @@
 """The FastAPI application: routes, error handlers and middlewares around one `Service`.
 
 Middleware order, outermost first: metrics (counts every response, 401s and 413s included), auth
-(an unauthenticated client never gets its body read), body limit (413 before parsing), the app.
+(an unauthenticated client never gets its body read), the body reader (size, deadline, rate and
+budget before parsing: `body.py`), the app. Connection limits live in the protocol (`connection.py`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import q3vl
-from q3vl.serve.http import AuthMiddleware, BodyLimitMiddleware, install_handlers
+from q3vl.serve.body import BodyReader
+from q3vl.serve.http import AuthMiddleware, install_handlers
 from q3vl.serve.metrics import MetricsMiddleware
 from q3vl.serve.routes import build_router
 from q3vl.serve.service import Service
 
-PROBES = {"/health", "/metrics"}
+PROBES = {"/health", "/ready", "/metrics"}  # open without the API key unless --auth-probes
 
 
 def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
@@ -38,7 +40,8 @@ def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None 
     app.state.svc = svc
     router = build_router()
     app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=svc.config.max_request_bytes)
+    c = svc.config
+    app.add_middleware(BodyReader, max_bytes=c.max_request_bytes, max_items=c.max_client_batch_size, limits=c.http)
     if svc.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=svc.config.api_key,
                            open_paths=set() if svc.config.auth_probes else PROBES)

@@ -7,7 +7,7 @@ server's defaults, and the media options are `MediaOptions`' with the server's s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,7 +18,43 @@ from q3vl.preprocess import MediaOptions
 from q3vl.runtime import RuntimeOptions
 
 MODELS, NETWORK, BATCHING = "models", "network", "batching and limits"
+WORK, CONNECTIONS = "work in flight (all requests together)", "connections (HTTP limits)"
 MIB = 1024**2
+RATE_WINDOW = 5.0  # seconds over which HttpLimits.body_min_rate is measured
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The HTTP layer's limits: how long and how much a connection may hold the server (the "connections"
+    flags of `q3vl serve`; enforced by `serve/connection.py` and `serve/body.py`).
+
+    `header_timeout`: seconds to send a request head, counted from the connect or from the previous
+    response (408, or a silent close when nothing arrived). `keep_alive_timeout`: seconds an idle
+    kept-alive connection stays open (uvicorn's own). `body_timeout`: seconds to send a whole body;
+    `body_min_rate`: bytes per second a body must keep up over every 5 s window (0: off); either
+    miss is a 408 and the connection is closed. `send_timeout`: seconds a client may leave a response
+    unread before its connection is dropped. `max_connections`: open connections (lowered, with the
+    listen backlog, to fit the process's open-file limit); a new connection at the cap closes the
+    oldest one that is between requests, or is refused with a 503 when every one is busy.
+    `max_pending_body_bytes`: bytes of request bodies still being received, all connections together
+    (429 beyond; a body that is complete no longer counts).
+    """
+
+    header_timeout: float = opt(10.0, "seconds to send a request head, from the connect or the previous response "
+                                      "(408, close)", above=0, group=CONNECTIONS)
+    keep_alive_timeout: float = opt(5.0, "seconds an idle kept-alive connection stays", above=0, group=CONNECTIONS)
+    body_timeout: float = opt(30.0, "seconds to send a whole request body (408, close)", above=0, group=CONNECTIONS)
+    body_min_rate: int = opt(1024, "bytes/s a request body must keep up over every 5 s (408, close; 0: off)", low=0,
+                             group=CONNECTIONS)
+    send_timeout: float = opt(30.0, "seconds a client may leave a response unread before its connection is dropped",
+                              above=0, group=CONNECTIONS)
+    max_connections: int = opt(1024, "open connections (lowered to fit the open-file limit); at the cap the oldest "
+                                     "idle one is closed, or a 503 when none is idle", low=1, group=CONNECTIONS)
+    max_pending_body_bytes: int = opt(256 * MIB, "bytes of request bodies being received, all connections together "
+                                                 "(429 beyond)", low=1, group=CONNECTIONS)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def _instructions(pairs: list[str]) -> dict[str, str]:
@@ -42,10 +78,17 @@ class ServeConfig(MediaOptions):
     per request and `max_request_bytes` per body (413), `max_queue_items` waiting items (429).
     Media (`MediaOptions`): local paths and `file://` only under `media_root`; http(s) URLs to public
     addresses (`allowed_hosts` narrows them; `allow_private_urls` admits loopback/private/link-local
-    ones), `max_media_bytes` / `max_media_request_bytes` caps, a `media_deadline` per item, `max_redirects`.
+    ones), `max_media_bytes` / `max_media_request_bytes` caps, a `media_deadline` per item (and per
+    request: all its items share one), `max_redirects`.
+    Work in flight (`admission.py`, `planning.py`): `max_inflight_media_bytes` of fetched and decoded
+    media and `max_inflight_pixels` of decoded pixels, all requests together (429 beyond, 413 for one
+    request above the whole budget; 2 GiB and 256 Mi pixels, about 4 GB at the peak, sized for a 24 GiB
+    machine), `max_queue_tokens` text + vision tokens waiting per queue; requests with media plan on
+    `plan_threads` threads of their own, fetching `fetches_per_request` URLs at a time.
+    Connections: `HttpLimits`' fields (`http` gathers them).
     """
 
-    FLAG_GROUPS: ClassVar[tuple[str, ...]] = (MODELS, NETWORK, BATCHING, MediaOptions.GROUP)
+    FLAG_GROUPS: ClassVar[tuple[str, ...]] = (MODELS, NETWORK, BATCHING, WORK, MediaOptions.GROUP, CONNECTIONS)
 
     # the model source: a bundle directory or a Hub repo id (`parse=str`: a flag's string stays one)
     embedding: str | Path | None = opt(None, "embedding bundle: a directory or a Hub repo id ORG/NAME[@REVISION]",
@@ -66,7 +109,7 @@ class ServeConfig(MediaOptions):
     port: int = opt(8000, "port to listen on (0: any free port)", low=0, group=NETWORK)
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (none: no auth)", env="Q3VL_API_KEY",
                               group=NETWORK)
-    auth_probes: bool = opt(False, "require the key on /health and /metrics too", group=NETWORK)
+    auth_probes: bool = opt(False, "require the key on /health, /ready and /metrics too", group=NETWORK)
     batch_size: int = like(RuntimeOptions, "batch_size", 32, group=BATCHING)
     max_batch_tokens: int = like(RuntimeOptions, "max_batch_tokens", group=BATCHING)
     max_wait_ms: float = opt(0.0, "how long an idle model waits for more items before running (0: never)", low=0,
@@ -77,7 +120,25 @@ class ServeConfig(MediaOptions):
     max_request_bytes: int = opt(20 * MIB, "request body bytes (413 above)", low=1, group=BATCHING)
     max_queue_items: int = opt(1024, "items waiting before 429", low=1, group=BATCHING)
     loader_threads: int | None = like(RuntimeOptions, "loader_threads", group=BATCHING)
-    drain_timeout: float = opt(30.0, "seconds SIGTERM waits for requests in flight", low=0, group=BATCHING)
+    max_queue_tokens: int = opt(1 << 20, "text + vision tokens waiting per queue (429 beyond; 413 for one request "
+                                         "above it)", low=1, group=BATCHING)
+    drain_timeout: float = opt(30.0, "seconds SIGTERM waits for requests in flight (then a 503 for each; the "
+                                     "process exits within ~3 s more)", low=0, group=BATCHING)
+    max_inflight_media_bytes: int = opt(2048 * MIB, "fetched and decoded media bytes of all requests in flight "
+                                                    "(429 beyond; 413 for one request above it)", low=1, group=WORK)
+    max_inflight_pixels: int = opt(256 * MIB, "full-resolution pixels of the images and video frames of all "
+                                              "requests in flight (429 beyond; 413 for one request above it)",
+                                   low=1, group=WORK)
+    plan_threads: int = opt(8, "threads planning requests with media (text-only requests never wait for them)",
+                            low=1, group=WORK)
+    fetches_per_request: int = opt(4, "http(s) media URLs one request fetches at once", low=1, group=WORK)
+    header_timeout: float = like(HttpLimits, "header_timeout")
+    keep_alive_timeout: float = like(HttpLimits, "keep_alive_timeout")
+    body_timeout: float = like(HttpLimits, "body_timeout")
+    body_min_rate: int = like(HttpLimits, "body_min_rate")
+    send_timeout: float = like(HttpLimits, "send_timeout")
+    max_connections: int = like(HttpLimits, "max_connections")
+    max_pending_body_bytes: int = like(HttpLimits, "max_pending_body_bytes")
     max_media_bytes: int = like(MediaOptions, "max_media_bytes", 32 * MIB)
     max_media_request_bytes: int = like(MediaOptions, "max_media_request_bytes", 256 * MIB)
     media_deadline: float = like(MediaOptions, "media_deadline", 30.0)
@@ -91,8 +152,16 @@ class ServeConfig(MediaOptions):
         if self.max_queue_items < self.max_client_batch_size:
             raise ConfigError(f"max_queue_items ({self.max_queue_items}) must be at least max_client_batch_size "
                               f"({self.max_client_batch_size}): a full-size request must fit in an empty queue")
+        if self.max_pending_body_bytes < self.max_request_bytes:
+            raise ConfigError(f"max_pending_body_bytes ({self.max_pending_body_bytes}) must be at least "
+                              f"max_request_bytes ({self.max_request_bytes}): a full-size body must fit")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key must not be empty (omit it to serve without authentication)")
+
+    @property
+    def http(self) -> HttpLimits:
+        """The HTTP layer's limits (`HttpLimits`), from these fields."""
+        return HttpLimits(**{f.name: getattr(self, f.name) for f in fields(HttpLimits)})
 
     def model_names(self) -> dict[str, str]:
         """Task -> the name clients put in `model` (the flag's, or the bundle directory's)."""
@@ -127,4 +196,4 @@ def _default_name(source: str | Path) -> str:
 
 ServeOptions = ServeConfig  # the options' name; `ServeConfig` is what the server has always called them
 
-__all__ = ["ServeConfig", "ServeOptions"]
+__all__ = ["HttpLimits", "ServeConfig", "ServeOptions"]

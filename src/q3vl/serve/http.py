@@ -1,4 +1,4 @@
-"""HTTP plumbing: errors in the OpenAI shape, API-key auth, and the request-body limit.
+"""HTTP plumbing: errors in the OpenAI shape and API-key auth (request bodies: `body.py`).
 
 Every error leaves as `{"error": {"message", "type", "param", "code"}}` with the status its
 `q3vl.errors` type maps to (400 bad field or item, 401, 404 unknown model, 413 too large, 429 queue
@@ -6,7 +6,7 @@ full with Retry-After, 503 not ready or draining). FastAPI's own validation erro
 whose `param` points into the body the client sent (`input[3]`, `inputs[0].content[1].image_url.url`).
 Anything unexpected is a logged 500 that says nothing about the internals.
 
-The middlewares are plain ASGI (not `BaseHTTPMiddleware`), so the route can still hear the client
+The middleware is plain ASGI (not `BaseHTTPMiddleware`), so the route can still hear the client
 disconnect through `receive`.
 """
 
@@ -43,7 +43,7 @@ STATUS: list[tuple[type[BaseException], int, str, str | None]] = [
     (OverloadedError, 429, "rate_limit_error", "queue_full"),
     (UnavailableError, 503, "service_unavailable_error", "unavailable"),
 ]
-MAX_JSON_VALUES = 1 << 20  # commas in one body: bounds the objects a JSON parse can allocate
+MAX_REPORTED_ERRORS = 64  # validation errors examined for the answer (the schemas keep them few: schemas.py)
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
@@ -98,7 +98,7 @@ def install_handlers(app: FastAPI) -> None:
 def validation_response(exc: RequestValidationError) -> JSONResponse:
     """A 400 naming the deepest field pydantic complained about, as a path into the client's body."""
     best: tuple[int, str, str] | None = None
-    for err in exc.errors():
+    for err in exc.errors()[:MAX_REPORTED_ERRORS]:
         if err.get("type") == "json_invalid":
             return error_response(400, f"invalid JSON: {err.get('msg')}", "invalid_request_error", None,
                                   "invalid_json")
@@ -146,62 +146,3 @@ class AuthMiddleware:
                                                      "<key>'"))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-class BodyLimitMiddleware:
-    """Reads each request body up to `max_bytes` (413 beyond it, or beyond `MAX_JSON_VALUES` values)
-    before the app runs, then replays it; later `receive` calls reach the server (disconnects).
-    """
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        refusal, body = await self._read(scope, receive)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _read(self, scope: dict[str, Any], receive: Any) -> tuple[JSONResponse | None, bytes]:
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return error_response(400, "invalid Content-Length header", "invalid_request_error"), b""
-            if int(length) > self.max_bytes:
-                return self._too_large(int(length)), b""
-        chunks: list[bytes] = []
-        size = commas = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            commas += chunk.count(b",")
-            if size > self.max_bytes:
-                return self._too_large(size), b""
-            if commas > MAX_JSON_VALUES:
-                return from_error(RequestTooLargeError(f"the body holds more than {MAX_JSON_VALUES} JSON values")), b""
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return None, b"".join(chunks)
-
-    def _too_large(self, size: int) -> JSONResponse:
-        return from_error(RequestTooLargeError(
-            f"request body of {size}+ bytes is over this server's limit of {self.max_bytes} bytes "
-            "(--max-request-bytes); send fewer or smaller items per request"))
-

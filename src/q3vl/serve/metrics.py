@@ -1,9 +1,10 @@
 """Prometheus metrics of one server (its own registry, so several apps can live in one process).
 
-Requests by route and status; latency split into queue (waiting for a round), preprocessing (planning
-per request, media loading per micro-batch) and inference (`run_batch` per micro-batch); batch size,
-distinct requests and tokens per micro-batch; queue depth; failed items by reason. Route labels are
-the server's own paths (anything else is "other"), so random URLs cannot grow the label set.
+Requests by route and status (499: the client left before any response); latency split into queue
+(waiting for a round), preprocessing (planning per request, media loading per micro-batch) and
+inference (`run_batch` per micro-batch); batch size, distinct requests and tokens per micro-batch;
+queue depth; failed items by reason. Route labels are the server's own paths (anything else is
+"other"), so random URLs cannot grow the label set.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+CLIENT_LEFT = 499  # nginx's "client closed request"
 TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
@@ -62,7 +64,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         route = scope.get("path", "") if scope.get("path", "") in self.routes else "other"
-        status = {"code": 500}
+        status = {"code": CLIENT_LEFT}  # no response at all: the client left (e.g. half way through its body)
         start = time.monotonic()
 
         async def record(message: dict[str, Any]) -> None:
@@ -72,6 +74,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, record)
+        except BaseException:
+            if status["code"] == CLIENT_LEFT:
+                status["code"] = 500  # what the server sends for an exception before any response
+            raise
         finally:
             self.metrics.requests.labels(route, str(status["code"])).inc()
             self.metrics.request_seconds.labels(route).observe(time.monotonic() - start)

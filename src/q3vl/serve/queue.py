@@ -44,6 +44,7 @@ from q3vl.errors import BackendError, InputError, OverloadedError, UnavailableEr
 from q3vl.options import default_of
 from q3vl.runtime import BatchResult, BatchRunner, Plan, run_batches
 from q3vl.serve.config import ServeConfig
+from q3vl.serve.errors import RequestTooLargeError
 from q3vl.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,13 @@ class QueueLimits:
     max_wait: float = default_of(ServeConfig, "max_wait_ms") / 1000  # seconds
     max_batch_requests: int = default_of(ServeConfig, "max_batch_requests")  # 0: no cap
     max_items: int = default_of(ServeConfig, "max_queue_items")
+    max_tokens: int = default_of(ServeConfig, "max_queue_tokens")  # waiting (429 beyond; 413 for one request above)
 
     @classmethod
     def of(cls, config: ServeConfig, batch_size: int, max_batch_tokens: int) -> QueueLimits:
         """The limits of `config` for a model whose batching policy is (`batch_size`, `max_batch_tokens`)."""
         return cls(batch_size, max_batch_tokens, config.max_wait_ms / 1000, config.max_batch_requests,
-                   config.max_queue_items)
+                   config.max_queue_items, config.max_queue_tokens)
 
 
 class _Round:
@@ -136,7 +138,7 @@ class _Round:
 class ModelQueue:
     """One model's queue and scheduler thread; `submit`/`cancel`/`run` are called on the event loop."""
 
-    def __init__(self, model: BatchRunner, name: str, limits: QueueLimits, metrics: Metrics) -> None:
+    def __init__(self, model: BatchRunner, name: str, limits: QueueLimits, metrics: Metrics, lane: str = "") -> None:
         self.model, self.name, self.limits, self.metrics = model, name, limits, metrics
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()  # requests with waiting items, in arrival order
@@ -144,7 +146,7 @@ class ModelQueue:
         self._queued_tokens = 0
         self._closing = False
         self._rate = 0.0  # tokens per second, smoothed, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name=f"q3vl-serve-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"q3vl-serve-{name}{lane}", daemon=True)
 
     # ------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -161,6 +163,12 @@ class ModelQueue:
         if self._queued + n > self.limits.max_items:
             raise OverloadedError(f"the {self.name} queue is full ({self._queued} items waiting, limit "
                                   f"{self.limits.max_items}); retry later", self._retry_after(tokens))
+        if tokens > self.limits.max_tokens:
+            raise RequestTooLargeError(f"{tokens} tokens in one request; this server queues at most "
+                                       f"{self.limits.max_tokens} (--max-queue-tokens): split the request")
+        if self._queued_tokens + tokens > self.limits.max_tokens:
+            raise OverloadedError(f"the {self.name} queue is full ({self._queued_tokens} tokens waiting, limit "
+                                  f"{self.limits.max_tokens}); retry later", self._retry_after(tokens))
 
     def submit(self, plans: list[Plan]) -> Job:
         """Queue a request's planned items; 429 (`OverloadedError`) when the queue is full."""
@@ -173,7 +181,7 @@ class ModelQueue:
             self._jobs.append(job)
             self._queued += len(plans)
             self._queued_tokens += tokens
-            self.metrics.queue_items.labels(self.name).set(self._queued)
+            self.metrics.queue_items.labels(self.name).inc(len(plans))
             self._cond.notify_all()
         return job
 
@@ -285,7 +293,7 @@ class ModelQueue:
         self._jobs = deque(j for j in self._jobs if j.pending)
         self._queued -= len(round_.picked)
         self._queued_tokens -= round_.tokens
-        self.metrics.queue_items.labels(self.name).set(self._queued)
+        self.metrics.queue_items.labels(self.name).dec(len(round_.picked))
         return round_.picked
 
     def _deliver(self, result: BatchResult, jobs: list[Job]) -> None:
@@ -324,7 +332,7 @@ class ModelQueue:
             self._queued -= dropped
             self._queued_tokens -= sum(p.tokens for p in job.pending)
             job.pending.clear()
-            self.metrics.queue_items.labels(self.name).set(self._queued)
+            self.metrics.queue_items.labels(self.name).dec(dropped)
         if job in self._jobs:
             self._jobs.remove(job)
         return dropped

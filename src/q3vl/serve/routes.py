@@ -1,6 +1,7 @@
 """The endpoints: OpenAI/vLLM embeddings, Cohere v2 embed, rerank (three paths), models, probes, metrics.
 
-Each handler validates (pydantic, then the server's limits), converts the body to runtime items
+Each handler validates (item-list lengths while the body is parsed: `parse.py`; then pydantic,
+then the server's limits), converts the body to runtime items
 (`convert.py`), hands them to `Service.submit` (plan -> queue -> run) and shapes the outputs with the
 runtime's own `Embedder.vectors` (Matryoshka, normalisation) / `Reranker.scores`. Responses are built
 as plain JSON; the response models document them in the OpenAPI schema.
@@ -20,6 +21,7 @@ from q3vl.errors import UnavailableError
 from q3vl.runtime import Embedder, Plan
 from q3vl.serve import convert, encodings
 from q3vl.serve.errors import RequestError
+from q3vl.serve.parse import bounded_route
 from q3vl.serve.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -43,7 +45,7 @@ DISCONNECTED = 499  # nginx's "client closed request": nobody reads it
 
 
 def _respond(body: dict[str, Any], outcome: Outcome, started: float) -> Response:
-    if outcome.plans and outcome.job is None:
+    if outcome.gone or (outcome.plans and outcome.job is None):
         return Response(status_code=DISCONNECTED)
     return JSONResponse(body, headers=outcome.headers(started))
 
@@ -153,12 +155,12 @@ def build_router() -> APIRouter:
     """Every route (the handlers find the `Service` in `app.state.svc`)."""
     router = APIRouter()
     router.add_api_route("/v1/embeddings", embeddings, methods=["POST"], response_model=EmbeddingResponse,
-                         responses=ERRORS, tags=["embeddings"])
+                         responses=ERRORS, tags=["embeddings"], route_class_override=bounded_route("input"))
     router.add_api_route("/v2/embed", embed_v2, methods=["POST"], response_model=EmbedV2Response, responses=ERRORS,
-                         tags=["embeddings"])
+                         tags=["embeddings"], route_class_override=bounded_route("texts", "images", "inputs"))
     for path in RERANK_PATHS:
         router.add_api_route(path, rerank, methods=["POST"], response_model=RerankResponse, responses=ERRORS,
-                             tags=["rerank"])
+                             tags=["rerank"], route_class_override=bounded_route("documents"))
     router.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList, responses=ERRORS,
                          tags=["service"])
     router.add_api_route("/health", health, methods=["GET"], response_model=Status, tags=["service"])

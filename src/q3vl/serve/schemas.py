@@ -8,9 +8,15 @@
 
 Unknown fields are refused (a typo must not be silently ignored). q3vl's own per-item options
 (`ItemOptions`: instruction, fps, max_frames, min/max/total_pixels, video_budget) may be given on the request
-(they apply to every item) or, where an item is an object, on the item. Numbers are bounded and
-finite (JSON parsers accept NaN and 1e999), lists and strings have caps, so a request's size is
-limited before any work starts.
+(they apply to every item) or, where an item is an object, on the item. Numbers are strict (an
+integer field takes only a JSON integer: `true`, `"5"` and `2.0` are refused; a float field takes
+integers and floats, never booleans or strings), bounded and finite (JSON parsers accept NaN and
+1e999); lists and strings have caps, so a request's size is limited before any work starts.
+
+A rejected body costs little: every list stops at its first bad element (`fail_fast`), an object
+with more keys than its model has fields is refused as a whole before its keys are looked at, and
+the routes check item lists against --max-client-batch-size before validation. A 100,000-element
+list of bad documents is one error, not 200,000.
 """
 
 from __future__ import annotations
@@ -18,7 +24,17 @@ from __future__ import annotations
 import builtins
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from q3vl.preprocess import KEYS, OPTION_KEYS
@@ -26,19 +42,40 @@ from q3vl.preprocess import KEYS, OPTION_KEYS
 MAX_TEXT = 4 * 1024 * 1024  # characters in one string; the body limit is usually lower
 MAX_PARTS = 256  # content parts in one item
 MAX_LIST = 100_000  # any list; the per-request item limit (--max-client-batch-size) is checked after
+MAX_UNKNOWN_SHOWN = 5  # unknown keys an error names
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Name = Annotated[str, Field(max_length=256)]
+Int = StrictInt  # a JSON integer: not true, "5" or 2.0
+Float = StrictFloat  # a JSON number (2 is a fine fps): not true or "2"
 
 
 class Strict(BaseModel):
-    """A request body part: unknown fields are a 400 naming them."""
+    """A request body part: unknown fields are a 400 naming them (an object with more keys than the
+    model has fields is refused before its keys are examined one by one).
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) > len(cls.model_fields):
+            unknown = []
+            for key in data:
+                if key not in cls.model_fields:
+                    unknown.append(str(key)[:50])
+                    if len(unknown) == MAX_UNKNOWN_SHOWN:
+                        break
+            raise ValueError(f"{len(data)} fields where at most {len(cls.model_fields)} are known; unknown: "
+                             + ", ".join(unknown))
+        return data
 
 
 def _option_fields() -> dict[str, Any]:
     """One optional field per option key of the item model (`q3vl.preprocess.items.KEYS`)."""
-    return {k.name: (k.kind | None, Field(None, description=k.help, **k.bounds)) for k in KEYS if k.option}
+    strict = {int: Int, float: Float, bool: StrictBool}  # numbers are strict here too: `true` is no fps
+    return {k.name: (strict.get(k.kind, k.kind) | None, Field(None, description=k.help, **k.bounds))
+            for k in KEYS if k.option}
 
 
 if TYPE_CHECKING:  # the fields are made from the key table; a type checker sees the base
@@ -87,7 +124,7 @@ class VideoPart(Strict):
 
 
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
-Parts = Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)]
+Parts = Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS, fail_fast=True)]
 
 
 # ---------------------------------------------------------------- OpenAI / vLLM embeddings
@@ -102,12 +139,12 @@ class EmbeddingRequest(ItemOptions):
     """OpenAI's embeddings request; `messages` is vLLM's multimodal form (all of it is one input)."""
 
     model: Name | None = None
-    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST)] | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_PARTS)] | None = None
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST, fail_fast=True)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_PARTS, fail_fast=True)] | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, le=1 << 16)
+    dimensions: Int | None = Field(None, ge=1, le=1 << 16)
     user: Name | None = None
-    normalize: bool = Field(True, description="vLLM extension: False returns the raw pooled state.")
+    normalize: StrictBool = Field(True, description="vLLM extension: False returns the raw pooled state.")
 
     @field_validator("input", mode="before")
     @classmethod
@@ -173,14 +210,14 @@ class EmbedV2Request(ItemOptions):
 
     model: Name | None = None
     input_type: Name | None = None
-    texts: Annotated[list[Text], Field(max_length=MAX_LIST)] | None = None
-    images: Annotated[list[Text], Field(max_length=MAX_LIST)] | None = None
-    inputs: Annotated[list[CohereInput], Field(max_length=MAX_LIST)] | None = None
-    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
-    output_dimension: int | None = Field(None, ge=1, le=1 << 16)
-    embedding_types: Annotated[list[EmbeddingType], Field(min_length=1, max_length=6)] | None = None
+    texts: Annotated[list[Text], Field(max_length=MAX_LIST, fail_fast=True)] | None = None
+    images: Annotated[list[Text], Field(max_length=MAX_LIST, fail_fast=True)] | None = None
+    inputs: Annotated[list[CohereInput], Field(max_length=MAX_LIST, fail_fast=True)] | None = None
+    max_tokens: Int | None = Field(None, ge=1, le=1 << 20)
+    output_dimension: Int | None = Field(None, ge=1, le=1 << 16)
+    embedding_types: Annotated[list[EmbeddingType], Field(min_length=1, max_length=6, fail_fast=True)] | None = None
     truncate: Literal["NONE", "START", "END"] = "END"
-    priority: int | None = Field(None, ge=0, le=1 << 16)
+    priority: Int | None = Field(None, ge=0, le=1 << 16)
 
 
 class EmbedByType(BaseModel):
@@ -244,11 +281,11 @@ class RerankRequest(ItemOptions):
 
     model: Name | None = None
     query: Text | MultiModal
-    documents: Annotated[list[Text | MultiModal], Field(max_length=MAX_LIST)]
-    top_n: int | None = Field(None, ge=0, le=1 << 31, description="0 or absent: every document.")
-    return_documents: bool = True
-    max_tokens_per_doc: int | None = Field(None, ge=1, le=1 << 20)
-    priority: int | None = Field(None, ge=0, le=1 << 16)
+    documents: Annotated[list[Text | MultiModal], Field(max_length=MAX_LIST, fail_fast=True)]
+    top_n: Int | None = Field(None, ge=0, le=1 << 31, description="0 or absent: every document.")
+    return_documents: StrictBool = True
+    max_tokens_per_doc: Int | None = Field(None, ge=1, le=1 << 20)
+    priority: Int | None = Field(None, ge=0, le=1 << 16)
 
 
 class RerankDocument(BaseModel):

@@ -10,14 +10,15 @@ the items through the runtime's batch seam, `run_batches`). Models are held by t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
-import anyio
 import numpy as np
 from PIL import Image
 from starlette.types import Receive
@@ -26,18 +27,23 @@ from q3vl.codes.embeddings import Calibration
 from q3vl.errors import (
     ConfigError,
     InputError,
+    OverloadedError,
     QueryError,
     UnavailableError,
 )
 from q3vl.runtime import BatchModel, Embedder, Plan, Reranker
+from q3vl.serve.admission import AdmittedBudget, Ticket, WorkBudget, decoded_pixels, release_free_memory
 from q3vl.serve.config import ServeConfig
 from q3vl.serve.errors import RequestError, RequestTooLargeError, UnknownModelError
 from q3vl.serve.media import MediaGate
 from q3vl.serve.metrics import Metrics
+from q3vl.serve.planning import Planner, has_media
 from q3vl.serve.queue import Job, ModelQueue, QueueLimits
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+ADMIT_WAIT = 2.0  # seconds a planned request waits for the pixel budget before its 429
+RELEASE_AT = 16 * 1024**2  # media bytes + pixels a finished request held, above which freed pages go back to the OS
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Outcome:
     plans: list[Plan]
     job: Job | None
     plan_time: float
+    gone: bool = False  # the client left before its items were planned
 
     @property
     def tokens(self) -> int:
@@ -71,14 +78,20 @@ class Service:
         self.metrics = Metrics()
         self.gate = MediaGate.create(config.media_root, config.max_media_bytes)
         self.options = config.runtime()  # every model's: batching, media policy, backend
-        self.media_policy = self.options.media_policy
+        self.media_policy = config.policy(local_files=False)  # the one the models read under (config.runtime())
         self.calibration = _calibration(config)
+        self.work = WorkBudget(config.max_inflight_media_bytes, config.max_inflight_pixels)
+        self.planner = Planner(self.media_policy, min(10.0, config.media_deadline), plan_threads=config.plan_threads,
+                               fetch_threads=2 * config.plan_threads, fetches_per_request=config.fetches_per_request)
         self.models: dict[str, Embedder | Reranker] = {}
-        self.queues: dict[str, ModelQueue] = {}
+        self.queues: dict[str, ModelQueue] = {}  # media-free items
+        self.media_queues: dict[str, ModelQueue] = {}  # items with images or videos: their own rounds
         self.ready = threading.Event()
         self.failure: BaseException | None = None
         self.draining = False
+        self.drain_deadline: float | None = None  # monotonic: SIGTERM's one deadline for everything
         self.active = 0  # requests between planning and their last row (event-loop only)
+        self._aborts: set[asyncio.Future[None]] = set()  # one per request in flight: set to answer it 503
         self.created = int(time.time())
 
     # ------------------------------------------------------------ lifecycle
@@ -93,6 +106,7 @@ class Service:
             pol = model.policy
             limits = QueueLimits.of(c, pol.batch_size, pol.max_batch_tokens)
             self.queues[task] = ModelQueue(model, task, limits, self.metrics)
+            self.media_queues[task] = ModelQueue(model, task, limits, self.metrics, lane="-media")
             log.info("loaded %s bundle %s as %r", task, path, self.names[task])
         emb = self.models.get("embedding")
         if self.calibration is not None and (emb is None or self.calibration.dim > emb.dim):
@@ -107,7 +121,7 @@ class Service:
         start = time.monotonic()
         try:
             self.load()
-            for queue in self.queues.values():
+            for queue in self._lanes():
                 queue.start()
             self._warm_up()
         except Exception as e:
@@ -128,19 +142,39 @@ class Service:
                 model.process({"query": {"text": "warm up"}, "documents": [{"image": image}]})
 
     def drain(self) -> None:
-        """Stop taking new requests (503); queued and running ones still finish."""
+        """Stop taking new requests (503); queued and running ones still finish, until `drain_deadline`
+        (--drain-timeout from now): one deadline for the drain, uvicorn's shutdown and `close()`.
+        """
         self.draining = True
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.config.drain_timeout
+
+    def abandon(self) -> int:
+        """Answer every request still in flight with a clean 503 (the drain deadline passed); how many."""
+        aborts, self._aborts = self._aborts, set()
+        for abort in aborts:
+            if not abort.done():
+                abort.set_result(None)
+        return len(aborts)
 
     def close(self) -> None:
-        """Finish every queued item (up to --drain-timeout), then release the models."""
+        """Finish every queued item (up to the drain deadline), then release the models."""
         self.draining = True
         deadline = time.monotonic() + self.config.drain_timeout  # one budget for every queue
-        stopped = {task: queue.close(deadline - time.monotonic()) for task, queue in list(self.queues.items())}
+        if self.drain_deadline is not None:  # a SIGTERM drain already spent part of it
+            deadline = min(deadline, max(self.drain_deadline, time.monotonic() + 0.5))
+        self.planner.close()
+        stopped: dict[str, bool] = {}
+        for queue in self._lanes():
+            stopped[queue.name] = queue.close(deadline - time.monotonic()) and stopped.get(queue.name, True)
         for task, model in list(self.models.items()):
             if stopped.get(task, True):  # never free sessions a scheduler thread may still be running
                 model.close()
             else:
                 log.warning("%s: still running a batch at the drain deadline; its model is left to exit", task)
+
+    def _lanes(self) -> list[ModelQueue]:
+        return [*self.queues.values(), *self.media_queues.values()]
 
     # ------------------------------------------------------------ per request
     def embedder(self, name: str | None) -> Embedder:
@@ -182,24 +216,71 @@ class Service:
                      check: Callable[[list[Plan]], None] | None = None) -> Outcome:
         """Plan `inputs` (what `model.plan` takes) on a worker thread (any bad item: a 400 naming it),
         then run them on the model's queue.
+
+        A request still here when the drain deadline passes (`abandon`) is cancelled (its queued items
+        dropped) and answered 503.
         """
         self.active += 1
+        abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._aborts.add(abort)
+        work = asyncio.ensure_future(self._submit(model, inputs, params, receive, check))
+        waits: list[asyncio.Future[Outcome] | asyncio.Future[None]] = [work, abort]
         try:
-            return await self._submit(model, inputs, params, receive, check)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            work.cancel()
+            raise UnavailableError("the server is shutting down and this request did not finish within "
+                                   "--drain-timeout; retry on another replica", retry_after=1)
         finally:
+            if not work.done():
+                work.cancel()
+            self._aborts.discard(abort)
             self.active -= 1
 
     async def _submit(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
                       check: Callable[[list[Plan]], None] | None) -> Outcome:
         task = model.task.name
-        self.queues[task].check_room(len(params))  # a full queue refuses before any planning work
-        start = time.monotonic()
+        media = has_media(inputs)
+        (self.media_queues if media else self.queues)[task].check_room(len(params))  # refused before any work
+        ticket = self.work.ticket()
         try:
-            planned = await anyio.to_thread.run_sync(model.plan, inputs)
+            return await self._plan_and_run(model, inputs, params, receive, check, ticket if media else None)
+        finally:
+            held = ticket.bytes + ticket.pixels
+            ticket.release()
+            ticket.refusal = None  # its traceback's frames hold the request's media: no cycle may keep them
+            if held >= RELEASE_AT:  # hand the freed media pages back to the OS (a burst's RSS comes down),
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)  # off the event loop
+
+    async def _plan_and_run(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
+                            check: Callable[[list[Plan]], None] | None, ticket: Ticket | None) -> Outcome:
+        """Plan (media: on the planner's pool under one deadline, admitted by the work budget), then run."""
+        start = time.monotonic()
+        budget = AdmittedBudget(self.media_policy, ticket, self.planner.deadline()) if ticket else None
+        try:
+            return await self._planned_run(model, inputs, params, receive, check, ticket, budget, start)
+        finally:
+            if budget is not None:  # fetched media and cached fetch errors (whose tracebacks hold partial
+                budget.sources.clear()  # bodies) go with the request, not with whatever still references it
+
+    async def _planned_run(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
+                           check: Callable[[list[Plan]], None] | None, ticket: Ticket | None,
+                           budget: AdmittedBudget | None, start: float) -> Outcome:
+        task = model.task.name
+        try:
+            planned = await self.planner.plan(partial(model.plan, inputs), budget, inputs, _disconnect_of(receive))
         except QueryError as e:
+            if ticket is not None and ticket.refusal is not None:
+                raise ticket.refusal from e
             raise RequestError(e.reason, "query") from e
         took = time.monotonic() - start
         self.metrics.preprocess_seconds.labels(task, "plan").observe(took)
+        if ticket is not None and ticket.refusal is not None:  # over the work budget: 429 / 413, not the item's 400
+            raise ticket.refusal
+        if planned is None:  # the client left while its media were being read
+            self.metrics.failed_items.labels(task, "disconnected").inc(len(params))
+            return Outcome([], None, took, gone=True)
         bad = [p for p in planned if isinstance(p, InputError)]
         if bad:
             self.metrics.failed_items.labels(task, "invalid_input").inc(len(bad))
@@ -209,13 +290,65 @@ class Service:
             check(plans)
         if not plans:
             return Outcome(plans, None, took)
+        if ticket is not None:
+            await _admit_pixels(ticket, sum(decoded_pixels(p.encoded.media) for p in plans))
         try:
-            job = await self.queues[task].run(plans, _disconnect_of(receive))
+            job = await self._run(task, plans, receive)
         except QueryError as e:  # the query's media failed to load
             raise RequestError(e.reason, "query") from e
         except InputError as e:  # found while loading media
             raise RequestError(e.reason, _param(params, e.index)) from e
         return Outcome(plans, job, took)
+
+    async def _run(self, task: str, plans: list[Plan], receive: Receive) -> Job | None:
+        """Media-free items on the model's text lane, items with media on its media lane (each with its
+        own rounds, so text never waits for another request's decoding); None when the client left.
+        """
+        text = [p for p in plans if not p.encoded.media]
+        heavy = [p for p in plans if p.encoded.media]
+        lanes = [(q, ps) for q, ps in ((self.queues[task], text), (self.media_queues[task], heavy)) if ps]
+        if len(lanes) == 1:
+            return await lanes[0][0].run(plans, _disconnect_of(receive))
+        gone = asyncio.ensure_future(_disconnect_of(receive)())  # one reader of `receive` for both lanes
+        runs = [asyncio.ensure_future(q.run(ps, lambda: asyncio.shield(gone))) for q, ps in lanes]
+        try:
+            jobs = await asyncio.gather(*runs)
+        finally:
+            gone.cancel()
+            for run in runs:
+                run.cancel()  # one lane failed: the other's items are dropped too
+        if any(j is None for j in jobs):
+            return None
+        return _joined(plans, [j for j in jobs if j is not None])
+
+
+async def _admit_pixels(ticket: Ticket, pixels: int) -> None:
+    """Charge a planned request's decoded pixels. While other requests hold the budget it waits for them
+    (up to ADMIT_WAIT s, so a client that retries a 429 at once is held to the budget's pace instead of
+    planning its media again and again) before its 429; a request above the whole budget is a 413 at once.
+    """
+    end = time.monotonic() + ADMIT_WAIT
+    while True:
+        try:
+            ticket.take(n_pixels=pixels)
+            return
+        except OverloadedError:
+            if time.monotonic() >= end:
+                raise
+            ticket.refusal = None
+            await asyncio.sleep(0.05)
+
+
+def _joined(plans: list[Plan], jobs: list[Job]) -> Job:
+    """One request's job from its lanes' jobs: every row, in the request's order; the longest timings."""
+    first = jobs[0]
+    job = Job(plans, first.loop, first.future, enqueued=min(j.enqueued for j in jobs))
+    for j in jobs:
+        job.rows.update(j.rows)
+    job.queue_time = max(j.queue_time for j in jobs)
+    job.load_time = max(j.load_time for j in jobs)
+    job.inference_time = max(j.inference_time for j in jobs)
+    return job
 
 
 def _param(params: list[str], index: int | None) -> str | None:
