@@ -138,6 +138,9 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ plumbing
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               ctype: str = "application/json") -> None:
+        # recorded before the reply goes out: a client that has its answer finds its request in the log
+        self.server_hub.record({"method": self.command, "path": urlsplit(self.path).path, "status": status,
+                                "range": self.headers.get("Range")})
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -146,8 +149,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server_hub.record({"method": self.command, "path": urlsplit(self.path).path, "status": status,
-                                "range": self.headers.get("Range")})
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)

@@ -235,6 +235,7 @@ def resolve_options(a: argparse.Namespace) -> None:
     """Fill the --quick defaults and check every option before anything is made or run."""
     from q3vl.checks import positive, require
 
+    require("export")  # first: a base install gets the one missing-extra line, before any other output
     a.shape = a.shape or ("tiny" if a.quick else "small")
     a.backend = a.backend or "cpu"
     a.variants = ",".join(_listed(a.variants or ("fp32" if a.quick else "fp32,fp16,int8"), (*VARIANTS, "none"),
@@ -254,7 +255,6 @@ def resolve_options(a: argparse.Namespace) -> None:
         from q3vl.outputs import check_output
 
         check_output(a.out, overwrite=True, directory=True, what="results directory")
-    require("export")
 
 
 @command("bench", _args)
