@@ -22,7 +22,7 @@ transformers) on the 720p files at 4 and 16 frames, and q3vl alone at 64 frames 
 `video_budget="fit"` (64 frames of 1152x640 are ~23,000 tokens: the wrapper cannot embed them at
 max_length 8192). The model is loaded and warmed up before the timed call.
 
-    flock /work/locks/heavy.lock python benchmarks/video.py --workdir DIR [--e2e] [--quick]
+    python benchmarks/video.py --workdir DIR [--e2e] [--quick]
 
 Writes benchmarks/results/video.{json,md} with the CPU model, its SIMD flags and the load average.
 """
