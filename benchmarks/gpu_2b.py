@@ -146,7 +146,9 @@ def parity(a: argparse.Namespace, p: dict[str, Any], bundles: dict[str, Any]) ->
         ref = reference_for(task.name)(bundles["checkpoint"], dtype="float32", device=a.device)
         rt = model_for(task.name)(bundles[name], backend=p["backend"], allow_unverified=True)
         rows = []
-        for prefix, request in task.parity_requests([item for _, item in parity_items()]):
+        from q3vl.testing.inputs import gradient_image  # what a reranker image query carries (as q3vl parity)
+
+        for prefix, request in task.parity_requests([item for _, item in parity_items()], gradient_image(128, 128, 3)):
             got, want = task.values(rt, request), task.reference_values(ref, request)
             key = task.outputs[0]
             figures = task.compare({key: got}, {key: want})

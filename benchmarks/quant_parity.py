@@ -72,7 +72,9 @@ def main() -> int:
     key = task.outputs[0]
     with tempfile.TemporaryDirectory(prefix="q3vl-parity-") as tmp:
         items = default_inputs(Path(tmp))
-        requests = task.parity_requests([item for _, item in items])
+        from q3vl.testing.inputs import gradient_image  # what a reranker image query carries (as q3vl parity)
+
+        requests = task.parity_requests([item for _, item in items], gradient_image(128, 128, 3))
         base = outputs(a.fp32, requests)
         rows = []
         for variant in a.variants:

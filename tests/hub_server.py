@@ -272,10 +272,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create(self, payload: dict[str, Any]) -> None:
         repo_id = f"{payload.get('organization')}/{payload['name']}"
-        if repo_id in self.server_hub.repos:
-            return self._error(409, "RepoExists")
+        url = f"http://{self.headers['Host']}/{repo_id}"
+        if repo_id in self.server_hub.repos:  # as the Hub answers: the client's exist_ok reads the url from it
+            return self._json(409, {"error": "RepoExists", "url": url}, {"X-Error-Code": "RepoExists"})
         self.server_hub.repos[repo_id] = Repo()
-        self._json(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+        self._json(200, {"url": url, "name": repo_id})
 
     def _commit_upload(self, repo_id: str, rev: str, body: bytes) -> None:
         repo = self._repo(repo_id)
