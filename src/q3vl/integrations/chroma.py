@@ -29,7 +29,7 @@ from chromadb.utils.embedding_functions import register_embedding_function  # no
 
 from q3vl.errors import ConfigError, InputError  # noqa: E402
 from q3vl.integrations.client import API_KEY_ENV  # noqa: E402
-from q3vl.integrations.models import EmbeddingModel, embedding_model  # noqa: E402
+from q3vl.integrations.models import EmbeddingModel, embedding_model, items_of  # noqa: E402
 from q3vl.preprocess import to_item as item_of  # noqa: E402
 from q3vl.preprocess.items import IMAGE_EXTENSIONS  # noqa: E402
 
@@ -104,12 +104,7 @@ class Q3VLEmbeddingFunction(EmbeddingFunction[Embeddable]):
             self.bundle, url, api_key=api_key or os.environ.get(api_key_env_var), model=model, options=options)
 
     def _embed(self, values: Sequence[Any], instruction: str | None) -> Embeddings:
-        items = []
-        for i, value in enumerate(values):
-            try:
-                items.append(to_item(value, instruction))
-            except InputError as e:
-                raise e.at(i) from e
+        items = items_of(values, lambda value: to_item(value, instruction))
         return list(self._model.embed(items, self.dim))
 
     def __call__(self, input: Any) -> Embeddings:

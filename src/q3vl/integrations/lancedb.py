@@ -30,7 +30,7 @@ from lancedb.embeddings import EmbeddingFunction, register  # noqa: E402
 from pydantic import PrivateAttr  # noqa: E402
 
 from q3vl.errors import InputError  # noqa: E402
-from q3vl.integrations.models import EmbeddingModel, embedding_model  # noqa: E402
+from q3vl.integrations.models import EmbeddingModel, embedding_model, items_of  # noqa: E402
 from q3vl.preprocess import to_item as item_of  # noqa: E402
 
 
@@ -101,12 +101,7 @@ class Q3VLEmbeddingFunction(EmbeddingFunction):
         return self.dim or self._embedding().width()
 
     def _embed(self, values: list[Any], source: str, instruction: str | None) -> list[np.ndarray]:
-        items = []
-        for i, value in enumerate(values):
-            try:
-                items.append(to_item(value, source, instruction))
-            except InputError as e:
-                raise e.at(i) from e
+        items = items_of(values, lambda value: to_item(value, source, instruction))
         return list(self._embedding().embed(items, self.dim))
 
     # LanceDB's signatures are (*args, **kwargs) -> list[np.array | None]: kept, so the types check with or

@@ -23,7 +23,7 @@ from langchain_core.embeddings import Embeddings  # noqa: E402
 from pydantic import ConfigDict, Field, PrivateAttr  # noqa: E402
 
 from q3vl.errors import InputError  # noqa: E402
-from q3vl.integrations.models import aembed, arerank, embedding_model, rerank_model  # noqa: E402
+from q3vl.integrations.models import aembed, arerank, embedding_model, items_of, rerank_model  # noqa: E402
 from q3vl.preprocess import to_item as item_of  # noqa: E402
 
 MEDIA_KEYS = ("image", "video")  # Document.metadata keys that add media to a document's item
@@ -52,13 +52,7 @@ def to_item(value: Any, kind: str = "text", instruction: str | None = None) -> d
 
 
 def _items(values: Sequence[Any], kind: str, instruction: str | None) -> list[dict[str, Any]]:
-    out = []
-    for i, v in enumerate(values):
-        try:
-            out.append(to_item(v, kind, instruction))
-        except InputError as e:
-            raise e.at(i) from e
-    return out
+    return items_of(values, lambda v: to_item(v, kind, instruction))
 
 
 class Q3VLEmbeddings(Embeddings):

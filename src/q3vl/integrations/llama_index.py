@@ -29,7 +29,7 @@ from llama_index.core.schema import (  # noqa: E402
 )
 
 from q3vl.errors import InputError  # noqa: E402
-from q3vl.integrations.models import aembed, arerank, embedding_model, rerank_model  # noqa: E402
+from q3vl.integrations.models import aembed, arerank, embedding_model, items_of, rerank_model  # noqa: E402
 from q3vl.preprocess import to_item as item_of  # noqa: E402
 
 
@@ -93,13 +93,7 @@ def _resource(res: MediaResource | None) -> Any:
 
 
 def _items(values: list[Any], kind: str, instruction: str | None) -> list[dict[str, Any]]:
-    out = []
-    for i, v in enumerate(values):
-        try:
-            out.append(to_item(v, kind, instruction))
-        except InputError as e:
-            raise e.at(i) from e
-    return out
+    return items_of(values, lambda v: to_item(v, kind, instruction))
 
 
 class Q3VLMultiModalEmbedding(MultiModalEmbedding):

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from q3vl.errors import ConfigError
+from q3vl.errors import ConfigError, InputError
 from q3vl.integrations.client import Client
 
 _LOADED: dict[tuple[Any, ...], Any] = {}
@@ -40,6 +40,17 @@ class RerankModel(Protocol):
 
     def rerank(self, query: dict[str, Any], documents: Sequence[dict[str, Any]],
                instruction: str | None = None) -> list[float]: ...
+
+
+def items_of(values: Sequence[Any], convert: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`convert` (a framework's value -> q3vl item) of every value; an `InputError` names the index."""
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(convert(value))
+        except InputError as e:
+            raise e.at(i) from e
+    return out
 
 
 async def aembed(model: EmbeddingModel, items: Sequence[dict[str, Any]], dim: int | None = None) -> np.ndarray:
