@@ -85,6 +85,15 @@ def test_concurrent_calls_share_one_model(embedder, tiny_embedding_bundle, tiny_
         assert list(pool.map(rr.process, reqs)) == [rr.process(r) for r in reqs]
 
 
+def test_memory_arena_off_by_default_same_vectors(embedder, tiny_embedding_bundle):
+    """ONNX Runtime's host arena never shrinks, so it is off unless asked for; either way the vectors match."""
+    items = [{"text": "alpha"}, {"image": noise_image(96, 64)}]
+    assert not any(s.get_session_options().enable_cpu_mem_arena for s in embedder.backend.sessions.values())
+    arena = Embedder(tiny_embedding_bundle, backend_options={"memory_arena": True})
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in arena.backend.sessions.values())
+    assert np.abs(arena.process(items) - embedder.process(items)).max() <= 1e-6
+
+
 def test_matryoshka_and_unnormalized(embedder, ref_embedder):
     items = [{"text": "alpha"}, {"image": noise_image(64, 96)}]
     full = embedder.process(items)

@@ -101,6 +101,39 @@ def test_work_budget_refuses_then_gives_back():
     assert (budget.bytes, budget.pixels) == (0, 0)
 
 
+def test_release_frees_media_held_only_by_a_reference_cycle():
+    """A refused request's exception traceback reaches frames that hold its media, and those frames
+    reach the exception: only the cycle collector frees that, which release_free_memory runs."""
+    import gc
+    import weakref
+
+    from q3vl.serve.admission import release_free_memory
+
+    class Media:
+        def __init__(self) -> None:
+            self.data = bytearray(32 * 1024**2)
+
+    def fetch() -> None:
+        media = Media()  # noqa: F841 (held by this frame, which the traceback keeps)
+        raise InputError("over budget")
+
+    gc.disable()  # as on a server where nothing allocated enough since to trigger a collection
+    try:
+        try:
+            fetch()
+        except InputError as e:
+            holder = {"refusal": e}
+            holder["self"] = holder  # the cycle: the error's holder references itself
+            frame = e.__traceback__.tb_next.tb_frame  # type: ignore[union-attr]
+            media = weakref.ref(frame.f_locals["media"])
+        del holder, frame
+        assert media() is not None  # unreachable, yet alive: a cycle
+        release_free_memory()
+        assert media() is None
+    finally:
+        gc.enable()
+
+
 def test_each_fetch_reserves_its_cap_before_it_starts():
     data = png(64, 64)
     policy = loopback_policy(max_item_bytes=MB)

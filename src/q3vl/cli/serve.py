@@ -51,7 +51,7 @@ def _serve(a: argparse.Namespace) -> int:
 
     config = config_from(a)
     mmap_large_blocks()  # freed media go back to the OS, so memory comes down after a burst
-    svc = Service(config)
+    svc = Service(config, freeze_heap=True)  # this process is the server: see release_free_memory
     server: Any = None
 
     def stop(error: BaseException) -> None:  # a bundle that cannot load: exit with its error

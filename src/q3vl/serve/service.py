@@ -11,6 +11,7 @@ the items through the runtime's batch seam, `run_batches`). Models are held by t
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -43,7 +44,8 @@ from q3vl.serve.queue import Job, ModelQueue, QueueLimits
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 ADMIT_WAIT = 2.0  # seconds a planned request waits for the pixel budget before its 429
-RELEASE_AT = 16 * 1024**2  # media bytes + pixels a finished request held, above which freed pages go back to the OS
+RELEASE_DELAY = 0.5  # seconds: a finished media request's memory is released at most this much later, and the
+# releases of a burst's requests coalesce into one per RELEASE_DELAY
 
 
 @dataclass
@@ -72,8 +74,14 @@ class Outcome:
 class Service:
     """Models, queues, media gate, calibration, metrics and the server's ready/draining state."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, freeze_heap: bool = False) -> None:
+        """`freeze_heap`: once loaded, exempt everything alive from the cycle collector (`gc.freeze`),
+        so the collections that free finished requests' media scan only newer objects. For a process
+        that is only this server (`q3vl serve`); in a process that also runs other code it would keep
+        that code's later garbage cycles alive.
+        """
         self.config = config
+        self.freeze_heap = freeze_heap
         self.names = config.model_names()
         self.metrics = Metrics()
         self.gate = MediaGate.create(config.media_root, config.max_media_bytes)
@@ -92,6 +100,7 @@ class Service:
         self.drain_deadline: float | None = None  # monotonic: SIGTERM's one deadline for everything
         self.active = 0  # requests between planning and their last row (event-loop only)
         self._aborts: set[asyncio.Future[None]] = set()  # one per request in flight: set to answer it 503
+        self._release_pending = False  # a release_free_memory is scheduled (event-loop only)
         self.created = int(time.time())
 
     # ------------------------------------------------------------ lifecycle
@@ -124,6 +133,9 @@ class Service:
             for queue in self._lanes():
                 queue.start()
             self._warm_up()
+            if self.freeze_heap:
+                gc.collect()
+                gc.freeze()  # what loading made lives as long as the server: later collections skip it
         except Exception as e:
             log.error("the server cannot start: %s", e)
             self.failure = e
@@ -247,11 +259,25 @@ class Service:
         try:
             return await self._plan_and_run(model, inputs, params, receive, check, ticket if media else None)
         finally:
-            held = ticket.bytes + ticket.pixels
             ticket.release()
             ticket.refusal = None  # its traceback's frames hold the request's media: no cycle may keep them
-            if held >= RELEASE_AT:  # hand the freed media pages back to the OS (a burst's RSS comes down),
-                asyncio.get_running_loop().run_in_executor(None, release_free_memory)  # off the event loop
+            if media:  # a refused one too: its body and partial fetches are garbage now
+                self._release_soon()
+
+    def _release_soon(self) -> None:
+        """Free the media of finished requests for good, off the event loop (`release_free_memory`),
+        within RELEASE_DELAY, once for all the requests that end meanwhile.
+        """
+        if self._release_pending:
+            return
+        self._release_pending = True
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            self._release_pending = False
+            loop.run_in_executor(None, release_free_memory)
+
+        loop.call_later(RELEASE_DELAY, release)
 
     async def _plan_and_run(self, model: BatchModel[R], inputs: R, params: list[str], receive: Receive,
                             check: Callable[[list[Plan]], None] | None, ticket: Ticket | None) -> Outcome:

@@ -39,7 +39,10 @@ class OrtOptions(BackendOptions):
     threads busy-wait (faster alone, much slower when sessions share few cores); `provider_options`:
     per execution provider; `session_config`: raw `SessionOptions` config entries; `optimization`:
     graph optimization level; `io_binding`: keep vision outputs in backend buffers (default: on for
-    GPU backends).
+    GPU backends); `memory_arena`: keep the host memory a run frees in ONNX Runtime's own arena for the
+    next run. Off by default: the arena never shrinks, so one burst of large images left a server
+    hundreds of MB above idle for good (tiny bundle, 16 images of 3200x3200: 813 MB after the burst
+    with it, 207 MB without), while text latency measured the same either way.
     """
 
     threads: int | None = None
@@ -48,6 +51,7 @@ class OrtOptions(BackendOptions):
     session_config: dict[str, str] | None = None
     optimization: Literal["none", "basic", "extended", "all"] = "all"
     io_binding: bool | None = None
+    memory_arena: bool = False
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -91,6 +95,7 @@ class OrtBackend(Backend):
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads or _physical_cores()
         so.log_severity_level = 3
+        so.enable_cpu_mem_arena = options.memory_arena
         so.graph_optimization_level = {
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
