@@ -85,13 +85,17 @@ def test_concurrent_calls_share_one_model(embedder, tiny_embedding_bundle, tiny_
         assert list(pool.map(rr.process, reqs)) == [rr.process(r) for r in reqs]
 
 
-def test_memory_arena_off_by_default_same_vectors(embedder, tiny_embedding_bundle):
-    """ONNX Runtime's host arena never shrinks, so it is off unless asked for; either way the vectors match."""
+def test_memory_arena_option_same_vectors(embedder, tiny_embedding_bundle):
+    """ONNX Runtime's host arena (its default: on) can be turned off, as `q3vl serve` does; the vectors match."""
+    from q3vl.serve.config import ServeConfig
+
     items = [{"text": "alpha"}, {"image": noise_image(96, 64)}]
-    assert not any(s.get_session_options().enable_cpu_mem_arena for s in embedder.backend.sessions.values())
-    arena = Embedder(tiny_embedding_bundle, backend_options={"memory_arena": True})
-    assert all(s.get_session_options().enable_cpu_mem_arena for s in arena.backend.sessions.values())
-    assert np.abs(arena.process(items) - embedder.process(items)).max() <= 1e-6
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in embedder.backend.sessions.values())
+    served = ServeConfig(embedding=tiny_embedding_bundle).runtime()
+    assert served.backend_options == {"memory_arena": False}
+    off = Embedder(tiny_embedding_bundle, options=served)
+    assert not any(s.get_session_options().enable_cpu_mem_arena for s in off.backend.sessions.values())
+    assert np.abs(off.process(items) - embedder.process(items)).max() <= 1e-6
 
 
 def test_matryoshka_and_unnormalized(embedder, ref_embedder):

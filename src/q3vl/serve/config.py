@@ -179,9 +179,14 @@ class ServeConfig(MediaOptions):
 
     def runtime(self, **overrides: Any) -> RuntimeOptions:
         """The options every served model is built with: these batching options, the media policy
-        (no local files without `--media-root`), no prefetch (the queue overlaps loads itself), and a
-        media timeout within the per-item deadline.
+        (no local files without `--media-root`), no prefetch (the queue overlaps loads itself), a
+        media timeout within the per-item deadline, and no ONNX Runtime host arena (it never shrinks:
+        a burst of large images would keep the server hundreds of MB up for good).
         """
+        from q3vl.runtime.backends.base import option_names
+
+        if "memory_arena" in option_names(self.backend or "cpu") and "backend_options" not in overrides:
+            overrides["backend_options"] = {"memory_arena": False}
         return RuntimeOptions(backend=self.backend, batch_size=self.batch_size,
                               max_batch_tokens=self.max_batch_tokens, loader_threads=self.loader_threads,
                               prefetch=False, timeout=min(10.0, self.media_deadline),

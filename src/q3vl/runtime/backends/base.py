@@ -145,6 +145,16 @@ def register(name: str) -> Callable[[type[Backend]], type[Backend]]:
     return wrap
 
 
+def option_names(name: str) -> frozenset[str]:
+    """The options backend `name` takes (none for an unknown name)."""
+    from dataclasses import fields
+
+    from q3vl.runtime import backends  # noqa: F401  (registers the built-in backends)
+
+    cls = BACKENDS.get(name)
+    return frozenset(f.name for f in fields(cls.Options)) if cls is not None else frozenset()
+
+
 def create(name: str, graphs: Mapping[str, Path], options: Any = None) -> Backend:
     """Instantiate backend `name` ("cpu", "cuda", "tensorrt-ep", "tensorrt") for the graph files.
 
