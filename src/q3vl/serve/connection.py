@@ -1,9 +1,9 @@
-"""Connections: uvicorn's h11 protocol plus the limits uvicorn does not enforce by itself.
+"""Connections: uvicorn's httptools protocol plus the limits uvicorn does not enforce by itself.
 
-uvicorn (0.55, h11) arms a timer only after a response (`timeout_keep_alive`); before the first
+uvicorn (0.55) arms a timer only after a response (`timeout_keep_alive`); before the first
 request, while a request head trickles in, and while the next head arrives on a kept-alive
 connection, nothing bounds a connection, and `limit_concurrency` answers 503 to *requests* once
-enough *connections* are open, so idle sockets lock everyone out. `LimitedH11Protocol` adds:
+enough *connections* are open, so idle sockets lock everyone out. `LimitedProtocol` adds:
 
 - a head deadline (`header_timeout`): from the connect, or from the end of the previous response,
   the client has that long to send a whole request head (a 408 when part of one arrived, a silent
@@ -19,8 +19,15 @@ enough *connections* are open, so idle sockets lock everyone out. `LimitedH11Pro
 - a send watchdog (`send_timeout`): a response the client stops reading (the transport's buffer
   does not shrink for that long) has its connection dropped, freeing the buffered bytes.
 
+- a head size bound (`MAX_HEAD_BYTES`): a request head that grows past it is answered 431 and
+  closed (uvicorn bounds a head only in its pure-Python h11 protocol).
+
+It is built on uvicorn's httptools protocol (the C parser uvicorn picks by default) rather than its
+h11 one: measured on `benchmarks/serve_load.py` (tiny bundle, one client), h11 cost about 0.1 ms of
+event-loop time per request, a tenth of a short text request's whole cost.
+
 Request bodies (deadline, minimum rate, bytes held) are `serve/body.py`'s, since they are read by
-the application. uvicorn's own `h11_max_incomplete_event_size` (16 KiB) bounds a request head.
+the application.
 """
 
 from __future__ import annotations
@@ -32,14 +39,14 @@ import resource
 import time
 from typing import Any
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from q3vl.serve.config import RATE_WINDOW, HttpLimits
 
 log = logging.getLogger(__name__)
 RESERVED_FILES = 64  # descriptors kept for everything but client connections (models, logs, media fetches)
 MAX_BACKLOG = 2048  # uvicorn's default listen backlog
+MAX_HEAD_BYTES = 16 * 1024  # a request head's bytes (uvicorn's h11 bound; a q3vl request head is under 1 KiB)
 
 
 def connection_limits(limit: int) -> tuple[int, int]:
@@ -68,11 +75,15 @@ TIMED_OUT = raw_response(408, "Request Timeout", "the request head was not recei
                          "request_timeout")
 BUSY = raw_response(503, "Service Unavailable", "too many open connections, all busy (--max-connections)",
                     "too_many_connections")
+HEAD_TOO_LARGE = raw_response(431, "Request Header Fields Too Large",
+                              f"the request head is larger than {MAX_HEAD_BYTES} bytes", "request_head_too_large")
 
 
-class LimitedH11Protocol(H11Protocol):
-    """uvicorn's `H11Protocol` with a head deadline, a connection cap and a send watchdog (see the
-    module docstring). `protocol_class(limits)` makes the configured subclass uvicorn instantiates.
+class LimitedProtocol(HttpToolsProtocol):
+    """uvicorn's `HttpToolsProtocol` with a head deadline and size bound, a connection cap and a send
+    watchdog (see the module docstring). `protocol_class(limits)` makes the configured subclass
+    uvicorn instantiates. The parser's callbacks tell where a request stands: `_in_head` from the
+    first byte of a head to its end, `_in_body` from there to the end of its body.
     """
 
     limits = HttpLimits()
@@ -89,6 +100,11 @@ class LimitedH11Protocol(H11Protocol):
         self._received = 0  # bytes received, for the rate of a refused body being drained
         self._received_at_arm = 0
         self._linger_until = 0.0
+        self._in_head = False
+        self._in_body = False
+        self._head_bytes = 0  # of the unfinished head, counting only data that held nothing else (so it
+        self._running: Any = None  # the request being answered
+        self._heads = 0  # may pass MAX_HEAD_BYTES by one read, at most 256 KiB, before it is refused)
 
     # ------------------------------------------------------------ uvicorn's hooks
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -102,20 +118,45 @@ class LimitedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
-        draining = self.conn.their_state is h11.SEND_BODY and self.between_requests()
+        draining = self._in_body and self.between_requests()
+        head, heads = self._in_head, self._heads
         super().data_received(data)
+        if head and self._in_head and self._heads == heads:  # all of `data` is in one unfinished head
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.transport.write(HEAD_TOO_LARGE)
+                self.drop()
+                return
         if self._head_timer is not None and not self.between_requests():
             self._head_timer.cancel()  # a request head arrived: the body and the app take it from here
             self._head_timer = None
-        elif draining and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        elif draining and not self._in_body and not self.transport.is_closing():
             self._arm_head_timer()  # a refused body was drained: a fresh wait for the next head
+
+    # the parser's callbacks (uvicorn's, plus where the request stands)
+    def on_message_begin(self) -> None:
+        self._in_head, self._head_bytes = True, 0
+        self._heads += 1
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._in_body = False, True
+        super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle  # with pipelining, `self.cycle` is the last one parsed, not this one
+        super()._start_asgi_task(cycle, app)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.between_requests():
             self._linger_until = time.monotonic() + self.limits.body_timeout
             self._arm_head_timer()
-            if self.conn.their_state is h11.SEND_BODY:  # answered before its body ended: check its rate
+            if self._in_body:  # answered before its body ended: check its rate
                 self._arm_head_timer(RATE_WINDOW)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -159,9 +200,9 @@ class LimitedH11Protocol(H11Protocol):
             self._unsent_at_arm = unsent
             self._arm_head_timer(self.limits.header_timeout)
             return
-        if self.conn.their_state is h11.SEND_BODY and self._lingering():
+        if self._in_body and self._lingering():
             return
-        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0] and not self.transport.is_closing():
+        if self._in_head and not self.transport.is_closing():
             # part of a head arrived (a body still being drained has had its answer)
             self.transport.write(TIMED_OUT)
         self.drop()
@@ -181,14 +222,14 @@ class LimitedH11Protocol(H11Protocol):
         if unsent and unsent >= self._unsent:
             log.info("a client left %d response bytes unread for %.0f s: dropping its connection", unsent,
                      self.limits.send_timeout)
-            self.transport.abort()
+            self._abort()
         elif unsent:
             self._unsent = unsent
             self._send_timer = self.loop.call_later(self.limits.send_timeout, self._check_send)
 
     def _evict_idle(self) -> bool:
         """Close the connection that has waited longest between requests; False when none is."""
-        idle = [c for c in self.connections if c is not self and isinstance(c, LimitedH11Protocol)
+        idle = [c for c in self.connections if c is not self and isinstance(c, LimitedProtocol)
                 and c.between_requests() and not c.transport.is_closing()]
         if not idle:
             return False
@@ -198,16 +239,32 @@ class LimitedH11Protocol(H11Protocol):
     def drop(self) -> None:
         """Close now; abort when a response is still buffered (its reader is gone or too slow)."""
         if self.transport.get_write_buffer_size():
-            self.transport.abort()
+            self._abort()
         else:
+            self._gone()
             self.transport.close()
 
+    def _abort(self) -> None:
+        self._gone()
+        self.transport.abort()
 
-def protocol_class(limits: HttpLimits) -> tuple[type[LimitedH11Protocol], int]:
+    def _gone(self) -> None:
+        """Tell this connection's requests, the running one and any pipelined behind it, that their
+        client is gone now, not when the loop reports the closed socket: a pipelined request started
+        meanwhile would write to a closed transport (uvloop raises there, asyncio ignores it).
+        """
+        for cycle in [self._running, self.cycle, *(c for c, _ in self.pipeline)]:
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.pipeline.clear()
+
+
+def protocol_class(limits: HttpLimits) -> tuple[type[LimitedProtocol], int]:
     """The protocol class for `uvicorn.Config(http=...)`, with `limits` and the connection cap set, and
     the listen backlog for `uvicorn.Config(backlog=...)`.
     """
     cap, backlog = connection_limits(limits.max_connections)
     if cap < limits.max_connections:
         log.info("--max-connections %d lowered to %d to fit the open-file limit", limits.max_connections, cap)
-    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits, "cap": cap}), backlog
+    return type("LimitedProtocol", (LimitedProtocol,), {"limits": limits, "cap": cap}), backlog
