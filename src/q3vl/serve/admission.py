@@ -34,7 +34,7 @@ from q3vl.serve.errors import RequestTooLargeError
 
 log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 8 * 1024**2  # bytes: blocks this large are mapped on their own (see mmap_large_blocks)
+MMAP_THRESHOLD = 16 * 1024**2  # bytes: blocks this large are mapped on their own (mmap_large_blocks says why)
 _RELEASING = threading.Lock()  # one release at a time: a burst's requests end together
 RETRY_AFTER = 2  # seconds: a budget frees up when a request in flight ends, which is seconds, not minutes
 
@@ -183,8 +183,12 @@ def mmap_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     mapping, so freeing it returns it to the OS at once (glibc `mallopt(M_MMAP_THRESHOLD)`).
 
     Why: glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MiB),
-    after which 30 MB media buffers come from the heap, where fragmentation keeps them: RSS stayed
-    gigabytes above idle after a burst. Fixing the threshold stops that adaptation. Whether it was set.
+    after which 30 MB media buffers come from the heap, where fragmentation keeps them. Measured with
+    `benchmarks/hostile_load.py` (16 requests of 8 x 30 MB images, RSS above idle 30 s later, with the
+    cycle collection of `release_free_memory`): 357 MB with glibc's adaptive threshold, 175 MB with
+    16 MiB. The threshold is not lower because every block above it is mapped and faulted in afresh:
+    at 8 MiB, `benchmarks/serve_load.py`'s mixed workload (32 clients, batched) ran 8% slower. Whether
+    it was set.
     """
     mallopt = getattr(_libc(), "mallopt", None)
     return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, threshold))
