@@ -202,6 +202,29 @@ def test_which_requests_have_media():
     assert media_urls(items) == ["https://h/a.png", "http://h/f1.png"]
 
 
+def test_short_text_requests_plan_on_the_loop_long_ones_on_a_worker():
+    """No thread hop (two GIL waits when the loop is busy) for a short media-free request."""
+    import asyncio
+
+    from q3vl.serve.planning import INLINE_CHARS, text_chars
+
+    assert text_chars([{"text": "abc", "instruction": "de"}, {"text": "f"}], 100) == 6
+    assert text_chars({"query": {"text": "q" * 50}, "documents": ["d" * 60] * 1000}, 100) >= 100  # stops early
+    planner = Planner(loopback_policy(), 5.0)
+
+    async def where(inputs: object) -> str:
+        return await planner.plan(lambda: threading.current_thread().name, None, inputs, None)
+
+    async def both() -> tuple[str, str]:
+        loop_thread = threading.current_thread().name
+        short = await where([{"text": "x" * INLINE_CHARS}])
+        long = await where([{"text": "x" * (INLINE_CHARS // 2)}, {"text": "y" * (INLINE_CHARS // 2 + 1)}])
+        return short == loop_thread, long != loop_thread
+
+    assert asyncio.run(both()) == (True, True)
+    planner.close()
+
+
 # ---------------------------------------------------------------- a real server
 DRIPS = Drips()
 DRIP_NAMES = [f"/p{i}.png" for i in range(12)]

@@ -34,6 +34,7 @@ from q3vl.preprocess import CallBudget, Deadline, MediaAccess, MediaPolicy, medi
 log = logging.getLogger(__name__)
 MEDIA_KEYS = ("image", "video", "image_url", "video_url")
 MAX_PREFETCH = 1024  # URLs looked for in one request (a request has at most --max-client-batch-size items)
+INLINE_CHARS = 2048  # text characters a media-free request may have to be planned on the event loop
 T = TypeVar("T")
 
 
@@ -46,6 +47,21 @@ def has_media(value: object, depth: int = 0) -> bool:
     if isinstance(value, (list, tuple)):
         return any(has_media(v, depth + 1) for v in value)
     return False
+
+
+def text_chars(value: object, stop: int, depth: int = 0) -> int:
+    """The characters of every string in a request's items, counted until `stop` is reached."""
+    if depth > 8:
+        return stop
+    if isinstance(value, str):
+        return len(value)
+    total = 0
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for v in children:
+        total += text_chars(v, stop - total, depth + 1)
+        if total >= stop:
+            return total
+    return total
 
 
 def media_urls(value: object) -> list[str]:
@@ -90,12 +106,19 @@ class Planner:
 
     async def plan(self, plan: Callable[[], T], budget: CallBudget | None, inputs: object,
                    disconnected: Callable[[], Awaitable[object]] | None) -> T | None:
-        """`plan()` off the event loop; None when the client disconnected first.
+        """`plan()`; None when the client disconnected first.
 
         With a `budget` (the request has media) it runs on the media pool, after the request's URLs
-        were fetched into `budget` under its deadline; without, on the loop's worker threads.
+        were fetched into `budget` under its deadline. Without, a short request (at most
+        INLINE_CHARS characters of text) plans right here on the event loop, a longer one on the
+        loop's worker threads. Why inline: tokenizing a short text takes a fraction of a millisecond,
+        while a hop to a worker thread and back waits for the GIL each way, up to the interpreter's
+        switch interval when the loop is busy (two clients looping refused bodies made a short text
+        request's p50 12x its idle figure).
         """
         if budget is None:
+            if text_chars(inputs, INLINE_CHARS + 1) <= INLINE_CHARS:
+                return plan()
             return await anyio.to_thread.run_sync(plan)
         deadline = budget.deadline or self.deadline()
         with self._lock:
