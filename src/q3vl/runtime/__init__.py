@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from q3vl.runtime.backends.base import backend_option_names
     from q3vl.runtime.batch import BatchPolicy, Details, Loaded, Plan
     from q3vl.runtime.embedder import Embedder
     from q3vl.runtime.images import bundle_geometry, prepare_image
@@ -38,9 +39,11 @@ if TYPE_CHECKING:
 _WHERE = {"BatchPolicy": "batch", "Details": "batch", "Loaded": "batch", "Plan": "batch", "Embedder": "embedder",
           "Reranker": "reranker", "BatchModel": "run", "BatchResult": "run", "BatchRunner": "run", "BatchSink": "run",
           "Collector": "run", "Outputs": "run", "as_input_error": "run", "guarded": "run", "run_batches": "run",
-          "bundle_geometry": "images", "prepare_image": "images", "RuntimeOptions": "options"}
+          "bundle_geometry": "images", "prepare_image": "images", "RuntimeOptions": "options",
+          "backend_option_names": "backends.base"}
 __all__ = ["BatchModel", "BatchPolicy", "BatchResult", "BatchRunner", "BatchSink", "Collector", "Details", "Embedder",
-           "Loaded", "Outputs", "Plan", "Reranker", "RuntimeOptions", "as_input_error", "bundle_geometry", "guarded",
+           "Loaded", "Outputs", "Plan", "Reranker", "RuntimeOptions", "as_input_error", "backend_option_names",
+           "bundle_geometry", "guarded",
            "model_for", "prepare_image", "run_batches"]
 
 

@@ -183,9 +183,9 @@ class ServeConfig(MediaOptions):
         media timeout within the per-item deadline, and no ONNX Runtime host arena (it never shrinks:
         a burst of large images would keep the server hundreds of MB up for good).
         """
-        from q3vl.runtime.backends.base import option_names
+        from q3vl.runtime import backend_option_names
 
-        if "memory_arena" in option_names(self.backend or "cpu") and "backend_options" not in overrides:
+        if "memory_arena" in backend_option_names(self.backend or "cpu") and "backend_options" not in overrides:
             overrides["backend_options"] = {"memory_arena": False}
         return RuntimeOptions(backend=self.backend, batch_size=self.batch_size,
                               max_batch_tokens=self.max_batch_tokens, loader_threads=self.loader_threads,

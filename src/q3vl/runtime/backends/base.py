@@ -145,7 +145,7 @@ def register(name: str) -> Callable[[type[Backend]], type[Backend]]:
     return wrap
 
 
-def option_names(name: str) -> frozenset[str]:
+def backend_option_names(name: str) -> frozenset[str]:
     """The options backend `name` takes (none for an unknown name)."""
     from dataclasses import fields
 
