@@ -122,13 +122,17 @@ def test_export_by_id_downloads_only_what_it_needs_records_the_commit_and_passes
     assert card.pipeline_tag == "sentence-similarity"  # the base model's own
     for name in ("text.onnx.data", "vision.onnx.data", "tokenizer.json"):  # the same bytes as the local export
         assert m["files"][name]["sha256"] == local["files"][name]["sha256"]
-    hub.__exit__()  # the server is gone: a second export runs from the cache alone
     point_client_at(hub, home, monkeypatch, cache=cache)
+    from q3vl.hub.checkpoint import resolve_checkpoint
+
+    assert resolve_checkpoint("tiny-org/ckpt", check_resources=False, progress=False).sha == sha  # by branch
+    hub.__exit__()  # the server is gone: a second export runs from the cache alone
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from q3vl.export.exporter import export_bundle
 
-    again = export_bundle(f"tiny-org/ckpt@{sha}", tmp_path / "b2", validate=False, progress=False)
-    assert json.loads((again / "q3vl.json").read_text())["files"]["text.onnx.data"] == m["files"]["text.onnx.data"]
+    for ref in (f"tiny-org/ckpt@{sha}", "tiny-org/ckpt"):  # pinned, and by the branch the cache recorded
+        again = export_bundle(ref, tmp_path / ref.replace("/", "-"), validate=False, progress=False)
+        assert json.loads((again / "q3vl.json").read_text())["files"]["text.onnx.data"] == m["files"]["text.onnx.data"]
     with pytest.raises(HubError, match=r"not in the Hub cache .*\(HF_HUB_OFFLINE=1\)"):
         export_bundle("tiny-org/other", tmp_path / "b3", progress=False)
 

@@ -110,7 +110,7 @@ def _download(listing: Listing, conn: Connection, plan: preflight.ExportPlan | N
     if check_resources:
         preflight.check_download(name, _missing_bytes(listing, snapshot, _wanted(listing, [])), store.parent)
     for n in present:  # the first one through the asked revision, so the cache records where it points
-        path = client.download(pinned, n, conn, revision=listing.ref.revision if n == present[0] else None)
+        path = client.download(pinned, n, conn, revision=(listing.ref.revision or "main") if n == present[0] else None)
         if path.parent != snapshot:
             raise HubError(f"{name} moved to another commit while downloading ({path.parent.name} instead of "
                            f"{listing.sha}): run again")
