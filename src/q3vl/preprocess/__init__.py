@@ -17,16 +17,18 @@ from q3vl.preprocess.media_options import MediaOptions
 
 if TYPE_CHECKING:
     from q3vl.preprocess.adapter import ID, KINDS, Record, parse_item, parse_json, resolve_path, to_item
+    from q3vl.preprocess.image import release_free_memory
     from q3vl.preprocess.items import CONTENT_KEYS, IMAGE_EXTENSIONS, KEY, KEYS, OPTION_KEYS, ItemKey
 
 # How an over-long item is cut (`Encoder`): here, so the option declarations read it without loading numpy.
 TRUNCATION_MODES = ("text", "reference")
 
 _WHERE = {**dict.fromkeys(("ID", "KINDS", "Record", "parse_item", "parse_json", "resolve_path", "to_item"), "adapter"),
-          **dict.fromkeys(("CONTENT_KEYS", "IMAGE_EXTENSIONS", "KEY", "KEYS", "OPTION_KEYS", "ItemKey"), "items")}
+          **dict.fromkeys(("CONTENT_KEYS", "IMAGE_EXTENSIONS", "KEY", "KEYS", "OPTION_KEYS", "ItemKey"), "items"),
+          "release_free_memory": "image"}
 __all__ = ["CONTENT_KEYS", "ID", "IMAGE_EXTENSIONS", "KEY", "KEYS", "KINDS", "OPTION_KEYS", "TRUNCATION_MODES",
            "CallBudget", "Deadline", "ItemKey", "MediaAccess", "MediaOptions", "MediaPolicy", "Record", "media_call",
-           "parse_item", "parse_json", "resolve_path", "to_item"]
+           "parse_item", "parse_json", "release_free_memory", "resolve_path", "to_item"]
 
 
 def __getattr__(name: str) -> object:

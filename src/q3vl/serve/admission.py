@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from q3vl.errors import InputError, OverloadedError
 from q3vl.preprocess import CallBudget, Deadline, MediaPolicy
+from q3vl.preprocess import release_free_memory as trim_heap
 from q3vl.serve.errors import RequestTooLargeError
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,7 @@ def release_free_memory() -> None:
     """
     with _RELEASING:
         gc.collect()
-        trim = getattr(_libc(), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+        trim_heap()
 
 
 @functools.lru_cache(maxsize=1)
