@@ -71,6 +71,7 @@ class Ctx:
     label: str
     media_budget_mb: float
     new_flags: bool
+    server_args: list[str] = field(default_factory=list)  # --server-arg: every server gets them
     logs: list[Path] = field(default_factory=list)
 
     def server(self, extra: list[str] | None = None, nofile: int | None = None) -> ServerProcess:
@@ -78,7 +79,8 @@ class Ctx:
         log = self.work / f"serve-{self.label}-{len(self.logs)}.log"
         self.logs.append(log)
         srv = ServerProcess(["--embedding", str(self.bundles / "tiny-embedding"), "--reranker",
-                             str(self.bundles / "tiny-reranker"), *limits, *(extra or [])], log, nofile)
+                             str(self.bundles / "tiny-reranker"), *limits, *self.server_args, *(extra or [])], log,
+                             nofile)
         srv.wait_ready(headers={"authorization": "Bearer k"} if extra and "--api-key" in extra else None)
         return srv
 
@@ -516,7 +518,8 @@ def report(result: dict[str, Any]) -> str:
              "a machine shared with other work (figures are preliminary; loopback only, tiny bundles).", ""]
     for label in labels:
         run = result["runs"][label]
-        lines.append(f"- **{label}**: q3vl {run['code']['commit']}, {run['when']}, load average {run['load']}")
+        extra = f", server flags `{' '.join(run['server_args'])}`" if run.get("server_args") else ""
+        lines.append(f"- **{label}**: q3vl {run['code']['commit']}{extra}, {run['when']}, load average {run['load']}")
     for name, (_, bar) in SCENARIOS.items():
         cols = {lb: result["runs"][lb]["scenarios"].get(name) for lb in labels}
         if not any(cols.values()):
@@ -550,18 +553,22 @@ def main() -> int:
     p.add_argument("--media-budget-mb", type=float, default=2048.0,
                    help="the server's in-flight media budget the memory bars use (part 2's flag)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hostile-load")
+    p.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                   help="one more `q3vl serve` argument for every server (repeatable), "
+                        "e.g. --server-arg=--refusal-rate=0")
     args = p.parse_args()
     names = args.only.split(",") if args.only else list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenarios {unknown}; known: {list(SCENARIOS)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(args.bundles.resolve(), args.workdir, args.label, args.media_budget_mb, supports("--header-timeout"))
+    ctx = Ctx(args.bundles.resolve(), args.workdir, args.label, args.media_budget_mb, supports("--header-timeout"),
+              args.server_arg)
     path = Path(f"{args.out}.json")
     result = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     result["machine"] = machine()
     run = result["runs"].setdefault(args.label, {"scenarios": {}})
-    run.update(code=code_under_test(), when=time.strftime("%Y-%m-%d %H:%M"),
+    run.update(code=code_under_test(), server_args=args.server_arg, when=time.strftime("%Y-%m-%d %H:%M"),
                load=[round(x, 2) for x in os.getloadavg()])
     for name in names:
         fn, bar = SCENARIOS[name]

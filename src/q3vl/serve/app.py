@@ -1,7 +1,8 @@
 """The FastAPI application: routes, error handlers and middlewares around one `Service`.
 
-Middleware order, outermost first: metrics (counts every response, 401s and 413s included), auth
-(an unauthenticated client never gets its body read), the body reader (size, deadline, rate and
+Middleware order, outermost first: metrics (counts every response, 401s and 413s included), refusal
+pacing (a client's refusals beyond its budget are answered late: `pacing.py`), auth (an
+unauthenticated client never gets its body read), the body reader (size, deadline, rate and
 budget before parsing: `body.py`), the app. Connection limits live in the protocol (`connection.py`).
 """
 
@@ -16,6 +17,7 @@ import q3vl
 from q3vl.serve.body import BodyReader
 from q3vl.serve.http import AuthMiddleware, install_handlers
 from q3vl.serve.metrics import MetricsMiddleware
+from q3vl.serve.pacing import RefusalPacing
 from q3vl.serve.routes import build_router
 from q3vl.serve.service import Service
 
@@ -45,6 +47,8 @@ def create_app(svc: Service, on_failure: Callable[[BaseException], None] | None 
     if svc.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=svc.config.api_key,
                            open_paths=set() if svc.config.auth_probes else PROBES)
+    if c.refusal_rate > 0:
+        app.add_middleware(RefusalPacing, rate=c.refusal_rate, burst=c.refusal_burst)
     routes = {getattr(r, "path", "") for r in router.routes} | {"/openapi.json", "/docs", "/redoc"}
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics, routes=routes)
     return app

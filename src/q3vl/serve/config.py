@@ -37,7 +37,9 @@ class HttpLimits:
     listen backlog, to fit the process's open-file limit); a new connection at the cap closes the
     oldest one that is between requests, or is refused with a 503 when every one is busy.
     `max_pending_body_bytes`: bytes of request bodies still being received, all connections together
-    (429 beyond; a body that is complete no longer counts).
+    (429 beyond; a body that is complete no longer counts). `refusal_rate` / `refusal_burst`: refused
+    requests (4xx but 408 and 429) one client address is answered at once, per second and in a burst;
+    beyond, each refusal's answer waits for its slot (at most 5 s; `serve/pacing.py`); 0 turns it off.
     """
 
     header_timeout: float = opt(10.0, "seconds to send a request head, from the connect or the previous response "
@@ -52,6 +54,11 @@ class HttpLimits:
                                      "idle one is closed, or a 503 when none is idle", low=1, group=CONNECTIONS)
     max_pending_body_bytes: int = opt(256 * MIB, "bytes of request bodies being received, all connections together "
                                                  "(429 beyond)", low=1, group=CONNECTIONS)
+    refusal_rate: float = opt(10.0, "refused requests (4xx) per second one client address is answered at once; "
+                                    "beyond, each answer waits for its slot, up to 5 s (0: off)", low=0,
+                              group=CONNECTIONS)
+    refusal_burst: int = opt(20, "refused requests one client address may have answered at once in a burst", low=1,
+                             group=CONNECTIONS)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -139,6 +146,8 @@ class ServeConfig(MediaOptions):
     send_timeout: float = like(HttpLimits, "send_timeout")
     max_connections: int = like(HttpLimits, "max_connections")
     max_pending_body_bytes: int = like(HttpLimits, "max_pending_body_bytes")
+    refusal_rate: float = like(HttpLimits, "refusal_rate")
+    refusal_burst: int = like(HttpLimits, "refusal_burst")
     max_media_bytes: int = like(MediaOptions, "max_media_bytes", 32 * MIB)
     max_media_request_bytes: int = like(MediaOptions, "max_media_request_bytes", 256 * MIB)
     media_deadline: float = like(MediaOptions, "media_deadline", 30.0)
