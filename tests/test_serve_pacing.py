@@ -42,9 +42,9 @@ def test_budget_is_a_burst_then_one_per_interval():
 def test_units_follow_the_body_and_the_wait_is_capped():
     clock = Clock()
     pacer = RefusalPacer(rate=10.0, burst=20, clock=clock)
-    # a 12 MiB body is 1 + 48 units: 49 units against a burst of 20 leaves 29 intervals of 0.1 s to wait
-    assert pacer.delay("big", 1 + 12 * 2**20 / UNIT_BYTES) == pytest.approx(2.9)
-    assert pacer.delay("big", 1 + 12 * 2**20 / UNIT_BYTES) == MAX_DELAY  # the wait never exceeds the cap
+    # a refusal of 49 units (a 48 MiB body) against a burst of 20 leaves 29 intervals of 0.1 s to wait
+    assert pacer.delay("big", 49) == pytest.approx(2.9)
+    assert pacer.delay("big", 49) == MAX_DELAY  # the wait never exceeds the cap
     assert pacer.delay("big") == MAX_DELAY  # and the debt does not grow past it
     clock.now += MAX_DELAY
     assert pacer.delay("big") == pytest.approx(0.1)
@@ -129,6 +129,35 @@ def test_a_paced_client_does_not_slow_another_address(server):
         waits = flooding.result(60)
     assert all(t < SLACK for t in other)
     assert sum(waits) >= 4 / RATE - 0.3
+
+
+def test_a_refusal_costs_the_body_received_not_the_size_declared(server):
+    time.sleep(BURST / RATE + 0.5)
+    # a 413 from the Content-Length alone (30 MiB declared, none sent) is one unit: the burst answers at once
+    assert all(raw_413_declared(server.port) < SLACK for _ in range(BURST))
+    time.sleep(BURST / RATE + 0.5)
+    # a 6 MiB body received and refused (a 400: `user` takes 256 characters) is 1 + 6 units, 4 over the burst
+    status, took = timed(server.base, {"input": "x", "user": "y" * (6 * UNIT_BYTES)})
+    assert status == 400 and 4 / RATE - 0.3 <= took <= 4 / RATE + SLACK
+
+
+def raw_413_declared(port: int) -> float:
+    """Seconds for the 413 of a request that declares a 30 MiB body and sends none of it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    start = time.monotonic()
+    try:
+        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 31457280\r\nConnection: close\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 413"), got[:80]
+    return time.monotonic() - start
 
 
 def raw_400_from(source: str, port: int) -> float:

@@ -14,8 +14,10 @@ without pipelining; a pipelined request waits behind the answer before it) there
   gets) as one timestamp: the generic cell rate algorithm. Behind a reverse proxy every client has
   the proxy's address, so one client's refusals also pace the others' refusals (never their
   accepted requests).
-- A refusal costs one unit per `UNIT_BYTES` of body it sent or declared, at least one: a 12 MB body
-  the server received costs what 48 small ones do.
+- A refusal costs one unit, plus one per `UNIT_BYTES` of body the server received for it: a 12 MB
+  body costs what 13 small ones do, and a single full-size (20 MiB) body still fits in the default
+  burst. A body refused from its Content-Length alone (413) costs one unit: the server never read
+  it, and a client that got its size wrong once is answered at once.
 - Counted: every 4xx the application answers but 408 (the connection closes anyway) and 429 (the
   server's load, not the client's fault). The protocol's own refusals (431, the connection cap's
   503) close their connection and are not paced.
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-UNIT_BYTES = 256 * 1024  # body bytes one refusal unit stands for
+UNIT_BYTES = 1024 * 1024  # body bytes one refusal unit stands for
 MAX_DELAY = 5.0  # seconds a paced answer waits at most
 MAX_CLIENTS = 65_536  # addresses tracked at once (those with a full bucket are forgotten first)
 UNPACED = {408, 429}
@@ -115,16 +117,9 @@ class RefusalPacing:
         await self.app(scope, counting, holding)
         if not held:
             return
-        wait = self.pacer.delay(client_key(scope), 1.0 + max(received, _declared(scope)) / UNIT_BYTES)
+        wait = self.pacer.delay(client_key(scope), 1.0 + received / UNIT_BYTES)
         if wait > 0:
             await asyncio.sleep(wait)
         for message in held:
             await send(message)
 
-
-def _declared(scope: dict[str, Any]) -> int:
-    """The body size the request's Content-Length declares (0 without a valid one)."""
-    for name, value in scope.get("headers") or ():
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 0
-    return 0
