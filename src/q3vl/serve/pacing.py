@@ -2,7 +2,7 @@
 
 The other limits bound what one refused request costs (its body's bytes, a parse that stops at the
 first bound, one error object); nothing bounded how many a client gets per second. Two clients
-looping a refused 200 KB body got about a thousand refusals a second, and every other request
+looping a refused 200 KB body got about 700 refusals a second, and every other request
 waited its turn for the interpreter behind them: a short text request's p50 went to 2.2x its idle
 figure (`benchmarks/hostile_load.py`, invalid-rerank). Pacing is what nginx's `limit_req` does,
 aimed at the offender only: an accepted request is never delayed, and a refused one waits for its
@@ -15,8 +15,8 @@ without pipelining; a pipelined request waits behind the answer before it) there
   the proxy's address, so one client's refusals also pace the others' refusals (never their
   accepted requests).
 - A refusal costs one unit, plus one per `UNIT_BYTES` of body the server received for it: a 12 MB
-  body costs what 13 small ones do, and a single full-size (20 MiB) body still fits in the default
-  burst. A body refused from its Content-Length alone (413) costs one unit: the server never read
+  body costs what 13 small ones do, and a single full-size (20 MiB) body, 21 units, waits at most
+  0.1 s on a full default bucket. A body refused from its Content-Length alone (413) costs one unit: the server never read
   it, and a client that got its size wrong once is answered at once.
 - Counted: every 4xx the application answers but 408 (the connection closes anyway) and 429 (the
   server's load, not the client's fault). The protocol's own refusals (431, the connection cap's
