@@ -125,7 +125,8 @@ def test_a_paced_client_does_not_slow_another_address(server):
     with ThreadPoolExecutor(1) as pool:
         flooding = pool.submit(flood)
         time.sleep(0.3)
-        other = [raw_400_from("127.0.0.2", server.port) for _ in range(BURST)]
+        other = [raw_refusal(server.port, 400, json.dumps(INVALID).encode(), source="127.0.0.2")
+                 for _ in range(BURST)]
         waits = flooding.result(60)
     assert all(t < SLACK for t in other)
     assert sum(waits) >= 4 / RATE - 0.3
@@ -134,43 +135,27 @@ def test_a_paced_client_does_not_slow_another_address(server):
 def test_a_refusal_costs_the_body_received_not_the_size_declared(server):
     time.sleep(BURST / RATE + 0.5)
     # a 413 from the Content-Length alone (30 MiB declared, none sent) is one unit: the burst answers at once
-    assert all(raw_413_declared(server.port) < SLACK for _ in range(BURST))
+    assert all(raw_refusal(server.port, 413, length=30 * UNIT_BYTES) < SLACK for _ in range(BURST))
     time.sleep(BURST / RATE + 0.5)
     # a 6 MiB body received and refused (a 400: `user` takes 256 characters) is 1 + 6 units, 4 over the burst
     status, took = timed(server.base, {"input": "x", "user": "y" * (6 * UNIT_BYTES)})
     assert status == 400 and 4 / RATE - 0.3 <= took <= 4 / RATE + SLACK
 
 
-def raw_413_declared(port: int) -> float:
-    """Seconds for the 413 of a request that declares a 30 MiB body and sends none of it."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    start = time.monotonic()
-    try:
-        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 31457280\r\nConnection: close\r\n\r\n")
-        got = b""
-        while b"\r\n\r\n" not in got:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    finally:
-        s.close()
-    assert got.startswith(b"HTTP/1.1 413"), got[:80]
-    return time.monotonic() - start
-
-
-def raw_400_from(source: str, port: int) -> float:
-    """Seconds for a refused request sent from `source` (a loopback address of its own)."""
-    body = json.dumps(INVALID).encode()
+def raw_refusal(port: int, status: int, body: bytes = b"", length: int | None = None,
+                source: str = "127.0.0.1") -> float:
+    """Seconds until the head of the answer to a raw POST /v1/embeddings from `source` (a loopback address
+    of its own), which must be `status`; `length` is the Content-Length declared (default: the body's).
+    """
     s = socket.socket()
     s.settimeout(30)
     s.bind((source, 0))
     start = time.monotonic()
     try:
         s.connect(("127.0.0.1", port))
+        declared = str(len(body) if length is None else length).encode()
         s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                  b"Content-Length: " + declared + b"\r\nConnection: close\r\n\r\n" + body)
         got = b""
         while b"\r\n\r\n" not in got:
             chunk = s.recv(65536)
@@ -179,5 +164,5 @@ def raw_400_from(source: str, port: int) -> float:
             got += chunk
     finally:
         s.close()
-    assert got.startswith(b"HTTP/1.1 400"), got[:80]
+    assert got.startswith(f"HTTP/1.1 {status}".encode()), got[:80]
     return time.monotonic() - start
