@@ -16,8 +16,8 @@ without pipelining; a pipelined request waits behind the answer before it) there
   accepted requests).
 - A refusal costs one unit, plus one per `UNIT_BYTES` of body the server received for it: a 12 MB
   body costs what 13 small ones do, and a single full-size (20 MiB) body, 21 units, waits at most
-  0.1 s on a full default bucket. A body refused from its Content-Length alone (413) costs one unit: the server never read
-  it, and a client that got its size wrong once is answered at once.
+  0.1 s on a full default bucket. A body refused from its Content-Length alone (413) costs one
+  unit: the server never read it, and a client that got its size wrong once is answered at once.
 - Counted: every 4xx the application answers but 408 (the connection closes anyway) and 429 (the
   server's load, not the client's fault). The protocol's own refusals (431, the connection cap's
   503) close their connection and are not paced.
